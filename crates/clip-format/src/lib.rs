@@ -1,0 +1,1 @@
+//! The .clip index file: types, encoding, integrity checks

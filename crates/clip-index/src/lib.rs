@@ -1,0 +1,1 @@
+//! Walks image layers' tar streams and merges them into a clip index

@@ -1,0 +1,1 @@
+//! Image references, credentials and blob sources: OCI registries and local OCI layouts
