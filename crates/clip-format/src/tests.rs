@@ -1,0 +1,113 @@
+use super::*;
+
+fn sample(files: usize) -> IndexFile {
+    let mut windows = WindowWriter::default();
+    let (off, len) = windows.add(&[7u8; 32 * 1024]).unwrap();
+    let layer = Layer {
+        digest: "sha256:00".into(),
+        media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+        compression: Compression::Gzip,
+        compressed_size: 1000,
+        uncompressed_size: 1 << 30,
+        checkpoints: vec![
+            Checkpoint { in_bits: 80, out: 0, window_offset: 0, window_len: 0 },
+            Checkpoint { in_bits: 4003, out: 1 << 20, window_offset: off, window_len: len },
+        ],
+        span_digests: vec![[1; 32], [2; 32]],
+    };
+    let dir = |entries| Node {
+        kind: Kind::Dir,
+        mode: 0o755,
+        uid: 0,
+        gid: 0,
+        mtime: 1,
+        mtime_nsec: 0,
+        size: 0,
+        nlink: 2,
+        rdev: 0,
+        parent: ROOT_INO,
+        target: Vec::new(),
+        xattrs: Vec::new(),
+        data: Data::None,
+        entries,
+    };
+    let mut nodes = vec![dir((0..files).map(|i| DirEntry { name: format!("f{i:07}").into_bytes(), ino: i as u64 + 2 }).collect())];
+    for i in 0..files {
+        nodes.push(Node {
+            kind: Kind::File,
+            mode: 0o4755,
+            size: 10,
+            xattrs: vec![(b"user.k".to_vec(), b"v".to_vec())],
+            data: Data::Contiguous { layer: 0, offset: i as u64 * 512 },
+            entries: Vec::new(),
+            ..dir(Vec::new())
+        });
+    }
+    let index = Index {
+        image: Image {
+            reference: "localhost:5000/x:y".into(),
+            manifest_digest: "sha256:aa".into(),
+            manifest_media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            platform: "linux/amd64".into(),
+            config_digest: "sha256:bb".into(),
+            config: br#"{"architecture":"amd64"}"#.to_vec(),
+        },
+        layers: vec![layer],
+        nodes,
+    };
+    IndexFile::new(index, windows)
+}
+
+#[test]
+fn round_trip() {
+    let f = sample(1000);
+    let bytes = f.encode().unwrap();
+    let g = IndexFile::decode(&bytes).unwrap();
+    assert_eq!(g.index, f.index);
+    assert_eq!(g.window(0, 1).unwrap(), vec![7u8; 32 * 1024]);
+    assert!(g.window(0, 0).unwrap().is_empty());
+    assert!(g.window(0, 2).is_err());
+    assert_eq!(g.index.resolve(b"/f0000999"), Some(1001));
+    assert_eq!(g.index.resolve(b"f0000999/../f0000001"), Some(3));
+    assert_eq!(g.index.resolve(b"/nope"), None);
+    // Encoding is deterministic.
+    assert_eq!(g.encode().unwrap(), bytes);
+}
+
+#[test]
+fn every_flipped_byte_is_caught() {
+    let bytes = sample(20).encode().unwrap();
+    for i in 0..bytes.len() {
+        let mut b = bytes.clone();
+        b[i] ^= 0x20;
+        assert!(IndexFile::decode(&b).is_err(), "flip at {i} accepted");
+    }
+}
+
+#[test]
+fn truncation_and_trailing_data_are_caught() {
+    let bytes = sample(20).encode().unwrap();
+    for cut in 0..bytes.len() {
+        let err = IndexFile::decode(&bytes[..cut]).unwrap_err();
+        assert!(matches!(err, Error::BadMagic | Error::Truncated { .. }), "cut {cut}: {err}");
+    }
+    let mut long = bytes.clone();
+    long.push(0);
+    assert!(matches!(IndexFile::decode(&long), Err(Error::TrailingData { .. })));
+    let mut v2 = bytes.clone();
+    v2[8] = 2;
+    assert!(matches!(IndexFile::decode(&v2), Err(Error::Version(2))));
+}
+
+#[test]
+fn inconsistent_metadata_is_rejected_even_with_a_valid_checksum() {
+    let mut f = sample(3);
+    f.index.nodes[0].entries[0].ino = 99;
+    assert!(matches!(IndexFile::decode(&f.encode().unwrap()), Err(Error::Invalid(_))));
+    let mut f = sample(3);
+    f.index.nodes[1].data = Data::Contiguous { layer: 0, offset: u64::MAX };
+    assert!(matches!(IndexFile::decode(&f.encode().unwrap()), Err(Error::Invalid(_))));
+    let mut f = sample(3);
+    f.index.layers[0].checkpoints[1].window_len = 1 << 30;
+    assert!(matches!(IndexFile::decode(&f.encode().unwrap()), Err(Error::Invalid(_))));
+}
