@@ -1,1 +1,52 @@
-fn main() {}
+//! `clipctl`: the command line of clip. Parses, calls the libraries, prints.
+
+mod index;
+mod inspect;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "clipctl", version, about = "Lazy, read-only OCI container images for fast container starts")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Read an image once and write its metadata-only .clip index.
+    Index(index::Args),
+    /// Summarise an index, or list its entries.
+    Inspect(inspect::Args),
+    /// Print a file of the image, read through the index's checkpoints.
+    Cat {
+        /// The .clip index.
+        index: PathBuf,
+        /// Path of the file inside the image.
+        path: String,
+    },
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let default = if std::env::var("CLIP_VERBOSE").is_ok_and(|v| v == "1") { "info" } else { "warn" };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn main() {
+    init_logging();
+    let cli = Cli::parse();
+    let result: Result<()> = match cli.command {
+        Command::Index(a) => index::run(a),
+        Command::Inspect(a) => inspect::run(a),
+        Command::Cat { index, path } => inspect::cat(&index, &path),
+    };
+    if let Err(e) = result {
+        eprintln!("clipctl: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,1 +1,173 @@
-//! Image references, credentials and blob sources: OCI registries and local OCI layouts
+//! Where images come from: image references, manifests and blobs, from an
+//! OCI registry (with `~/.docker/config.json` credentials and the token
+//! flow) or from a local OCI image layout (`oci:DIR[:TAG]`).
+//!
+//! Everything a caller needs goes through [`ImageSource`]: resolve a
+//! reference to one platform's manifest and config, stream a blob from its
+//! start, or read a byte range of it.
+
+mod layout;
+mod manifest;
+mod registry;
+
+use std::io::Read;
+use std::path::PathBuf;
+
+pub use layout::LayoutSource;
+pub use manifest::{Platform, ResolvedImage};
+pub use registry::{RegistryOptions, RegistrySource};
+
+/// A blob the image refers to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Descriptor {
+    pub media_type: String,
+    pub digest: String,
+    pub size: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid image reference {reference:?}: {msg}")]
+    Reference { reference: String, msg: String },
+    #[error("invalid platform {0:?}: expected os/arch[/variant]")]
+    Platform(String),
+    #[error("malformed manifest {digest}: {msg}")]
+    Manifest { digest: String, msg: String },
+    #[error("unsupported manifest media type {0:?}")]
+    ManifestType(String),
+    #[error("image index {digest} has no manifest for {platform}")]
+    NoPlatform { digest: String, platform: String },
+    #[error("{what} {expected}: content has digest {actual}")]
+    DigestMismatch { what: &'static str, expected: String, actual: String },
+    #[error("blob {digest} is {actual} bytes, its descriptor says {expected}")]
+    SizeMismatch { digest: String, expected: u64, actual: u64 },
+    #[error("unsupported or malformed digest {0:?}")]
+    BadDigest(String),
+    #[error("OCI layout {dir}: {msg}")]
+    Layout { dir: PathBuf, msg: String },
+    #[error("registry {registry}: {msg}")]
+    Registry { registry: String, msg: String },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A parsed image reference.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageRef {
+    /// `host[:port]/repo[:tag][@digest]`, or Docker Hub shorthand.
+    Registry(oci_client::Reference),
+    /// `oci:DIR[:TAG]`, the convention of skopeo, umoci and buildah.
+    Layout { dir: PathBuf, tag: Option<String> },
+}
+
+impl ImageRef {
+    pub fn parse(s: &str) -> Result<Self> {
+        if let Some(rest) = s.strip_prefix("oci:") {
+            // As containers/image does: the first ':' separates the tag.
+            let (dir, tag) = match rest.split_once(':') {
+                Some((d, t)) if !t.is_empty() => (d, Some(t.to_string())),
+                Some((d, _)) => (d, None),
+                None => (rest, None),
+            };
+            if dir.is_empty() {
+                return Err(Error::Reference { reference: s.into(), msg: "no directory".into() });
+            }
+            return Ok(ImageRef::Layout { dir: PathBuf::from(dir), tag });
+        }
+        let r: oci_client::Reference =
+            s.parse().map_err(|e: oci_client::ParseError| Error::Reference { reference: s.into(), msg: e.to_string() })?;
+        Ok(ImageRef::Registry(r))
+    }
+
+    /// The canonical spelling, e.g. `docker.io/library/alpine:latest`.
+    pub fn canonical(&self) -> String {
+        match self {
+            ImageRef::Registry(r) => r.whole(),
+            ImageRef::Layout { dir, tag } => match tag {
+                Some(t) => format!("oci:{}:{t}", dir.display()),
+                None => format!("oci:{}", dir.display()),
+            },
+        }
+    }
+}
+
+/// Reads an image's manifests and blobs. Implementations retry transient
+/// failures themselves; an error they return is final.
+pub trait ImageSource: Send + Sync {
+    /// Resolves the reference to one platform's image manifest and config.
+    fn resolve(&self, platform: &Platform) -> Result<ResolvedImage>;
+    /// Streams a blob from its start. The reader does not check the digest;
+    /// callers that read it to the end do.
+    fn open_blob(&self, desc: &Descriptor) -> Result<Box<dyn Read + Send>>;
+    /// Reads `len` bytes of a blob starting at `offset`.
+    fn read_range(&self, desc: &Descriptor, offset: u64, len: u64) -> Result<Vec<u8>>;
+}
+
+/// Opens the source a reference names.
+pub fn open(reference: &ImageRef, opts: &RegistryOptions) -> Result<Box<dyn ImageSource>> {
+    Ok(match reference {
+        ImageRef::Registry(r) => Box::new(RegistrySource::new(r.clone(), opts)?),
+        ImageRef::Layout { dir, tag } => Box::new(LayoutSource::new(dir.clone(), tag.clone())),
+    })
+}
+
+/// `sha256:<64 hex>` → the hex part; anything else is refused, so a digest
+/// from a hostile manifest can never become a path or URL of its choosing.
+pub fn digest_hex(digest: &str) -> Result<&str> {
+    match digest.split_once(':') {
+        Some(("sha256", hex)) if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) => {
+            Ok(hex)
+        }
+        _ => Err(Error::BadDigest(digest.to_string())),
+    }
+}
+
+pub fn sha256_digest(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
+}
+
+/// Fails unless `bytes` have the digest `expected`.
+pub fn verify_digest(what: &'static str, expected: &str, bytes: &[u8]) -> Result<()> {
+    digest_hex(expected)?;
+    let actual = sha256_digest(bytes);
+    if actual != expected {
+        return Err(Error::DigestMismatch { what, expected: expected.into(), actual });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references() {
+        let r = ImageRef::parse("alpine").unwrap();
+        assert_eq!(r.canonical(), "docker.io/library/alpine:latest");
+        let r = ImageRef::parse("127.0.0.1:5000/a/b:v1").unwrap();
+        assert_eq!(r.canonical(), "127.0.0.1:5000/a/b:v1");
+        let d = format!("sha256:{}", "a".repeat(64));
+        let r = ImageRef::parse(&format!("localhost:5000/x@{d}")).unwrap();
+        assert_eq!(r.canonical(), format!("localhost:5000/x@{d}"));
+        assert_eq!(
+            ImageRef::parse("oci:/tmp/img:v2").unwrap(),
+            ImageRef::Layout { dir: "/tmp/img".into(), tag: Some("v2".into()) }
+        );
+        assert_eq!(ImageRef::parse("oci:rel").unwrap(), ImageRef::Layout { dir: "rel".into(), tag: None });
+        assert!(ImageRef::parse("oci:").is_err());
+        assert!(ImageRef::parse("UPPER/case").is_err());
+    }
+
+    #[test]
+    fn digests() {
+        let d = sha256_digest(b"x");
+        assert!(digest_hex(&d).is_ok());
+        assert!(verify_digest("blob", &d, b"x").is_ok());
+        assert!(matches!(verify_digest("blob", &d, b"y"), Err(Error::DigestMismatch { .. })));
+        assert!(digest_hex("sha256:../../etc/passwd").is_err());
+        assert!(digest_hex("md5:abc").is_err());
+    }
+}
