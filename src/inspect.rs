@@ -182,11 +182,10 @@ pub fn run(a: Args) -> Result<()> {
         });
         let mut ex = Extractor::new(&file, source.as_ref());
         for i in order {
-            let data = ex
-                .read_file(index.node(listing[i].1).expect("valid"))
+            let mut h = HashWriter(sha2::Sha256::default());
+            ex.copy_file(index.node(listing[i].1).expect("valid"), &mut h)
                 .with_context(|| format!("reading {}", String::from_utf8_lossy(&listing[i].0)))?;
-            use sha2::Digest;
-            hashes[i] = Some(hex(&sha2::Sha256::digest(&data)));
+            hashes[i] = Some(hex(&sha2::Digest::finalize(h.0)));
         }
     }
     let mut out = std::io::stdout().lock();
@@ -290,7 +289,21 @@ pub fn cat(index_path: &Path, path: &str) -> Result<()> {
         bail!("{path}: not a regular file");
     }
     let source = open_source(&file.index)?;
-    let data = Extractor::new(&file, source.as_ref()).read_file(node)?;
-    std::io::stdout().lock().write_all(&data)?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout().lock());
+    Extractor::new(&file, source.as_ref()).copy_file(node, &mut out)?;
+    out.flush()?;
     Ok(())
+}
+
+struct HashWriter(sha2::Sha256);
+
+impl Write for HashWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        sha2::Digest::update(&mut self.0, buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }

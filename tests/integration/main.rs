@@ -1,1 +1,6 @@
+//! Integration tests: the real clipctl binary against a real registry,
+//! real images and their real `umoci unpack`.
 
+mod harness;
+mod index;
+mod tree;

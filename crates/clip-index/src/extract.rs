@@ -4,6 +4,7 @@
 //! FUSE filesystem has its own cached reader.
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::sync::Arc;
 
 use clip_format::{Data, IndexFile, Node};
@@ -23,6 +24,8 @@ pub enum ExtractError {
     },
     #[error(transparent)]
     Format(#[from] clip_format::Error),
+    #[error("writing file content: {0}")]
+    Io(#[from] std::io::Error),
 }
 
 /// A reader with a small cache of inflated spans.
@@ -84,15 +87,15 @@ impl<'a> Extractor<'a> {
         Ok(out)
     }
 
-    /// Appends `len` bytes of layer `layer`'s uncompressed stream at `pos`.
-    fn read_stream(&mut self, layer: usize, mut pos: u64, len: u64, out: &mut Vec<u8>) -> Result<(), ExtractError> {
+    /// Writes `len` bytes of layer `layer`'s uncompressed stream at `pos`.
+    fn copy_stream(&mut self, layer: usize, mut pos: u64, len: u64, out: &mut dyn Write) -> Result<(), ExtractError> {
         let end = pos + len;
         while pos < end {
             let k = self.points[layer].partition_point(|c| c.out <= pos) - 1;
             let span = self.span(layer, k)?;
             let base = self.points[layer][k].out;
             let from = (pos - base) as usize;
-            let to = ((end - base) as usize).min(span.len());
+            let to = ((end - base).min(span.len() as u64)) as usize;
             if from >= to {
                 return Err(ExtractError::Span {
                     layer,
@@ -100,26 +103,45 @@ impl<'a> Extractor<'a> {
                     source: clip_gzran::Error::SpanOutput { span: k, expected: end - base, got: span.len() as u64 },
                 });
             }
-            out.extend_from_slice(&span[from..to]);
+            out.write_all(&span[from..to])?;
             pos += (to - from) as u64;
         }
         Ok(())
     }
 
-    /// The whole content of a regular file.
-    pub fn read_file(&mut self, node: &Node) -> Result<Vec<u8>, ExtractError> {
-        let mut out = Vec::with_capacity(node.size as usize);
+    /// Writes the whole content of a regular file, holes of sparse files as
+    /// zeros.
+    pub fn copy_file(&mut self, node: &Node, out: &mut dyn Write) -> Result<(), ExtractError> {
         match &node.data {
             Data::None => {}
-            Data::Contiguous { layer, offset } => self.read_stream(*layer as usize, *offset, node.size, &mut out)?,
+            Data::Contiguous { layer, offset } => self.copy_stream(*layer as usize, *offset, node.size, out)?,
             Data::Sparse { layer, segments } => {
+                let mut at = 0;
                 for s in segments {
-                    out.resize(s.logical as usize, 0);
-                    self.read_stream(*layer as usize, s.offset, s.len, &mut out)?;
+                    write_zeros(out, s.logical - at)?;
+                    self.copy_stream(*layer as usize, s.offset, s.len, out)?;
+                    at = s.logical + s.len;
                 }
-                out.resize(node.size as usize, 0);
+                write_zeros(out, node.size - at)?;
             }
         }
+        Ok(())
+    }
+
+    /// The whole content of a regular file, in memory.
+    pub fn read_file(&mut self, node: &Node) -> Result<Vec<u8>, ExtractError> {
+        let mut out = Vec::with_capacity(node.size.min(1 << 30) as usize);
+        self.copy_file(node, &mut out)?;
         Ok(out)
     }
+}
+
+fn write_zeros(out: &mut dyn Write, mut n: u64) -> std::io::Result<()> {
+    let zeros = [0u8; 64 * 1024];
+    while n > 0 {
+        let k = n.min(zeros.len() as u64) as usize;
+        out.write_all(&zeros[..k])?;
+        n -= k as u64;
+    }
+    Ok(())
 }

@@ -74,7 +74,9 @@ impl ImageRef {
             if dir.is_empty() {
                 return Err(Error::Reference { reference: s.into(), msg: "no directory".into() });
             }
-            return Ok(ImageRef::Layout { dir: PathBuf::from(dir), tag });
+            // Absolute, so that an index names its source wherever it is read.
+            let dir = std::path::absolute(dir).unwrap_or_else(|_| PathBuf::from(dir));
+            return Ok(ImageRef::Layout { dir, tag });
         }
         let r: oci_client::Reference =
             s.parse().map_err(|e: oci_client::ParseError| Error::Reference { reference: s.into(), msg: e.to_string() })?;
@@ -156,7 +158,10 @@ mod tests {
             ImageRef::parse("oci:/tmp/img:v2").unwrap(),
             ImageRef::Layout { dir: "/tmp/img".into(), tag: Some("v2".into()) }
         );
-        assert_eq!(ImageRef::parse("oci:rel").unwrap(), ImageRef::Layout { dir: "rel".into(), tag: None });
+        assert_eq!(
+            ImageRef::parse("oci:rel").unwrap(),
+            ImageRef::Layout { dir: std::env::current_dir().unwrap().join("rel"), tag: None }
+        );
         assert!(ImageRef::parse("oci:").is_err());
         assert!(ImageRef::parse("UPPER/case").is_err());
     }

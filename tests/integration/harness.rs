@@ -1,0 +1,185 @@
+//! Real parts for the integration tests: the test images (built once per
+//! target directory by tests/fixtures/build-images.sh), a real registry on
+//! loopback serving them, their `umoci unpack`, and the clipctl binary.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub const TAGS: [&str; 4] = ["busybox", "debian", "edge", "edge-zstd"];
+
+/// Where fixtures live: shared by every test process of this target dir.
+pub fn fixtures_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("clip-fixtures")
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Runs `f` once per target directory, across test processes (nextest runs
+/// each test in its own process), guarded by a file lock and a stamp.
+fn once_on_disk(name: &str, f: impl FnOnce()) {
+    let dir = fixtures_dir();
+    std::fs::create_dir_all(dir.parent().unwrap()).unwrap();
+    let lock = File::create(dir.parent().unwrap().join(format!("{name}.lock"))).unwrap();
+    lock.lock().unwrap();
+    let stamp = dir.parent().unwrap().join(format!("{name}.stamp"));
+    if !stamp.exists() {
+        f();
+        File::create(&stamp).unwrap();
+    }
+    lock.unlock().unwrap();
+}
+
+/// The OCI layout holding every test image.
+pub fn layout() -> PathBuf {
+    static DONE: OnceLock<PathBuf> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/build-images.sh");
+        once_on_disk("images", || {
+            run(Command::new("bash").arg(&script).arg(fixtures_dir()));
+        });
+        fixtures_dir().join("oci")
+    })
+    .clone()
+}
+
+/// `umoci unpack` of an image: the reference the index must equal.
+pub fn unpacked(tag: &str) -> PathBuf {
+    let layout = layout();
+    // edge-zstd has the same layers as edge (umoci 0.4.7 cannot read zstd).
+    let tag = if tag == "edge-zstd" { "edge" } else { tag };
+    let dest = fixtures_dir().join("unpacked").join(tag);
+    once_on_disk(&format!("unpack-{tag}"), || {
+        let _ = std::fs::remove_dir_all(&dest);
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        run(Command::new("umoci").arg("unpack").arg("--image").arg(format!("{}:{tag}", layout.display())).arg(&dest));
+    });
+    dest.join("rootfs")
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A status code from a plain HTTP/1.0 GET on loopback.
+pub fn http_status(port: u16, path: &str) -> Option<u16> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).ok()?;
+    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+}
+
+/// A real distribution registry (Debian's docker-registry) on loopback.
+pub struct Registry {
+    child: Child,
+    pub port: u16,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Registry {
+    pub fn start(storage: &Path) -> Registry {
+        let dir = tempfile::tempdir().unwrap();
+        for _ in 0..5 {
+            let port = free_port();
+            let config = dir.path().join("config.yml");
+            std::fs::write(
+                &config,
+                format!(
+                    "version: 0.1\nlog:\n  level: info\n  formatter: text\nstorage:\n  filesystem:\n    rootdirectory: {}\n  \
+                     delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                    storage.display()
+                ),
+            )
+            .unwrap();
+            let log = dir.path().join("registry.log");
+            let child = Command::new("docker-registry")
+                .arg("serve")
+                .arg(&config)
+                .stdout(File::create(dir.path().join("stdout.log")).unwrap())
+                .stderr(File::create(&log).unwrap())
+                .spawn()
+                .expect("docker-registry is installed");
+            let mut reg = Registry { child, port, log, _dir: tempfile::tempdir().unwrap() };
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                if http_status(port, "/v2/") == Some(200) {
+                    reg._dir = dir;
+                    return reg;
+                }
+                if reg.child.try_wait().unwrap().is_some() {
+                    break; // port taken between probe and bind: try another
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = reg.child.kill();
+        }
+        panic!("docker-registry did not start");
+    }
+
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Bytes the registry wrote in response bodies, from its access log.
+    pub fn bytes_served(&self) -> u64 {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        log.lines()
+            .filter(|l| l.contains("response completed"))
+            .filter_map(|l| l.split("http.response.written=").nth(1))
+            .filter_map(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A registry serving every test image as `127.0.0.1:PORT/clip/TAG:latest`.
+/// The images are pushed once (by skopeo) into storage shared by all tests.
+pub fn registry() -> Registry {
+    let layout = layout();
+    let storage = fixtures_dir().join("registry");
+    once_on_disk("push", || {
+        let _ = std::fs::remove_dir_all(&storage);
+        let reg = Registry::start(&storage);
+        for tag in TAGS.iter().chain(&["multi"]) {
+            run(Command::new("skopeo")
+                .args(["copy", "--all", "--quiet", "--preserve-digests", "--dest-tls-verify=false"])
+                .arg(format!("oci:{}:{tag}", layout.display()))
+                .arg(format!("docker://{}/clip/{tag}:latest", reg.host())));
+        }
+    });
+    Registry::start(&storage)
+}
+
+pub fn clipctl() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_clipctl"));
+    c.env_remove("CLIP_CHECKPOINT_MIB").env("DOCKER_CONFIG", "/nonexistent-clip-test");
+    c.stdin(Stdio::null());
+    c
+}
+
+/// Runs clipctl, asserting success; returns stdout.
+pub fn clipctl_ok(args: &[&str]) -> Vec<u8> {
+    run(clipctl().args(args)).stdout
+}
