@@ -38,6 +38,10 @@ fn init_logging() {
 }
 
 fn main() {
+    // Die quietly on a closed pipe (`clipctl inspect ... | head`), like
+    // other Unix tools, instead of reporting EPIPE as an error.
+    // SAFETY: setting a signal disposition before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     init_logging();
     let cli = Cli::parse();
     let result: Result<()> = match cli.command {

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The main job, end to end on one machine: build a sample image (debootstrap
+# minbase, two layers) into an OCI layout, serve it from a local registry,
+# index it with clipctl, inspect the index and read a file through it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-deps.sh
+cargo build --release --bin clipctl
+CLIPCTL=$PWD/target/release/clipctl
+
+WORK=${CLIP_DEMO_DIR:-/var/tmp/clip-demo}
+bash tests/fixtures/build-images.sh "$WORK/images"
+
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+mkdir -p "$WORK/registry"
+cat > "$WORK/registry.yml" <<YML
+version: 0.1
+log: {level: warn}
+storage: {filesystem: {rootdirectory: $WORK/registry}}
+http: {addr: 127.0.0.1:$port}
+YML
+docker-registry serve "$WORK/registry.yml" > "$WORK/registry.log" 2>&1 &
+registry_pid=$!
+trap 'kill $registry_pid 2>/dev/null' EXIT
+for _ in $(seq 100); do curl -fs "http://127.0.0.1:$port/v2/" >/dev/null && break; sleep 0.1; done
+
+image=127.0.0.1:$port/sample/debian:latest
+skopeo copy --quiet --preserve-digests --dest-tls-verify=false "oci:$WORK/images/oci:debian" "docker://$image"
+
+echo "== clipctl index --image $image"
+"$CLIPCTL" index --image "$image" --out "$WORK/debian.clip"
+echo "== clipctl inspect"
+"$CLIPCTL" inspect "$WORK/debian.clip"
+echo "== clipctl inspect --ls /etc (first lines)"
+"$CLIPCTL" inspect "$WORK/debian.clip" --ls /etc | sed -n 1,8p
+echo "== clipctl cat /etc/os-release (read through the checkpoints with range requests)"
+"$CLIPCTL" cat "$WORK/debian.clip" /etc/os-release

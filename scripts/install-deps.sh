@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs what clip's build, tests and demo need on a Debian machine (as
+# root): the real parts the tests drive, from Debian's packages.
+set -euo pipefail
+
+PACKAGES=(
+    docker-registry   # the CNCF distribution registry, served on loopback
+    skopeo umoci      # push images, and unpack them as the reference tree
+    busybox-static debootstrap   # contents of the test images
+    zstd pigz libcap2-bin python3 # building edge-case layers
+    fuse3 curl ca-certificates gzip tar
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+command -v cargo >/dev/null || { echo "cargo is required (a Rust toolchain, 1.89 or newer)" >&2; exit 1; }
+cargo nextest --version >/dev/null 2>&1 || cargo install --locked cargo-nextest
