@@ -34,7 +34,10 @@ fn best_of<T>(n: usize, mut f: impl FnMut() -> T) -> (Duration, T) {
 }
 
 fn thread_cpu() -> Duration {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid pointer to a timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
@@ -44,14 +47,23 @@ fn fixtures() -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = root.join("target/tmp/clip-fixtures");
     if !out.join(".done").exists() {
-        let ok = Command::new("bash").arg(root.join("tests/fixtures/build-images.sh")).arg(&out).status().unwrap();
+        let ok = Command::new("bash")
+            .arg(root.join("tests/fixtures/build-images.sh"))
+            .arg(&out)
+            .status()
+            .unwrap();
         assert!(ok.success(), "building fixtures failed");
     }
     out.join("oci")
 }
 
 fn gzip_dc(path: &Path) {
-    let ok = Command::new("gzip").arg("-dc").arg(path).stdout(Stdio::null()).status().unwrap();
+    let ok = Command::new("gzip")
+        .arg("-dc")
+        .arg(path)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
     assert!(ok.success());
 }
 
@@ -76,14 +88,22 @@ fn synthetic_index(files: usize) -> Vec<u8> {
     let dirs = files / 100;
     let mut nodes = vec![node(
         Kind::Dir,
-        (0..dirs).map(|d| DirEntry { name: format!("dir-{d:05}").into_bytes(), ino: d as u64 + 2 }).collect(),
+        (0..dirs)
+            .map(|d| DirEntry {
+                name: format!("dir-{d:05}").into_bytes(),
+                ino: d as u64 + 2,
+            })
+            .collect(),
     )];
     for d in 0..dirs {
         let first = 2 + dirs + d * 100;
         nodes.push(node(
             Kind::Dir,
             (0..100)
-                .map(|f| DirEntry { name: format!("lib-module-{f:03}.so").into_bytes(), ino: (first + f) as u64 })
+                .map(|f| DirEntry {
+                    name: format!("lib-module-{f:03}.so").into_bytes(),
+                    ino: (first + f) as u64,
+                })
                 .collect(),
         ));
     }
@@ -91,7 +111,10 @@ fn synthetic_index(files: usize) -> Vec<u8> {
         for f in 0..100 {
             let mut n = node(Kind::File, Vec::new());
             n.parent = d as u64 + 2;
-            n.data = Data::Contiguous { layer: 0, offset: ((d * 100 + f) * 2048) as u64 };
+            n.data = Data::Contiguous {
+                layer: 0,
+                offset: ((d * 100 + f) * 2048) as u64,
+            };
             nodes.push(n);
         }
     }
@@ -109,10 +132,24 @@ fn synthetic_index(files: usize) -> Vec<u8> {
         compression: clip_format::Compression::None,
         compressed_size: 1 << 40,
         uncompressed_size: 1 << 40,
-        checkpoints: vec![clip_format::Checkpoint { in_bits: 0, out: 0, window_offset: 0, window_len: 0 }],
+        checkpoints: vec![clip_format::Checkpoint {
+            in_bits: 0,
+            out: 0,
+            window_offset: 0,
+            window_len: 0,
+        }],
         span_digests: vec![[0; 32]],
     };
-    IndexFile::new(Index { image, layers: vec![layer], nodes }, WindowWriter::default()).encode().unwrap()
+    IndexFile::new(
+        Index {
+            image,
+            layers: vec![layer],
+            nodes,
+        },
+        WindowWriter::default(),
+    )
+    .encode()
+    .unwrap()
 }
 
 fn main() {
@@ -120,10 +157,18 @@ fn main() {
     let reference = ImageRef::parse(&format!("oci:{}:debian", layout.display())).unwrap();
     let source = clip_registry::open(&reference, &RegistryOptions::default()).unwrap();
     let image = source.resolve(&Platform::default()).unwrap();
-    let blob = |d: &str| layout.join("blobs/sha256").join(d.trim_start_matches("sha256:"));
+    let blob = |d: &str| {
+        layout
+            .join("blobs/sha256")
+            .join(d.trim_start_matches("sha256:"))
+    };
     let compressed: u64 = image.layers.iter().map(|l| l.size).sum();
 
-    println!("# clip index benchmark: image {} ({} layers, {compressed} compressed bytes)", reference.canonical(), image.layers.len());
+    println!(
+        "# clip index benchmark: image {} ({} layers, {compressed} compressed bytes)",
+        reference.canonical(),
+        image.layers.len()
+    );
     println!();
     println!("## Index time vs one `gzip -dc` pass (best of 3, warm cache)");
     println!();
@@ -134,7 +179,8 @@ fn main() {
         let path = blob(&l.digest);
         let (g, _) = best_of(3, || gzip_dc(&path));
         let (t, (_, map)) = best_of(3, || {
-            let f = std::io::BufReader::with_capacity(256 << 10, std::fs::File::open(&path).unwrap());
+            let f =
+                std::io::BufReader::with_capacity(256 << 10, std::fs::File::open(&path).unwrap());
             clip_index::index_layer(f, clip_format::Compression::Gzip, 2 << 20).unwrap()
         });
         gzip_total += g;
@@ -148,7 +194,9 @@ fn main() {
         );
     }
     let opts = clip_index::Options::default();
-    let (t, _) = best_of(3, || clip_index::build(source.as_ref(), "bench", &image, &opts).unwrap());
+    let (t, _) = best_of(3, || {
+        clip_index::build(source.as_ref(), "bench", &image, &opts).unwrap()
+    });
     println!(
         "| image ({} jobs) | {:.1} | | {:.3} (sum) | {:.3} | **{:.2}** |",
         opts.jobs,
@@ -165,9 +213,16 @@ fn main() {
     println!("|---:|---:|---:|---:|---:|---:|---:|");
     let big = image.layers.iter().max_by_key(|l| l.size).unwrap();
     let big_bytes = std::fs::read(blob(&big.digest)).unwrap();
-    let big_index = image.layers.iter().position(|l| l.digest == big.digest).unwrap();
+    let big_index = image
+        .layers
+        .iter()
+        .position(|l| l.digest == big.digest)
+        .unwrap();
     for mib in [1u64, 2, 4, 8] {
-        let opts = clip_index::Options { spacing: mib << 20, ..Default::default() };
+        let opts = clip_index::Options {
+            spacing: mib << 20,
+            ..Default::default()
+        };
         let (file, stats) = clip_index::build(source.as_ref(), "bench", &image, &opts).unwrap();
         let bytes = file.encode().unwrap().len();
         let layer = &file.index.layers[big_index];
@@ -186,7 +241,10 @@ fn main() {
             let mut out = Vec::with_capacity(4096);
             clip_gzran::resume(
                 clip_gzran::Compression::Gzip,
-                clip_gzran::Checkpoint { in_bits: cp.in_bits, out: cp.out },
+                clip_gzran::Checkpoint {
+                    in_bits: cp.in_bits,
+                    out: cp.out,
+                },
                 &window,
                 &big_bytes[(cp.in_bits / 8) as usize..],
                 off - cp.out,

@@ -36,9 +36,16 @@ pub struct Args {
 /// Writes `bytes` to `path` atomically: a reader sees the old file or the
 /// whole new one, never a torn one.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let name = path.file_name().context("output path has no file name")?;
-    let tmp = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
+    let tmp = dir.join(format!(
+        ".{}.tmp{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     let result = (|| -> Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -58,10 +65,16 @@ pub fn run(a: Args) -> Result<()> {
     let reference = ImageRef::parse(&a.image)?;
     let platform: Platform = a.platform.parse()?;
     let source = clip_registry::open(&reference, &RegistryOptions::from_env())?;
-    let image = source.resolve(&platform).with_context(|| format!("resolving {}", reference.canonical()))?;
+    let image = source
+        .resolve(&platform)
+        .with_context(|| format!("resolving {}", reference.canonical()))?;
     let total: u64 = image.layers.iter().map(|l| l.size).sum();
     let counter = Arc::new(AtomicU64::new(0));
-    let mut opts = Options { spacing: a.checkpoint_mib << 20, progress: Some(counter.clone()), ..Options::default() };
+    let mut opts = Options {
+        spacing: a.checkpoint_mib << 20,
+        progress: Some(counter.clone()),
+        ..Options::default()
+    };
     if let Some(j) = a.jobs {
         opts.jobs = j.max(1);
     }
@@ -69,9 +82,11 @@ pub fn run(a: Args) -> Result<()> {
     let bar = std::io::stderr().is_terminal().then(|| {
         let bar = indicatif::ProgressBar::new(total);
         bar.set_style(
-            indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-                .expect("valid template")
-                .progress_chars("=> "),
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
         );
         bar.set_message(format!("indexing {} layers", image.layers.len()));
         let (bar2, counter, done) = (bar.clone(), counter.clone(), done.clone());

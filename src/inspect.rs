@@ -114,8 +114,11 @@ fn entry_json(path: &[u8], ino: u64, n: &Node, hash: Option<String>) -> Value {
         v["minor"] = minor(n.rdev).into();
     }
     if !n.xattrs.is_empty() {
-        let x: serde_json::Map<String, Value> =
-            n.xattrs.iter().map(|(k, val)| (String::from_utf8_lossy(k).into_owned(), hex(val).into())).collect();
+        let x: serde_json::Map<String, Value> = n
+            .xattrs
+            .iter()
+            .map(|(k, val)| (String::from_utf8_lossy(k).into_owned(), hex(val).into()))
+            .collect();
         v["xattrs_hex"] = x.into();
     }
     if let Some(h) = hash {
@@ -143,7 +146,9 @@ pub fn run(a: Args) -> Result<()> {
     let Some(ls) = &a.ls else {
         return summary(&file, a.json);
     };
-    let root = index.resolve(ls.as_bytes()).with_context(|| format!("{ls}: no such file or directory in the image"))?;
+    let root = index
+        .resolve(ls.as_bytes())
+        .with_context(|| format!("{ls}: no such file or directory in the image"))?;
     let mut listing: Vec<(Vec<u8>, u64)> = Vec::new();
     let root_node = index.node(root).expect("resolved");
     if root_node.kind == Kind::Dir {
@@ -169,15 +174,26 @@ pub fn run(a: Args) -> Result<()> {
     } else {
         listing.push((ls.as_bytes().to_vec(), root));
     }
-    let source = if a.hash { Some(open_source(index)?) } else { None };
+    let source = if a.hash {
+        Some(open_source(index)?)
+    } else {
+        None
+    };
     let mut hashes: Vec<Option<String>> = vec![None; listing.len()];
     if let Some(source) = &source {
         // Read files in stream order so that each span is inflated once.
-        let mut order: Vec<usize> =
-            (0..listing.len()).filter(|&i| index.node(listing[i].1).is_some_and(|n| n.kind == Kind::File)).collect();
+        let mut order: Vec<usize> = (0..listing.len())
+            .filter(|&i| {
+                index
+                    .node(listing[i].1)
+                    .is_some_and(|n| n.kind == Kind::File)
+            })
+            .collect();
         order.sort_by_key(|&i| match &index.node(listing[i].1).expect("valid").data {
             clip_format::Data::Contiguous { layer, offset } => (*layer, *offset),
-            clip_format::Data::Sparse { layer, segments } => (*layer, segments.first().map_or(0, |s| s.offset)),
+            clip_format::Data::Sparse { layer, segments } => {
+                (*layer, segments.first().map_or(0, |s| s.offset))
+            }
             clip_format::Data::None => (0, 0),
         });
         let mut ex = Extractor::new(&file, source.as_ref());
@@ -257,7 +273,10 @@ fn summary(file: &IndexFile, as_json: bool) -> Result<()> {
         return Ok(());
     }
     println!("image:     {}", index.image.reference);
-    println!("manifest:  {} ({})", index.image.manifest_digest, index.image.manifest_media_type);
+    println!(
+        "manifest:  {} ({})",
+        index.image.manifest_digest, index.image.manifest_media_type
+    );
     println!("platform:  {}", index.image.platform);
     println!("config:    {}", index.image.config_digest);
     println!(
@@ -283,7 +302,10 @@ fn summary(file: &IndexFile, as_json: bool) -> Result<()> {
 
 pub fn cat(index_path: &Path, path: &str) -> Result<()> {
     let file = load(index_path)?;
-    let ino = file.index.resolve(path.as_bytes()).with_context(|| format!("{path}: not in the image"))?;
+    let ino = file
+        .index
+        .resolve_follow(path.as_bytes())
+        .with_context(|| format!("{path}: not in the image"))?;
     let node = file.index.node(ino).expect("resolved");
     if node.kind != Kind::File {
         bail!("{path}: not a regular file");

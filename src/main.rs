@@ -9,7 +9,11 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "clipctl", version, about = "Lazy, read-only OCI container images for fast container starts")]
+#[command(
+    name = "clipctl",
+    version,
+    about = "Lazy, read-only OCI container images for fast container starts"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -32,9 +36,16 @@ enum Command {
 
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
-    let default = if std::env::var("CLIP_VERBOSE").is_ok_and(|v| v == "1") { "info" } else { "warn" };
+    let default = if std::env::var("CLIP_VERBOSE").is_ok_and(|v| v == "1") {
+        "info"
+    } else {
+        "warn"
+    };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn main() {

@@ -18,7 +18,9 @@ pub fn fixtures_dir() -> PathBuf {
 }
 
 fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed: {}\n{}",
@@ -65,13 +67,21 @@ pub fn unpacked(tag: &str) -> PathBuf {
     once_on_disk(&format!("unpack-{tag}"), || {
         let _ = std::fs::remove_dir_all(&dest);
         std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
-        run(Command::new("umoci").arg("unpack").arg("--image").arg(format!("{}:{tag}", layout.display())).arg(&dest));
+        run(Command::new("umoci")
+            .arg("unpack")
+            .arg("--image")
+            .arg(format!("{}:{tag}", layout.display()))
+            .arg(&dest));
     });
     dest.join("rootfs")
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A status code from a plain HTTP/1.0 GET on loopback.
@@ -115,7 +125,12 @@ impl Registry {
                 .stderr(File::create(&log).unwrap())
                 .spawn()
                 .expect("docker-registry is installed");
-            let mut reg = Registry { child, port, log, _dir: tempfile::tempdir().unwrap() };
+            let mut reg = Registry {
+                child,
+                port,
+                log,
+                _dir: tempfile::tempdir().unwrap(),
+            };
             let deadline = Instant::now() + Duration::from_secs(15);
             while Instant::now() < deadline {
                 if http_status(port, "/v2/") == Some(200) {
@@ -164,7 +179,13 @@ pub fn registry() -> Registry {
         let reg = Registry::start(&storage);
         for tag in TAGS.iter().chain(&["multi"]) {
             run(Command::new("skopeo")
-                .args(["copy", "--all", "--quiet", "--preserve-digests", "--dest-tls-verify=false"])
+                .args([
+                    "copy",
+                    "--all",
+                    "--quiet",
+                    "--preserve-digests",
+                    "--dest-tls-verify=false",
+                ])
                 .arg(format!("oci:{}:{tag}", layout.display()))
                 .arg(format!("docker://{}/clip/{tag}:latest", reg.host())));
         }
@@ -174,7 +195,8 @@ pub fn registry() -> Registry {
 
 pub fn clipctl() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_clipctl"));
-    c.env_remove("CLIP_CHECKPOINT_MIB").env("DOCKER_CONFIG", "/nonexistent-clip-test");
+    c.env_remove("CLIP_CHECKPOINT_MIB")
+        .env("DOCKER_CONFIG", "/nonexistent-clip-test");
     c.stdin(Stdio::null());
     c
 }

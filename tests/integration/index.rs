@@ -8,13 +8,28 @@ use crate::harness::{self, clipctl, clipctl_ok, layout, registry, unpacked};
 use crate::tree;
 
 fn index_to(image: &str, out: &Path, extra: &[&str]) -> Value {
-    let mut args = vec!["index", "--image", image, "--out", out.to_str().unwrap(), "--json"];
+    let mut args = vec![
+        "index",
+        "--image",
+        image,
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+    ];
     args.extend_from_slice(extra);
     serde_json::from_slice(&clipctl_ok(&args)).unwrap()
 }
 
 fn listing(index: &Path) -> Vec<u8> {
-    clipctl_ok(&["inspect", index.to_str().unwrap(), "--ls", "/", "-R", "--json", "--hash"])
+    clipctl_ok(&[
+        "inspect",
+        index.to_str().unwrap(),
+        "--ls",
+        "/",
+        "-R",
+        "--json",
+        "--hash",
+    ])
 }
 
 /// The index of an image pulled from the registry describes exactly the
@@ -26,7 +41,10 @@ fn matches_umoci(tag: &str) {
     let out = dir.path().join("image.clip");
     let summary = index_to(&format!("{}/clip/{tag}:latest", reg.host()), &out, &[]);
     assert!(summary["files"].as_u64().unwrap() > 0);
-    assert_eq!(summary["index_bytes"].as_u64().unwrap(), std::fs::metadata(&out).unwrap().len());
+    assert_eq!(
+        summary["index_bytes"].as_u64().unwrap(),
+        std::fs::metadata(&out).unwrap().len()
+    );
     let clip = tree::from_clip(&listing(&out));
     let disk = tree::from_disk(&unpacked(tag));
     tree::assert_same(&clip, &disk, tag);
@@ -59,26 +77,39 @@ fn edge_case_details() {
     let summary = index_to(&format!("oci:{}:edge", layout().display()), &out, &[]);
     assert_eq!(summary["layers"], 3);
     let clip = tree::from_clip(&listing(&out));
-    let get = |p: &str| clip.entries.get(p.as_bytes()).unwrap_or_else(|| panic!("{p} missing"));
+    let get = |p: &str| {
+        clip.entries
+            .get(p.as_bytes())
+            .unwrap_or_else(|| panic!("{p} missing"))
+    };
     // Whiteouts and opaque directories.
     assert!(!clip.entries.contains_key(&b"/edge/gone.txt"[..]));
     assert!(!clip.entries.contains_key(&b"/edge/gone-dir"[..]));
     assert!(!clip.entries.contains_key(&b"/edge/opaque/lower.txt"[..]));
     assert!(!clip.entries.contains_key(&b"/edge/opaque/sub"[..]));
     assert!(clip.entries.contains_key(&b"/edge/opaque/upper.txt"[..]));
-    assert!(!clip.entries.keys().any(|k| k.windows(4).any(|w| w == b".wh.")));
+    assert!(!clip
+        .entries
+        .keys()
+        .any(|k| k.windows(4).any(|w| w == b".wh.")));
     // Type changes across layers.
     assert_eq!(get("/edge/becomes-dir").kind, "dir");
     assert_eq!(get("/edge/dir-becomes-file").kind, "file");
     // Hardlinks: one inode, link count 4 (hard3 went with the opaque dir,
     // and odd/link-to-lower joined from the top layer).
     assert_eq!(get("/edge/hard1").nlink, Some(3));
-    assert!(clip.links.contains(&vec![b"/edge/hard1".to_vec(), b"/edge/hard2".to_vec(), b"/odd/link-to-lower".to_vec()]));
+    assert!(clip.links.contains(&vec![
+        b"/edge/hard1".to_vec(),
+        b"/edge/hard2".to_vec(),
+        b"/odd/link-to-lower".to_vec()
+    ]));
     // Special bits, capabilities and devices.
     assert_eq!(get("/edge/setuid").mode, 0o4755);
     assert_eq!(get("/edge/setgid").mode, 0o2711);
     assert_eq!(get("/edge/sticky").mode, 0o1777);
-    assert!(get("/edge/ping").xattrs.contains_key(&b"security.capability"[..]));
+    assert!(get("/edge/ping")
+        .xattrs
+        .contains_key(&b"security.capability"[..]));
     assert_eq!(get("/edge/chardev").dev, Some((1, 3)));
     assert_eq!(get("/edge/fifo").kind, "fifo");
     // Sparse files over 4 GiB, both sparse formats.
@@ -99,12 +130,21 @@ fn edge_case_details() {
 fn registry_and_layout_give_identical_trees_and_inodes() {
     let reg = registry();
     let dir = tempfile::tempdir().unwrap();
-    let (a, b, c) = (dir.path().join("a.clip"), dir.path().join("b.clip"), dir.path().join("c.clip"));
+    let (a, b, c) = (
+        dir.path().join("a.clip"),
+        dir.path().join("b.clip"),
+        dir.path().join("c.clip"),
+    );
     let sa = index_to(&format!("{}/clip/debian:latest", reg.host()), &a, &[]);
     let sb = index_to(&format!("oci:{}:debian", layout().display()), &b, &[]);
-    index_to(&format!("{}/clip/debian:latest", reg.host()), &c, &["--jobs", "1"]);
+    index_to(
+        &format!("{}/clip/debian:latest", reg.host()),
+        &c,
+        &["--jobs", "1"],
+    );
     assert_eq!(sa["manifest_digest"], sb["manifest_digest"]);
-    let list = |p: &Path| clipctl_ok(&["inspect", p.to_str().unwrap(), "--ls", "/", "-R", "--json"]);
+    let list =
+        |p: &Path| clipctl_ok(&["inspect", p.to_str().unwrap(), "--ls", "/", "-R", "--json"]);
     assert_eq!(list(&a), list(&b));
     // Same image, same index, byte for byte, however many layers ran at once.
     assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&c).unwrap());
@@ -115,19 +155,26 @@ fn index_holds_manifest_digest_and_config_but_no_file_data() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("deb.clip");
     let s = index_to(&format!("oci:{}:debian", layout().display()), &out, &[]);
-    let info: Value = serde_json::from_slice(&clipctl_ok(&["inspect", out.to_str().unwrap(), "--json"])).unwrap();
+    let info: Value =
+        serde_json::from_slice(&clipctl_ok(&["inspect", out.to_str().unwrap(), "--json"])).unwrap();
     assert_eq!(info["manifest_digest"], s["manifest_digest"]);
     assert_eq!(info["config"]["config"]["Cmd"][0], "/bin/bash");
     assert_eq!(info["platform"], "linux/amd64");
     // Metadata only: far smaller than the data, and no file's bytes inside.
     let index = std::fs::read(&out).unwrap();
     let compressed = s["compressed_bytes"].as_u64().unwrap();
-    assert!((index.len() as u64) < compressed / 20, "{} vs {compressed}", index.len());
+    assert!(
+        (index.len() as u64) < compressed / 20,
+        "{} vs {compressed}",
+        index.len()
+    );
     let motd = clipctl_ok(&["cat", out.to_str().unwrap(), "/etc/motd"]);
     assert_eq!(motd, b"second layer\n");
     let random = clipctl_ok(&["cat", out.to_str().unwrap(), "/opt/clip/random.bin"]);
     assert_eq!(random.len(), 3_000_000);
-    assert!(!index.windows(64).any(|w| w == &random[1_000_000..1_000_064]));
+    assert!(!index
+        .windows(64)
+        .any(|w| w == &random[1_000_000..1_000_064]));
 }
 
 #[test]
@@ -140,9 +187,18 @@ fn multi_arch_index_resolves_by_platform() {
     assert_eq!(amd["layers"], 1, "linux/amd64 is the busybox image");
     let arm = index_to(&image, &out, &["--platform", "linux/arm64"]);
     assert_eq!(arm["layers"], 3, "linux/arm64 is the edge image");
-    let local = index_to(&format!("oci:{}:multi", layout().display()), &out, &["--platform", "linux/arm64"]);
+    let local = index_to(
+        &format!("oci:{}:multi", layout().display()),
+        &out,
+        &["--platform", "linux/arm64"],
+    );
     assert_eq!(local["manifest_digest"], arm["manifest_digest"]);
-    let err = clipctl().args(["index", "--image", &image, "--out"]).arg(&out).args(["--platform", "linux/s390x"]).output().unwrap();
+    let err = clipctl()
+        .args(["index", "--image", &image, "--out"])
+        .arg(&out)
+        .args(["--platform", "linux/s390x"])
+        .output()
+        .unwrap();
     assert_eq!(err.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&err.stderr).contains("no manifest for linux/s390x"));
 }
@@ -156,14 +212,25 @@ fn checkpoint_spacing_is_honoured() {
         let out = dir.path().join(format!("{mib}.clip"));
         let s = index_to(&image, &out, &["--checkpoint-mib", mib]);
         let n = s["checkpoints"].as_u64().unwrap();
-        let expected = s["uncompressed_bytes"].as_u64().unwrap() / (mib.parse::<u64>().unwrap() << 20);
-        assert!(n < last && n >= expected / 2 && n <= expected + 4, "{mib} MiB: {n} checkpoints, ~{expected} expected");
+        let expected =
+            s["uncompressed_bytes"].as_u64().unwrap() / (mib.parse::<u64>().unwrap() << 20);
+        assert!(
+            n < last && n >= expected / 2 && n <= expected + 4,
+            "{mib} MiB: {n} checkpoints, ~{expected} expected"
+        );
         last = n;
     }
     let out = dir.path().join("env.clip");
     let s: Value = serde_json::from_slice(
         &clipctl()
-            .args(["index", "--image", &image, "--out", out.to_str().unwrap(), "--json"])
+            .args([
+                "index",
+                "--image",
+                &image,
+                "--out",
+                out.to_str().unwrap(),
+                "--json",
+            ])
             .env("CLIP_CHECKPOINT_MIB", "8")
             .output()
             .unwrap()
@@ -177,7 +244,10 @@ fn expect_failure(args: &[&str], needle: &str) {
     let out = clipctl().args(args).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
-    assert!(stderr.contains(needle), "{args:?}: expected {needle:?} in {stderr}");
+    assert!(
+        stderr.contains(needle),
+        "{args:?}: expected {needle:?} in {stderr}"
+    );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
@@ -189,7 +259,12 @@ fn corrupted_and_truncated_index_files_are_rejected() {
     let bytes = std::fs::read(&good).unwrap();
     let bad = dir.path().join("bad.clip");
     let p = bad.to_str().unwrap();
-    for (i, needle) in [(100, "checksum"), (bytes.len() - 1, "checksum"), (50, "checksum"), (9, "version")] {
+    for (i, needle) in [
+        (100, "checksum"),
+        (bytes.len() - 1, "checksum"),
+        (50, "checksum"),
+        (9, "version"),
+    ] {
         let mut b = bytes.clone();
         b[i] ^= 0x40;
         std::fs::write(&bad, &b).unwrap();
@@ -206,20 +281,28 @@ fn corrupted_and_truncated_index_files_are_rejected() {
 /// Copies the layout so that a test can damage it.
 fn scratch_layout(dir: &Path) -> std::path::PathBuf {
     let dst = dir.join("oci");
-    let st = std::process::Command::new("cp").arg("-a").arg(layout()).arg(&dst).status().unwrap();
+    let st = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(layout())
+        .arg(&dst)
+        .status()
+        .unwrap();
     assert!(st.success());
     dst
 }
 
 fn manifest_of(layout: &Path, tag: &str) -> (std::path::PathBuf, Value) {
-    let index: Value = serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let index: Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
     let m = index["manifests"]
         .as_array()
         .unwrap()
         .iter()
         .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
         .unwrap();
-    let path = layout.join("blobs/sha256").join(m["digest"].as_str().unwrap().trim_start_matches("sha256:"));
+    let path = layout
+        .join("blobs/sha256")
+        .join(m["digest"].as_str().unwrap().trim_start_matches("sha256:"));
     let v = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     (path, v)
 }
@@ -231,7 +314,12 @@ fn tampered_truncated_and_unknown_layers_are_clear_errors() {
     let out = dir.path().join("x.clip");
     let image = format!("oci:{}:busybox", lay.display());
     let (_, m) = manifest_of(&lay, "busybox");
-    let layer = lay.join("blobs/sha256").join(m["layers"][0]["digest"].as_str().unwrap().trim_start_matches("sha256:"));
+    let layer = lay.join("blobs/sha256").join(
+        m["layers"][0]["digest"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("sha256:"),
+    );
     let original = std::fs::read(&layer).unwrap();
     let args = ["index", "--image", &image, "--out", out.to_str().unwrap()];
 
@@ -264,7 +352,10 @@ fn tampered_truncated_and_unknown_layers_are_clear_errors() {
     std::fs::write(&mpath, &doc).unwrap();
     let image = format!("oci:{}:edge", lay.display());
     // The manifest no longer matches its descriptor: refused before anything else.
-    expect_failure(&["index", "--image", &image, "--out", out.to_str().unwrap()], "its descriptor says");
+    expect_failure(
+        &["index", "--image", &image, "--out", out.to_str().unwrap()],
+        "its descriptor says",
+    );
     let lay2 = dir.path().join("oci2");
     std::fs::create_dir_all(lay2.join("blobs/sha256")).unwrap();
     std::fs::copy(lay.join("oci-layout"), lay2.join("oci-layout")).unwrap();
@@ -279,7 +370,13 @@ fn tampered_truncated_and_unknown_layers_are_clear_errors() {
         "annotations": {"org.opencontainers.image.ref.name": "lz4"}}]});
     std::fs::write(lay2.join("index.json"), serde_json::to_vec(&idx).unwrap()).unwrap();
     expect_failure(
-        &["index", "--image", &format!("oci:{}:lz4", lay2.display()), "--out", out.to_str().unwrap()],
+        &[
+            "index",
+            "--image",
+            &format!("oci:{}:lz4", lay2.display()),
+            "--out",
+            out.to_str().unwrap(),
+        ],
         "unsupported media type",
     );
     let bad = b"{\"schemaVersion\": 2, \"layers\": 7}";
@@ -290,11 +387,23 @@ fn tampered_truncated_and_unknown_layers_are_clear_errors() {
         "annotations": {"org.opencontainers.image.ref.name": "bad"}}]});
     std::fs::write(lay2.join("index.json"), serde_json::to_vec(&idx).unwrap()).unwrap();
     expect_failure(
-        &["index", "--image", &format!("oci:{}:bad", lay2.display()), "--out", out.to_str().unwrap()],
+        &[
+            "index",
+            "--image",
+            &format!("oci:{}:bad", lay2.display()),
+            "--out",
+            out.to_str().unwrap(),
+        ],
         "malformed manifest",
     );
     expect_failure(
-        &["index", "--image", &format!("oci:{}:nosuchtag", lay2.display()), "--out", out.to_str().unwrap()],
+        &[
+            "index",
+            "--image",
+            &format!("oci:{}:nosuchtag", lay2.display()),
+            "--out",
+            out.to_str().unwrap(),
+        ],
         "no image tagged",
     );
 }
@@ -305,8 +414,56 @@ fn missing_image_on_registry_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("x.clip");
     expect_failure(
-        &["index", "--image", &format!("{}/clip/nope:latest", reg.host()), "--out", out.to_str().unwrap()],
+        &[
+            "index",
+            "--image",
+            &format!("{}/clip/nope:latest", reg.host()),
+            "--out",
+            out.to_str().unwrap(),
+        ],
         "manifest",
     );
     let _ = harness::TAGS;
+}
+
+#[test]
+fn cat_fetches_only_the_spans_that_hold_the_file() {
+    let reg = registry();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("deb.clip");
+    let s = index_to(
+        &format!("{}/clip/debian:latest", reg.host()),
+        &out,
+        &["--checkpoint-mib", "1"],
+    );
+    let before = reg.bytes_served();
+    assert!(
+        before >= s["compressed_bytes"].as_u64().unwrap(),
+        "indexing read every layer once"
+    );
+    let motd = clipctl_ok(&["cat", out.to_str().unwrap(), "/etc/os-release"]);
+    assert!(String::from_utf8_lossy(&motd).contains("Debian"));
+    // Give the registry a moment to log the last response.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let fetched = reg.bytes_served() - before;
+    let info: Value =
+        serde_json::from_slice(&clipctl_ok(&["inspect", out.to_str().unwrap(), "--json"])).unwrap();
+    let big = info["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["compressed_bytes"].as_u64().unwrap())
+        .max()
+        .unwrap();
+    let spans = info["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["checkpoints"].as_u64().unwrap())
+        .sum::<u64>();
+    // Two spans of the largest layer are about 2/spans of it; allow 3.
+    assert!(
+        fetched > 0 && fetched < 3 * big / (spans / 2),
+        "fetched {fetched} of a {big}-byte layer"
+    );
 }

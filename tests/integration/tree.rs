@@ -96,10 +96,19 @@ pub fn from_disk(root: &Path) -> Tree {
             mtime: (md.mtime(), md.mtime_nsec() as u32),
             size: (kind == "file").then(|| md.size()),
             nlink: (kind != "dir").then(|| md.nlink()),
-            target: (kind == "symlink").then(|| std::fs::read_link(&p).unwrap().as_os_str().as_bytes().to_vec()),
+            target: (kind == "symlink").then(|| {
+                std::fs::read_link(&p)
+                    .unwrap()
+                    .as_os_str()
+                    .as_bytes()
+                    .to_vec()
+            }),
             dev: matches!(kind, "char" | "block").then(|| {
                 let r = md.rdev();
-                (((r >> 32) & 0xffff_f000) | ((r >> 8) & 0xfff), ((r >> 12) & 0xffff_ff00) | (r & 0xff))
+                (
+                    ((r >> 32) & 0xffff_f000) | ((r >> 8) & 0xfff),
+                    ((r >> 12) & 0xffff_ff00) | (r & 0xff),
+                )
             }),
             xattrs,
             sha256: (kind == "file").then(|| sha256_file(&p)),
@@ -124,7 +133,10 @@ pub fn from_disk(root: &Path) -> Tree {
         }
         entries.insert(rel, e);
     }
-    Tree { entries, links: groups(by_ino) }
+    Tree {
+        entries,
+        links: groups(by_ino),
+    }
 }
 
 fn str_field(v: &Value, k: &str) -> Option<String> {
@@ -154,7 +166,16 @@ pub fn from_clip(json: &[u8]) -> Tree {
         let xattrs = v
             .get("xattrs_hex")
             .and_then(|x| x.as_object())
-            .map(|o| o.iter().map(|(k, val)| (k.as_bytes().to_vec(), hex::decode(val.as_str().unwrap()).unwrap())).collect())
+            .map(|o| {
+                o.iter()
+                    .map(|(k, val)| {
+                        (
+                            k.as_bytes().to_vec(),
+                            hex::decode(val.as_str().unwrap()).unwrap(),
+                        )
+                    })
+                    .collect()
+            })
             .unwrap_or_default();
         let e = Entry {
             kind,
@@ -164,7 +185,8 @@ pub fn from_clip(json: &[u8]) -> Tree {
             mtime: (v["mtime"].as_i64().unwrap(), num("mtime_nsec") as u32),
             size: (kind == "file").then(|| num("size")),
             nlink: (kind != "dir").then(|| num("nlink")),
-            target: (kind == "symlink").then(|| hex::decode(str_field(&v, "target_hex").unwrap()).unwrap()),
+            target: (kind == "symlink")
+                .then(|| hex::decode(str_field(&v, "target_hex").unwrap()).unwrap()),
             dev: matches!(kind, "char" | "block").then(|| (num("major"), num("minor"))),
             xattrs,
             sha256: str_field(&v, "sha256"),
@@ -174,7 +196,10 @@ pub fn from_clip(json: &[u8]) -> Tree {
         }
         entries.insert(path, e);
     }
-    Tree { entries, links: groups(by_ino) }
+    Tree {
+        entries,
+        links: groups(by_ino),
+    }
 }
 
 /// Asserts that two trees are equal, listing every difference.
@@ -183,17 +208,35 @@ pub fn assert_same(clip: &Tree, disk: &Tree, what: &str) {
     for (p, d) in &disk.entries {
         match clip.entries.get(p) {
             None => diffs.push(format!("missing in clip: {}", String::from_utf8_lossy(p))),
-            Some(c) if c != d => {
-                diffs.push(format!("differs: {}\n   clip: {c:?}\n   disk: {d:?}", String::from_utf8_lossy(p)))
-            }
+            Some(c) if c != d => diffs.push(format!(
+                "differs: {}\n   clip: {c:?}\n   disk: {d:?}",
+                String::from_utf8_lossy(p)
+            )),
             _ => {}
         }
     }
-    for p in clip.entries.keys().filter(|p| !disk.entries.contains_key(*p)) {
+    for p in clip
+        .entries
+        .keys()
+        .filter(|p| !disk.entries.contains_key(*p))
+    {
         diffs.push(format!("extra in clip: {}", String::from_utf8_lossy(p)));
     }
     if clip.links != disk.links {
-        diffs.push(format!("hardlink groups differ:\n   clip: {:?}\n   disk: {:?}", clip.links, disk.links));
+        diffs.push(format!(
+            "hardlink groups differ:\n   clip: {:?}\n   disk: {:?}",
+            clip.links, disk.links
+        ));
     }
-    assert!(diffs.is_empty(), "{what}: {} differences:\n{}", diffs.len(), diffs.iter().take(40).cloned().collect::<Vec<_>>().join("\n"));
+    assert!(
+        diffs.is_empty(),
+        "{what}: {} differences:\n{}",
+        diffs.len(),
+        diffs
+            .iter()
+            .take(40)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 }

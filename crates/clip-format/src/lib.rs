@@ -52,7 +52,11 @@ pub enum Error {
     #[error("clip index is inconsistent: {0}")]
     Invalid(String),
     #[error("window of layer {layer} checkpoint {checkpoint} is corrupted: {msg}")]
-    Window { layer: usize, checkpoint: usize, msg: String },
+    Window {
+        layer: usize,
+        checkpoint: usize,
+        msg: String,
+    },
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -129,8 +133,14 @@ pub struct Segment {
 pub enum Data {
     None,
     /// `size` bytes starting at `offset` of layer `layer`'s tar stream.
-    Contiguous { layer: u32, offset: u64 },
-    Sparse { layer: u32, segments: Vec<Segment> },
+    Contiguous {
+        layer: u32,
+        offset: u64,
+    },
+    Sparse {
+        layer: u32,
+        segments: Vec<Segment>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -186,10 +196,60 @@ impl Index {
     /// Resolves an absolute or relative path, without following symlinks.
     pub fn resolve(&self, path: &[u8]) -> Option<u64> {
         let mut ino = ROOT_INO;
-        for comp in path.split(|&b| b == b'/').filter(|c| !c.is_empty() && *c != b".") {
-            ino = if comp == b".." { self.node(ino)?.parent } else { self.lookup(ino, comp)? };
+        for comp in path
+            .split(|&b| b == b'/')
+            .filter(|c| !c.is_empty() && *c != b".")
+        {
+            ino = if comp == b".." {
+                self.node(ino)?.parent
+            } else {
+                self.lookup(ino, comp)?
+            };
         }
         Some(ino)
+    }
+
+    /// Resolves a path as the kernel would inside the image: symlinks are
+    /// followed (absolute targets from the image's root), `..` stops at the
+    /// root, and more than 40 links is a loop.
+    pub fn resolve_follow(&self, path: &[u8]) -> Option<u64> {
+        let split = |p: &[u8]| -> Vec<Vec<u8>> {
+            p.split(|&b| b == b'/')
+                .filter(|c| !c.is_empty() && *c != b".")
+                .map(<[u8]>::to_vec)
+                .collect()
+        };
+        let mut todo: std::collections::VecDeque<Vec<u8>> = split(path).into();
+        let mut chain = vec![ROOT_INO];
+        let mut hops = 0;
+        while let Some(c) = todo.pop_front() {
+            if c == b".." {
+                if chain.len() > 1 {
+                    chain.pop();
+                }
+                continue;
+            }
+            let child = self.lookup(*chain.last()?, &c)?;
+            let node = self.node(child)?;
+            if node.kind == Kind::Symlink {
+                hops += 1;
+                if hops > 40 {
+                    return None;
+                }
+                if node.target.first() == Some(&b'/') {
+                    chain.truncate(1);
+                }
+                for t in split(&node.target).into_iter().rev() {
+                    todo.push_front(t);
+                }
+            } else {
+                if !todo.is_empty() && node.kind != Kind::Dir {
+                    return None;
+                }
+                chain.push(child);
+            }
+        }
+        chain.last().copied()
     }
 
     /// Checks the invariants readers rely on, so that no later lookup can
@@ -207,12 +267,16 @@ impl Index {
             }
             let mut prev: Option<&Checkpoint> = None;
             for c in &l.checkpoints {
-                if c.window_offset.checked_add(u64::from(c.window_len)).is_none_or(|e| e > windows_len)
+                if c.window_offset
+                    .checked_add(u64::from(c.window_len))
+                    .is_none_or(|e| e > windows_len)
                     || c.out > l.uncompressed_size
                     || c.in_bits / 8 > l.compressed_size
                     || prev.is_some_and(|p| p.out >= c.out || p.in_bits >= c.in_bits)
                 {
-                    return bad(format!("layer {li}: checkpoint out of order or out of range"));
+                    return bad(format!(
+                        "layer {li}: checkpoint out of order or out of range"
+                    ));
                 }
                 prev = Some(c);
             }
@@ -231,7 +295,12 @@ impl Index {
                 }
             }
             for e in &node.entries {
-                if e.ino == 0 || e.ino > n || e.ino == ROOT_INO || e.name.is_empty() || e.name.contains(&b'/') {
+                if e.ino == 0
+                    || e.ino > n
+                    || e.ino == ROOT_INO
+                    || e.name.is_empty()
+                    || e.name.contains(&b'/')
+                {
                     return bad(format!("inode {ino}: bad entry"));
                 }
             }
@@ -239,16 +308,23 @@ impl Index {
             match &node.data {
                 Data::None => {}
                 Data::Contiguous { layer, offset } => match layer_of(*layer) {
-                    Some(l) if offset.checked_add(node.size).is_some_and(|e| e <= l.uncompressed_size) => {}
+                    Some(l)
+                        if offset
+                            .checked_add(node.size)
+                            .is_some_and(|e| e <= l.uncompressed_size) => {}
                     _ => return bad(format!("inode {ino}: data out of range")),
                 },
                 Data::Sparse { layer, segments } => {
-                    let Some(l) = layer_of(*layer) else { return bad(format!("inode {ino}: no such layer")) };
+                    let Some(l) = layer_of(*layer) else {
+                        return bad(format!("inode {ino}: no such layer"));
+                    };
                     let mut end = 0;
                     for s in segments {
                         let ok = s.logical >= end
                             && s.logical.checked_add(s.len).is_some_and(|e| e <= node.size)
-                            && s.offset.checked_add(s.len).is_some_and(|e| e <= l.uncompressed_size);
+                            && s.offset
+                                .checked_add(s.len)
+                                .is_some_and(|e| e <= l.uncompressed_size);
                         if !ok {
                             return bad(format!("inode {ino}: sparse map out of range"));
                         }
@@ -299,7 +375,10 @@ pub struct IndexFile {
 
 impl IndexFile {
     pub fn new(index: Index, windows: WindowWriter) -> Self {
-        Self { index, windows: windows.buf }
+        Self {
+            index,
+            windows: windows.buf,
+        }
     }
 
     pub fn windows_len(&self) -> u64 {
@@ -331,7 +410,10 @@ impl IndexFile {
             return Err(Error::BadMagic);
         }
         if bytes.len() < HEADER_LEN {
-            return Err(Error::Truncated { expected: HEADER_LEN as u64, got: bytes.len() as u64 });
+            return Err(Error::Truncated {
+                expected: HEADER_LEN as u64,
+                got: bytes.len() as u64,
+            });
         }
         let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().expect("4 bytes"));
         let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().expect("8 bytes"));
@@ -357,11 +439,16 @@ impl IndexFile {
             return Err(Error::Checksum);
         }
         if meta_raw > MAX_META_RAW {
-            return Err(Error::Invalid(format!("metadata of {meta_raw} bytes is implausibly large")));
+            return Err(Error::Invalid(format!(
+                "metadata of {meta_raw} bytes is implausibly large"
+            )));
         }
         let index = decode_meta(meta, meta_raw)?;
         index.validate(windows.len() as u64)?;
-        Ok(Self { index, windows: windows.to_vec() })
+        Ok(Self {
+            index,
+            windows: windows.to_vec(),
+        })
     }
 
     pub fn load(path: &std::path::Path) -> Result<Self> {
@@ -370,7 +457,11 @@ impl IndexFile {
 
     /// The decompressed window of checkpoint `k` of layer `layer`.
     pub fn window(&self, layer: usize, k: usize) -> Result<Vec<u8>> {
-        let err = |msg: String| Error::Window { layer, checkpoint: k, msg };
+        let err = |msg: String| Error::Window {
+            layer,
+            checkpoint: k,
+            msg,
+        };
         let cp = self
             .index
             .layers
@@ -404,9 +495,13 @@ pub fn decode_meta(meta: &[u8], meta_raw: u64) -> Result<Index> {
         .read_to_end(&mut raw)
         .map_err(|e| Error::Decode(e.to_string()))?;
     if raw.len() as u64 != meta_raw {
-        return Err(Error::Decode(format!("metadata is {} bytes, header says {meta_raw}", raw.len())));
+        return Err(Error::Decode(format!(
+            "metadata is {} bytes, header says {meta_raw}",
+            raw.len()
+        )));
     }
-    let (index, rest) = postcard::take_from_bytes::<Index>(&raw).map_err(|e| Error::Decode(e.to_string()))?;
+    let (index, rest) =
+        postcard::take_from_bytes::<Index>(&raw).map_err(|e| Error::Decode(e.to_string()))?;
     if !rest.is_empty() {
         return Err(Error::Decode("trailing bytes after metadata".into()));
     }

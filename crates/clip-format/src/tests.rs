@@ -10,8 +10,18 @@ fn sample(files: usize) -> IndexFile {
         compressed_size: 1000,
         uncompressed_size: 1 << 30,
         checkpoints: vec![
-            Checkpoint { in_bits: 80, out: 0, window_offset: 0, window_len: 0 },
-            Checkpoint { in_bits: 4003, out: 1 << 20, window_offset: off, window_len: len },
+            Checkpoint {
+                in_bits: 80,
+                out: 0,
+                window_offset: 0,
+                window_len: 0,
+            },
+            Checkpoint {
+                in_bits: 4003,
+                out: 1 << 20,
+                window_offset: off,
+                window_len: len,
+            },
         ],
         span_digests: vec![[1; 32], [2; 32]],
     };
@@ -31,14 +41,22 @@ fn sample(files: usize) -> IndexFile {
         data: Data::None,
         entries,
     };
-    let mut nodes = vec![dir((0..files).map(|i| DirEntry { name: format!("f{i:07}").into_bytes(), ino: i as u64 + 2 }).collect())];
+    let mut nodes = vec![dir((0..files)
+        .map(|i| DirEntry {
+            name: format!("f{i:07}").into_bytes(),
+            ino: i as u64 + 2,
+        })
+        .collect())];
     for i in 0..files {
         nodes.push(Node {
             kind: Kind::File,
             mode: 0o4755,
             size: 10,
             xattrs: vec![(b"user.k".to_vec(), b"v".to_vec())],
-            data: Data::Contiguous { layer: 0, offset: i as u64 * 512 },
+            data: Data::Contiguous {
+                layer: 0,
+                offset: i as u64 * 512,
+            },
             entries: Vec::new(),
             ..dir(Vec::new())
         });
@@ -75,6 +93,41 @@ fn round_trip() {
 }
 
 #[test]
+fn symlinks_are_followed_inside_the_image() {
+    let mut f = sample(3);
+    let template = f.index.nodes[1].clone();
+    let link = |target: &[u8]| Node {
+        kind: Kind::Symlink,
+        target: target.to_vec(),
+        data: Data::None,
+        ..template.clone()
+    };
+    // f0000000 is a file; add links "abs" -> /f0000001, "rel" -> ./abs,
+    // "up" -> ../../f0000002 and a loop.
+    let base = f.index.nodes.len() as u64;
+    f.index.nodes.push(link(b"/f0000001"));
+    f.index.nodes.push(link(b"./abs"));
+    f.index.nodes.push(link(b"../../f0000002"));
+    f.index.nodes.push(link(b"loop"));
+    f.index.nodes.push(link(b"f0000000/x"));
+    let names: [&[u8]; 5] = [b"abs", b"rel", b"up", b"loop", b"through-file"];
+    for (i, n) in names.iter().enumerate() {
+        f.index.nodes[0].entries.push(DirEntry {
+            name: n.to_vec(),
+            ino: base + 1 + i as u64,
+        });
+    }
+    f.index.nodes[0].entries.sort_by(|a, b| a.name.cmp(&b.name));
+    let ix = &f.index;
+    assert_eq!(ix.resolve_follow(b"/abs"), Some(3));
+    assert_eq!(ix.resolve_follow(b"rel"), Some(3));
+    assert_eq!(ix.resolve_follow(b"/up"), Some(4));
+    assert_eq!(ix.resolve_follow(b"/loop"), None);
+    assert_eq!(ix.resolve_follow(b"/through-file"), None);
+    assert_eq!(ix.resolve(b"/abs"), Some(base + 1));
+}
+
+#[test]
 fn every_flipped_byte_is_caught() {
     let bytes = sample(20).encode().unwrap();
     for i in 0..bytes.len() {
@@ -89,11 +142,17 @@ fn truncation_and_trailing_data_are_caught() {
     let bytes = sample(20).encode().unwrap();
     for cut in 0..bytes.len() {
         let err = IndexFile::decode(&bytes[..cut]).unwrap_err();
-        assert!(matches!(err, Error::BadMagic | Error::Truncated { .. }), "cut {cut}: {err}");
+        assert!(
+            matches!(err, Error::BadMagic | Error::Truncated { .. }),
+            "cut {cut}: {err}"
+        );
     }
     let mut long = bytes.clone();
     long.push(0);
-    assert!(matches!(IndexFile::decode(&long), Err(Error::TrailingData { .. })));
+    assert!(matches!(
+        IndexFile::decode(&long),
+        Err(Error::TrailingData { .. })
+    ));
     let mut v2 = bytes.clone();
     v2[8] = 2;
     assert!(matches!(IndexFile::decode(&v2), Err(Error::Version(2))));
@@ -103,11 +162,23 @@ fn truncation_and_trailing_data_are_caught() {
 fn inconsistent_metadata_is_rejected_even_with_a_valid_checksum() {
     let mut f = sample(3);
     f.index.nodes[0].entries[0].ino = 99;
-    assert!(matches!(IndexFile::decode(&f.encode().unwrap()), Err(Error::Invalid(_))));
+    assert!(matches!(
+        IndexFile::decode(&f.encode().unwrap()),
+        Err(Error::Invalid(_))
+    ));
     let mut f = sample(3);
-    f.index.nodes[1].data = Data::Contiguous { layer: 0, offset: u64::MAX };
-    assert!(matches!(IndexFile::decode(&f.encode().unwrap()), Err(Error::Invalid(_))));
+    f.index.nodes[1].data = Data::Contiguous {
+        layer: 0,
+        offset: u64::MAX,
+    };
+    assert!(matches!(
+        IndexFile::decode(&f.encode().unwrap()),
+        Err(Error::Invalid(_))
+    ));
     let mut f = sample(3);
     f.index.layers[0].checkpoints[1].window_len = 1 << 30;
-    assert!(matches!(IndexFile::decode(&f.encode().unwrap()), Err(Error::Invalid(_))));
+    assert!(matches!(
+        IndexFile::decode(&f.encode().unwrap()),
+        Err(Error::Invalid(_))
+    ));
 }

@@ -93,11 +93,19 @@ pub enum Error {
     #[error("span {span} does not exist (the layer has {spans})")]
     NoSuchSpan { span: usize, spans: usize },
     #[error("span {span}: expected {expected} compressed bytes, got {got}")]
-    SpanLength { span: usize, expected: u64, got: u64 },
+    SpanLength {
+        span: usize,
+        expected: u64,
+        got: u64,
+    },
     #[error("span {span}: compressed bytes do not match the recorded digest")]
     SpanDigest { span: usize },
     #[error("span {span}: decompressed to {got} bytes, expected {expected}")]
-    SpanOutput { span: usize, expected: u64, got: u64 },
+    SpanOutput {
+        span: usize,
+        expected: u64,
+        got: u64,
+    },
     #[error("zlib: {0}")]
     Zlib(String),
 }
@@ -128,7 +136,7 @@ pub fn unwrap_io(e: io::Error) -> Error {
 enum Engine {
     Gzip(Box<gzip::Builder>),
     Zstd(Box<zstd_frames::Builder>),
-    Plain(plain::Builder),
+    Plain(Box<plain::Builder>),
 }
 
 /// Decompresses a layer while recording checkpoints and span digests.
@@ -147,7 +155,7 @@ impl<R: Read> IndexingReader<R> {
         let engine = match compression {
             Compression::Gzip => Engine::Gzip(Box::new(gzip::Builder::new(spacing)?)),
             Compression::Zstd => Engine::Zstd(Box::new(zstd_frames::Builder::new(spacing))),
-            Compression::None => Engine::Plain(plain::Builder::new(spacing)),
+            Compression::None => Engine::Plain(Box::new(plain::Builder::new(spacing))),
         };
         Ok(Self { engine, input })
     }
@@ -211,23 +219,59 @@ impl<R: Read> Read for IndexingReader<R> {
     }
 }
 
+/// What reading any span of a layer needs to know about the layer.
+#[derive(Debug, Clone, Copy)]
+pub struct Layout<'a> {
+    pub compression: Compression,
+    pub checkpoints: &'a [Checkpoint],
+    pub compressed_size: u64,
+    pub uncompressed_size: u64,
+}
+
+impl Layout<'_> {
+    /// The span holding uncompressed offset `pos`.
+    pub fn span_of(&self, pos: u64) -> usize {
+        self.checkpoints
+            .partition_point(|c| c.out <= pos)
+            .saturating_sub(1)
+    }
+
+    /// Uncompressed range `[start, end)` of span `k`.
+    pub fn span_out(&self, k: usize) -> (u64, u64) {
+        let end = self
+            .checkpoints
+            .get(k + 1)
+            .map_or(self.uncompressed_size, |c| c.out);
+        (self.checkpoints[k].out, end)
+    }
+}
+
 /// Decompresses one span: `compressed` must be exactly the bytes of
 /// [`span_range`] for span `k`, and is checked against `digest` first.
 /// Returns the span's uncompressed bytes (`out(k)..out(k+1)`).
 pub fn decompress_span(
-    compression: Compression,
-    checkpoints: &[Checkpoint],
-    compressed_size: u64,
-    uncompressed_size: u64,
+    layout: &Layout<'_>,
     k: usize,
     window: &[u8],
     digest: &[u8; 32],
     compressed: &[u8],
 ) -> Result<Vec<u8>> {
-    let (start, end) = span_range(checkpoints, k, compressed_size)
-        .ok_or(Error::NoSuchSpan { span: k, spans: checkpoints.len() })?;
+    let Layout {
+        compression,
+        checkpoints,
+        compressed_size,
+        uncompressed_size,
+    } = *layout;
+    let (start, end) = span_range(checkpoints, k, compressed_size).ok_or(Error::NoSuchSpan {
+        span: k,
+        spans: checkpoints.len(),
+    })?;
     if compressed.len() as u64 != end - start {
-        return Err(Error::SpanLength { span: k, expected: end - start, got: compressed.len() as u64 });
+        return Err(Error::SpanLength {
+            span: k,
+            expected: end - start,
+            got: compressed.len() as u64,
+        });
     }
     let got: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(compressed).into();
     if &got != digest {
@@ -239,7 +283,11 @@ pub fn decompress_span(
     let mut out = Vec::with_capacity(want as usize);
     resume(compression, cp, window, compressed, 0, want, &mut out)?;
     if out.len() as u64 != want {
-        return Err(Error::SpanOutput { span: k, expected: want, got: out.len() as u64 });
+        return Err(Error::SpanOutput {
+            span: k,
+            expected: want,
+            got: out.len() as u64,
+        });
     }
     Ok(out)
 }

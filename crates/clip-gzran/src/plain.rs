@@ -37,7 +37,11 @@ impl Builder {
             let last = self.checkpoints.last().map(|c| c.point.out);
             let need_checkpoint = last.is_none_or(|l| pos - l >= self.spacing);
             // Never read past the next checkpoint so that spans split exactly.
-            let next = if need_checkpoint { pos } else { last.unwrap_or(0) } + self.spacing;
+            let next = if need_checkpoint {
+                pos
+            } else {
+                last.unwrap_or(0)
+            } + self.spacing;
             let room = ((next - pos) as usize).min(self.buf.len());
             let n = loop {
                 match input.read(&mut self.buf[..room]) {
@@ -47,9 +51,14 @@ impl Builder {
                 }
             };
             if n > 0 && need_checkpoint {
-                self.hasher.split(pos * 8).map_err(|msg| Error::Gzip { offset: pos, msg })?;
+                self.hasher
+                    .split(pos * 8)
+                    .map_err(|msg| Error::Gzip { offset: pos, msg })?;
                 self.checkpoints.push(BuiltCheckpoint {
-                    point: Checkpoint { in_bits: pos * 8, out: pos },
+                    point: Checkpoint {
+                        in_bits: pos * 8,
+                        out: pos,
+                    },
                     window: Vec::new(),
                 });
             }
@@ -67,8 +76,13 @@ impl Builder {
     pub(crate) fn finish(mut self) -> Result<LayerMap> {
         if self.checkpoints.is_empty() {
             // An empty layer still gets one (empty) span.
-            self.hasher.split(0).map_err(|msg| Error::Gzip { offset: 0, msg })?;
-            self.checkpoints.push(BuiltCheckpoint { point: Checkpoint { in_bits: 0, out: 0 }, window: Vec::new() });
+            self.hasher
+                .split(0)
+                .map_err(|msg| Error::Gzip { offset: 0, msg })?;
+            self.checkpoints.push(BuiltCheckpoint {
+                point: Checkpoint { in_bits: 0, out: 0 },
+                window: Vec::new(),
+            });
         }
         let (span_digests, digest, size) = self.hasher.finish();
         Ok(LayerMap {

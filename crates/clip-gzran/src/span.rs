@@ -9,7 +9,11 @@ use crate::Checkpoint;
 /// byte holding its checkpoint's first bit to the byte holding the next
 /// checkpoint's last bit (or the end of the stream). Neighbouring spans of a
 /// gzip layer may share one byte.
-pub fn span_range(checkpoints: &[Checkpoint], k: usize, compressed_size: u64) -> Option<(u64, u64)> {
+pub fn span_range(
+    checkpoints: &[Checkpoint],
+    k: usize,
+    compressed_size: u64,
+) -> Option<(u64, u64)> {
     let cp = checkpoints.get(k)?;
     let end = match checkpoints.get(k + 1) {
         Some(next) => next.in_bits.div_ceil(8),
@@ -30,7 +34,13 @@ pub(crate) struct SpanHasher {
 
 impl SpanHasher {
     pub(crate) fn new() -> Self {
-        Self { whole: Sha256::new(), fed: 0, current: None, last_byte: None, digests: Vec::new() }
+        Self {
+            whole: Sha256::new(),
+            fed: 0,
+            current: None,
+            last_byte: None,
+            digests: Vec::new(),
+        }
     }
 
     pub(crate) fn position(&self) -> u64 {
@@ -63,7 +73,7 @@ impl SpanHasher {
             self.digests.push(h.finalize().into());
         }
         let mut h = Sha256::new();
-        if in_bits % 8 != 0 {
+        if !in_bits.is_multiple_of(8) {
             h.update([self.last_byte.unwrap_or(0)]);
         }
         self.current = Some(h);

@@ -6,11 +6,24 @@ use super::*;
 /// Deterministic, moderately compressible bytes (words from a small
 /// vocabulary mixed with noise), so deflate emits many blocks of both kinds.
 fn sample(len: usize, seed: u64) -> Vec<u8> {
-    let words: [&[u8]; 8] = [b"layer ", b"gzip ", b"checkpoint ", b"window ", b"\n", b"span ", b"tar ", b"inode "];
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let words: [&[u8]; 8] = [
+        b"layer ",
+        b"gzip ",
+        b"checkpoint ",
+        b"window ",
+        b"\n",
+        b"span ",
+        b"tar ",
+        b"inode ",
+    ];
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let mut out = Vec::with_capacity(len);
     while out.len() < len {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         if x >> 60 == 0 {
             out.extend_from_slice(&x.to_le_bytes());
         } else {
@@ -43,7 +56,11 @@ fn crc32(data: &[u8]) -> u32 {
     for &b in data {
         crc ^= u32::from(b);
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc
@@ -61,6 +78,15 @@ fn with_all_header_fields(member: &[u8]) -> Vec<u8> {
     h.extend_from_slice(&crc.to_le_bytes());
     h.extend_from_slice(&member[10..]);
     h
+}
+
+fn layout_of<'a>(map: &LayerMap, points: &'a [Checkpoint]) -> Layout<'a> {
+    Layout {
+        compression: map.compression,
+        checkpoints: points,
+        compressed_size: map.compressed_size,
+        uncompressed_size: map.uncompressed_size,
+    }
 }
 
 fn index(compressed: &[u8], compression: Compression, spacing: u64) -> (Vec<u8>, LayerMap) {
@@ -81,10 +107,7 @@ fn check_random_access(original: &[u8], compressed: &[u8], map: &LayerMap) {
     for (k, cp) in map.checkpoints.iter().enumerate() {
         let (s, e) = span_range(&points, k, map.compressed_size).unwrap();
         let bytes = decompress_span(
-            map.compression,
-            &points,
-            map.compressed_size,
-            map.uncompressed_size,
+            &layout_of(map, &points),
             k,
             &cp.window,
             &map.span_digests[k],
@@ -92,7 +115,10 @@ fn check_random_access(original: &[u8], compressed: &[u8], map: &LayerMap) {
         )
         .unwrap_or_else(|e| panic!("span {k}: {e}"));
         let end = points.get(k + 1).map_or(original.len(), |c| c.out as usize);
-        assert!(bytes == original[cp.point.out as usize..end], "span {k} differs");
+        assert!(
+            bytes == original[cp.point.out as usize..end],
+            "span {k} differs"
+        );
     }
     let mut x = 12345u64;
     for _ in 0..50 {
@@ -122,10 +148,16 @@ fn gzip_single_member() {
     let gz = gzip(&data);
     let (out, map) = index(&gz, Compression::Gzip, 256 * 1024);
     assert!(out == data);
-    assert!(map.checkpoints.len() >= 10, "{} checkpoints", map.checkpoints.len());
+    assert!(
+        map.checkpoints.len() >= 10,
+        "{} checkpoints",
+        map.checkpoints.len()
+    );
     // Most checkpoints are not byte-aligned: the reason for inflatePrime.
     assert!(map.checkpoints.iter().any(|c| c.point.in_bits % 8 != 0));
-    assert!(map.checkpoints[1..].iter().all(|c| c.window.len() == WINDOW_SIZE));
+    assert!(map.checkpoints[1..]
+        .iter()
+        .all(|c| c.window.len() == WINDOW_SIZE));
     let whole: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&gz).into();
     assert_eq!(map.digest, whole);
     check_random_access(&data, &gz, &map);
@@ -133,7 +165,9 @@ fn gzip_single_member() {
 
 #[test]
 fn gzip_multi_member_with_header_fields() {
-    let parts: Vec<Vec<u8>> = (0..3).map(|i| sample(700_000 + i * 1000, 10 + i as u64)).collect();
+    let parts: Vec<Vec<u8>> = (0..3)
+        .map(|i| sample(700_000 + i * 1000, 10 + i as u64))
+        .collect();
     let mut gz = Vec::new();
     for p in &parts {
         gz.extend(with_all_header_fields(&gzip(p)));
@@ -163,20 +197,29 @@ fn gzip_truncated_and_corrupt_are_errors() {
             Some(e) => e,
             None => r.finish().unwrap_err(),
         };
-        assert!(matches!(err, Error::Truncated(_) | Error::Gzip { .. }), "cut {cut}: {err}");
+        assert!(
+            matches!(err, Error::Truncated(_) | Error::Gzip { .. }),
+            "cut {cut}: {err}"
+        );
     }
     // A flipped byte in the data is caught by inflate or by the CRC check.
     let mut bad = gz.clone();
     let mid = bad.len() / 2;
     bad[mid] ^= 0x55;
     let mut r = IndexingReader::new(&bad[..], Compression::Gzip, 1 << 20).unwrap();
-    let err = r.read_to_end(&mut Vec::new()).map_err(unwrap_io).unwrap_err();
+    let err = r
+        .read_to_end(&mut Vec::new())
+        .map_err(unwrap_io)
+        .unwrap_err();
     assert!(matches!(err, Error::Gzip { .. }), "{err}");
     // Junk after the last member is rejected, as Go's gzip reader does.
     let mut junk = gz.clone();
     junk.extend_from_slice(b"junk");
     let mut r = IndexingReader::new(&junk[..], Compression::Gzip, 1 << 20).unwrap();
-    let err = r.read_to_end(&mut Vec::new()).map_err(unwrap_io).unwrap_err();
+    let err = r
+        .read_to_end(&mut Vec::new())
+        .map_err(unwrap_io)
+        .unwrap_err();
     assert!(matches!(err, Error::TrailingData(_)), "{err}");
 }
 
@@ -190,10 +233,7 @@ fn tampered_span_is_rejected() {
     let mut bytes = gz[s as usize..e as usize].to_vec();
     bytes[10] ^= 1;
     let err = decompress_span(
-        Compression::Gzip,
-        &points,
-        map.compressed_size,
-        map.uncompressed_size,
+        &layout_of(&map, &points),
         2,
         &map.checkpoints[2].window,
         &map.span_digests[2],
@@ -202,10 +242,7 @@ fn tampered_span_is_rejected() {
     .unwrap_err();
     assert!(matches!(err, Error::SpanDigest { span: 2 }));
     let err = decompress_span(
-        Compression::Gzip,
-        &points,
-        map.compressed_size,
-        map.uncompressed_size,
+        &layout_of(&map, &points),
         2,
         &map.checkpoints[2].window,
         &map.span_digests[2],
@@ -242,7 +279,10 @@ fn zstd_single_frame_is_served_from_its_start() {
     assert_eq!(map.checkpoints.len(), 1);
     check_random_access(&data, &zst, &map);
     let mut r = IndexingReader::new(&zst[..zst.len() - 3], Compression::Zstd, 1 << 20).unwrap();
-    let err = r.read_to_end(&mut Vec::new()).map_err(unwrap_io).unwrap_err();
+    let err = r
+        .read_to_end(&mut Vec::new())
+        .map_err(unwrap_io)
+        .unwrap_err();
     assert!(matches!(err, Error::Truncated(_)), "{err}");
 }
 
@@ -252,6 +292,9 @@ fn plain_tar_checkpoints_every_spacing() {
     let (out, map) = index(&data, Compression::None, 64 * 1024);
     assert!(out == data);
     assert_eq!(map.checkpoints.len(), 1_000_000usize.div_ceil(65536));
-    assert!(map.checkpoints.iter().all(|c| c.point.out % 65536 == 0 && c.point.in_bits == c.point.out * 8));
+    assert!(map
+        .checkpoints
+        .iter()
+        .all(|c| c.point.out % 65536 == 0 && c.point.in_bits == c.point.out * 8));
     check_random_access(&data, &data, &map);
 }

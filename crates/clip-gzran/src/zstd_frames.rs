@@ -89,7 +89,10 @@ impl Builder {
                         .split(pos * 8)
                         .map_err(|msg| Error::Zstd { offset: pos, msg })?;
                     self.checkpoints.push(BuiltCheckpoint {
-                        point: Checkpoint { in_bits: pos * 8, out: self.out_total },
+                        point: Checkpoint {
+                            in_bits: pos * 8,
+                            out: self.out_total,
+                        },
                         window: Vec::new(),
                     });
                 }
@@ -103,7 +106,8 @@ impl Builder {
                 offset: self.hasher.position() + consumed as u64,
                 msg: get_error_name(code).to_string(),
             })?;
-            self.hasher.feed(&self.inbuf[self.in_start..self.in_start + consumed]);
+            self.hasher
+                .feed(&self.inbuf[self.in_start..self.in_start + consumed]);
             self.in_start += consumed;
             self.wpos = produced;
             self.out_total += produced as u64;
@@ -135,7 +139,13 @@ impl Builder {
 }
 
 /// Decodes from a frame boundary. `compressed` starts at `cp.in_byte()`.
-pub(crate) fn resume(cp: Checkpoint, compressed: &[u8], skip: u64, len: u64, out: &mut Vec<u8>) -> Result<()> {
+pub(crate) fn resume(
+    cp: Checkpoint,
+    compressed: &[u8],
+    skip: u64,
+    len: u64,
+    out: &mut Vec<u8>,
+) -> Result<()> {
     let mut dctx = DCtx::create();
     let mut pos = 0usize;
     let mut skip_left = skip;

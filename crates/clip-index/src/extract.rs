@@ -46,9 +46,23 @@ impl<'a> Extractor<'a> {
             .index
             .layers
             .iter()
-            .map(|l| l.checkpoints.iter().map(|c| Checkpoint { in_bits: c.in_bits, out: c.out }).collect())
+            .map(|l| {
+                l.checkpoints
+                    .iter()
+                    .map(|c| Checkpoint {
+                        in_bits: c.in_bits,
+                        out: c.out,
+                    })
+                    .collect()
+            })
             .collect();
-        Self { file, source, points, cache: HashMap::new(), fetched: 0 }
+        Self {
+            file,
+            source,
+            points,
+            cache: HashMap::new(),
+            fetched: 0,
+        }
     }
 
     fn span(&mut self, layer: usize, k: usize) -> Result<Arc<Vec<u8>>, ExtractError> {
@@ -57,9 +71,20 @@ impl<'a> Extractor<'a> {
         }
         let l = &self.file.index.layers[layer];
         let points = &self.points[layer];
-        let (start, end) = clip_gzran::span_range(points, k, l.compressed_size)
-            .ok_or(ExtractError::Span { layer, span: k, source: clip_gzran::Error::NoSuchSpan { span: k, spans: points.len() } })?;
-        let desc = Descriptor { media_type: l.media_type.clone(), digest: l.digest.clone(), size: l.compressed_size };
+        let (start, end) =
+            clip_gzran::span_range(points, k, l.compressed_size).ok_or(ExtractError::Span {
+                layer,
+                span: k,
+                source: clip_gzran::Error::NoSuchSpan {
+                    span: k,
+                    spans: points.len(),
+                },
+            })?;
+        let desc = Descriptor {
+            media_type: l.media_type.clone(),
+            digest: l.digest.clone(),
+            size: l.compressed_size,
+        };
         let bytes = self.source.read_range(&desc, start, end - start)?;
         self.fetched += bytes.len() as u64;
         let window = self.file.window(layer, k)?;
@@ -68,17 +93,18 @@ impl<'a> Extractor<'a> {
             clip_format::Compression::Zstd => clip_gzran::Compression::Zstd,
             clip_format::Compression::None => clip_gzran::Compression::None,
         };
-        let out = clip_gzran::decompress_span(
+        let layout = clip_gzran::Layout {
             compression,
-            points,
-            l.compressed_size,
-            l.uncompressed_size,
-            k,
-            &window,
-            &l.span_digests[k],
-            &bytes,
-        )
-        .map_err(|source| ExtractError::Span { layer, span: k, source })?;
+            checkpoints: points,
+            compressed_size: l.compressed_size,
+            uncompressed_size: l.uncompressed_size,
+        };
+        let out = clip_gzran::decompress_span(&layout, k, &window, &l.span_digests[k], &bytes)
+            .map_err(|source| ExtractError::Span {
+                layer,
+                span: k,
+                source,
+            })?;
         if self.cache.len() >= CACHE_SPANS {
             self.cache.clear();
         }
@@ -88,7 +114,13 @@ impl<'a> Extractor<'a> {
     }
 
     /// Writes `len` bytes of layer `layer`'s uncompressed stream at `pos`.
-    fn copy_stream(&mut self, layer: usize, mut pos: u64, len: u64, out: &mut dyn Write) -> Result<(), ExtractError> {
+    fn copy_stream(
+        &mut self,
+        layer: usize,
+        mut pos: u64,
+        len: u64,
+        out: &mut dyn Write,
+    ) -> Result<(), ExtractError> {
         let end = pos + len;
         while pos < end {
             let k = self.points[layer].partition_point(|c| c.out <= pos) - 1;
@@ -100,7 +132,11 @@ impl<'a> Extractor<'a> {
                 return Err(ExtractError::Span {
                     layer,
                     span: k,
-                    source: clip_gzran::Error::SpanOutput { span: k, expected: end - base, got: span.len() as u64 },
+                    source: clip_gzran::Error::SpanOutput {
+                        span: k,
+                        expected: end - base,
+                        got: span.len() as u64,
+                    },
                 });
             }
             out.write_all(&span[from..to])?;
@@ -114,7 +150,9 @@ impl<'a> Extractor<'a> {
     pub fn copy_file(&mut self, node: &Node, out: &mut dyn Write) -> Result<(), ExtractError> {
         match &node.data {
             Data::None => {}
-            Data::Contiguous { layer, offset } => self.copy_stream(*layer as usize, *offset, node.size, out)?,
+            Data::Contiguous { layer, offset } => {
+                self.copy_stream(*layer as usize, *offset, node.size, out)?
+            }
             Data::Sparse { layer, segments } => {
                 let mut at = 0;
                 for s in segments {

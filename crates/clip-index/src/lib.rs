@@ -24,7 +24,11 @@ pub const DEFAULT_CHECKPOINT_MIB: u64 = 2;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("layer {index} ({digest}): unsupported media type {media_type:?}")]
-    MediaType { index: usize, digest: String, media_type: String },
+    MediaType {
+        index: usize,
+        digest: String,
+        media_type: String,
+    },
     #[error("layer {index} ({digest}): {source}")]
     Layer {
         index: usize,
@@ -106,9 +110,8 @@ pub fn compression_of(media_type: &str) -> Option<Compression> {
         | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
         | "application/vnd.docker.image.rootfs.diff.tar.gzip"
         | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => Some(Compression::Gzip),
-        "application/vnd.oci.image.layer.v1.tar+zstd" | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd" => {
-            Some(Compression::Zstd)
-        }
+        "application/vnd.oci.image.layer.v1.tar+zstd"
+        | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd" => Some(Compression::Zstd),
         "application/vnd.oci.image.layer.v1.tar"
         | "application/vnd.oci.image.layer.nondistributable.v1.tar"
         | "application/vnd.docker.image.rootfs.diff.tar" => Some(Compression::None),
@@ -148,11 +151,12 @@ pub fn index_layer<R: Read>(
 ) -> Result<(Vec<tar::Entry>, LayerMap), LayerError> {
     let mut reader = IndexingReader::new(input, gz_compression(compression), spacing)?;
     let mut entries = Vec::new();
-    let mut walker = tar::Walker::new(&mut reader);
-    while let Some(e) = walker.next_entry()? {
-        entries.push(e);
+    {
+        let mut walker = tar::Walker::new(&mut reader);
+        while let Some(e) = walker.next_entry()? {
+            entries.push(e);
+        }
     }
-    drop(walker);
     // Reads (and checks) whatever follows the end of the archive.
     Ok((entries, reader.finish()?))
 }
@@ -164,10 +168,16 @@ fn index_one(
     opts: &Options,
 ) -> Result<(Vec<tar::Entry>, LayerMap), LayerError> {
     let blob = source.open_blob(desc)?;
-    let input = Counting { inner: blob, counter: opts.progress.clone() };
+    let input = Counting {
+        inner: blob,
+        counter: opts.progress.clone(),
+    };
     let (entries, map) = index_layer(input, compression, opts.spacing)?;
     if map.compressed_size != desc.size {
-        return Err(LayerError::Size { expected: desc.size, actual: map.compressed_size });
+        return Err(LayerError::Size {
+            expected: desc.size,
+            actual: map.compressed_size,
+        });
     }
     let actual = format!("sha256:{}", hex::encode(map.digest));
     if actual != desc.digest {
@@ -194,7 +204,8 @@ pub fn build(
         compressions.push(c);
     }
     let n = image.layers.len();
-    let results: Vec<std::sync::Mutex<Option<Result<_, LayerError>>>> = (0..n).map(|_| Default::default()).collect();
+    let results: Vec<std::sync::Mutex<Option<Result<_, LayerError>>>> =
+        (0..n).map(|_| Default::default()).collect();
     let next = AtomicUsize::new(0);
     std::thread::scope(|s| {
         for _ in 0..opts.jobs.clamp(1, n.max(1)) {
@@ -216,10 +227,17 @@ pub fn build(
     let mut tree = tree::TreeBuilder::new();
     let mut windows = WindowWriter::default();
     let mut layers = Vec::with_capacity(n);
-    let mut stats = Stats { layers: n, ..Stats::default() };
+    let mut stats = Stats {
+        layers: n,
+        ..Stats::default()
+    };
     for (i, slot) in results.into_iter().enumerate() {
         let desc = &image.layers[i];
-        let layer_err = |source| Error::Layer { index: i, digest: desc.digest.clone(), source };
+        let layer_err = |source| Error::Layer {
+            index: i,
+            digest: desc.digest.clone(),
+            source,
+        };
         let (entries, map) = match slot.into_inner().expect("not poisoned") {
             Some(r) => r.map_err(layer_err)?,
             None => continue, // not started because another layer failed; that error is reported
@@ -228,7 +246,12 @@ pub fn build(
         let mut checkpoints = Vec::with_capacity(map.checkpoints.len());
         for c in &map.checkpoints {
             let (window_offset, window_len) = windows.add(&c.window)?;
-            checkpoints.push(Checkpoint { in_bits: c.point.in_bits, out: c.point.out, window_offset, window_len });
+            checkpoints.push(Checkpoint {
+                in_bits: c.point.in_bits,
+                out: c.point.out,
+                window_offset,
+                window_len,
+            });
         }
         stats.compressed_bytes += map.compressed_size;
         stats.uncompressed_bytes += map.uncompressed_size;
@@ -266,6 +289,11 @@ pub fn build(
         nodes,
     };
     index.validate(windows.len())?;
-    tracing::info!(layers = n, files = stats.files, seconds = started.elapsed().as_secs_f64(), "indexed image");
+    tracing::info!(
+        layers = n,
+        files = stats.files,
+        seconds = started.elapsed().as_secs_f64(),
+        "indexed image"
+    );
     Ok((IndexFile::new(index, windows), stats))
 }

@@ -90,7 +90,11 @@ pub struct Walker<R: BufRead> {
 
 impl<R: BufRead> Walker<R> {
     pub fn new(r: R) -> Self {
-        Self { r, pos: 0, done: false }
+        Self {
+            r,
+            pos: 0,
+            done: false,
+        }
     }
 
     pub fn into_inner(self) -> R {
@@ -98,7 +102,10 @@ impl<R: BufRead> Walker<R> {
     }
 
     fn header_err(&self, at: u64, msg: impl Into<String>) -> TarError {
-        TarError::Header { offset: at, msg: msg.into() }
+        TarError::Header {
+            offset: at,
+            msg: msg.into(),
+        }
     }
 
     /// Fills `buf` completely; Ok(false) on a clean end of stream before
@@ -221,7 +228,11 @@ impl<R: BufRead> Walker<R> {
                     // Unknown types carry data like a file (POSIX says to
                     // treat them as regular files); we skip them instead so
                     // that nothing unexpected lands in the tree.
-                    tracing::warn!(offset = at, typeflag = other, "skipping tar entry of unknown type");
+                    tracing::warn!(
+                        offset = at,
+                        typeflag = other,
+                        "skipping tar entry of unknown type"
+                    );
                     self.skip(size + Self::padding(size))?;
                     pending = Pending::default();
                     gnu_long_name = None;
@@ -251,7 +262,8 @@ impl<R: BufRead> Walker<R> {
                 link = l;
             }
             let to_u32 = |v: u64, what: &str| {
-                u32::try_from(v).map_err(|_| self.header_err(at, format!("{what} {v} does not fit in 32 bits")))
+                u32::try_from(v)
+                    .map_err(|_| self.header_err(at, format!("{what} {v} does not fit in 32 bits")))
             };
             let uid = to_u32(pending.uid.map_or_else(|| num(108..116, "uid"), Ok)?, "uid")?;
             let gid = to_u32(pending.gid.map_or_else(|| num(116..124, "gid"), Ok)?, "gid")?;
@@ -260,8 +272,12 @@ impl<R: BufRead> Walker<R> {
                 None => (num(136..148, "mtime")? as i64, 0),
             };
             let mode = (num(100..108, "mode")? & 0o7777) as u32;
-            let (dev_major, dev_minor) = if matches!(kind, EntryKind::CharDev | EntryKind::BlockDev) {
-                (to_u32(num(329..337, "devmajor")?, "devmajor")?, to_u32(num(337..345, "devminor")?, "devminor")?)
+            let (dev_major, dev_minor) = if matches!(kind, EntryKind::CharDev | EntryKind::BlockDev)
+            {
+                (
+                    to_u32(num(329..337, "devmajor")?, "devmajor")?,
+                    to_u32(num(337..345, "devminor")?, "devminor")?,
+                )
             } else {
                 (0, 0)
             };
@@ -286,10 +302,12 @@ impl<R: BufRead> Walker<R> {
             if typeflag == b'S' {
                 let (map, realsize) = self.gnu_sparse_map(&h, at)?;
                 entry.offset = self.pos;
-                entry.sparse = Some(self.place_segments(&map, entry.offset, stored, realsize, at)?);
+                entry.sparse =
+                    Some(self.place_segments(&map, entry.offset, stored, realsize, at)?);
                 entry.size = realsize;
                 self.skip(stored + Self::padding(stored))?;
-            } else if has_data && (pending.sparse_major.is_some() || !pending.sparse_map.is_empty()) {
+            } else if has_data && (pending.sparse_major.is_some() || !pending.sparse_map.is_empty())
+            {
                 if let Some(name) = pending.sparse_name.take() {
                     entry.path = name;
                 }
@@ -297,13 +315,20 @@ impl<R: BufRead> Walker<R> {
                     .sparse_realsize
                     .ok_or_else(|| self.header_err(at, "sparse file without a real size"))?;
                 let data_start = self.pos;
-                let (map, map_len) = if pending.sparse_major == Some(1) && pending.sparse_minor == Some(0) {
-                    self.pax1_sparse_map(stored, at)?
-                } else {
-                    (std::mem::take(&mut pending.sparse_map), 0)
-                };
+                let (map, map_len) =
+                    if pending.sparse_major == Some(1) && pending.sparse_minor == Some(0) {
+                        self.pax1_sparse_map(stored, at)?
+                    } else {
+                        (std::mem::take(&mut pending.sparse_map), 0)
+                    };
                 entry.offset = data_start + map_len;
-                entry.sparse = Some(self.place_segments(&map, entry.offset, stored - map_len, realsize, at)?);
+                entry.sparse = Some(self.place_segments(
+                    &map,
+                    entry.offset,
+                    stored - map_len,
+                    realsize,
+                    at,
+                )?);
                 entry.size = realsize;
                 let rest = stored - map_len;
                 self.skip(rest + Self::padding(stored))?;
@@ -317,9 +342,13 @@ impl<R: BufRead> Walker<R> {
 
     /// Old GNU sparse map: four slots in the header, then extension blocks.
     fn gnu_sparse_map(&mut self, h: &[u8; BLOCK], at: u64) -> Result<(Vec<(u64, u64)>, u64)> {
-        let realsize = parse_numeric(&h[483..495]).map_err(|m| self.header_err(at, format!("realsize: {m}")))?;
+        let realsize = parse_numeric(&h[483..495])
+            .map_err(|m| self.header_err(at, format!("realsize: {m}")))?;
         let mut map = Vec::new();
-        let read_slots = |block: &[u8], slots: usize, map: &mut Vec<(u64, u64)>| -> std::result::Result<(), String> {
+        let read_slots = |block: &[u8],
+                          slots: usize,
+                          map: &mut Vec<(u64, u64)>|
+         -> std::result::Result<(), String> {
             for i in 0..slots {
                 let s = &block[i * 24..i * 24 + 24];
                 if s.iter().all(|&b| b == 0) {
@@ -413,18 +442,27 @@ impl<R: BufRead> Walker<R> {
         let mut logical_end = 0u64;
         let mut stream = 0u64;
         for &(logical, len) in map {
-            let end = logical.checked_add(len).filter(|&e| e <= realsize && logical >= logical_end);
+            let end = logical
+                .checked_add(len)
+                .filter(|&e| e <= realsize && logical >= logical_end);
             let Some(end) = end else {
                 return Err(self.header_err(at, "sparse map out of order or past the file's end"));
             };
             if len > 0 {
-                segs.push(Segment { logical, len, offset: data_start + stream });
+                segs.push(Segment {
+                    logical,
+                    len,
+                    offset: data_start + stream,
+                });
             }
             stream += len;
             logical_end = end;
         }
         if stream != stored {
-            return Err(self.header_err(at, format!("sparse map covers {stream} bytes but {stored} are stored")));
+            return Err(self.header_err(
+                at,
+                format!("sparse map covers {stream} bytes but {stored} are stored"),
+            ));
         }
         Ok(segs)
     }
@@ -519,14 +557,20 @@ fn parse_pax(mut data: &[u8], p: &mut Pending) -> std::result::Result<(), String
         if data.iter().all(|&b| b == 0) {
             break;
         }
-        let sp = data.iter().position(|&b| b == b' ').ok_or("PAX record without length")?;
+        let sp = data
+            .iter()
+            .position(|&b| b == b' ')
+            .ok_or("PAX record without length")?;
         let len = parse_decimal(&data[..sp])? as usize;
         if len <= sp + 1 || len > data.len() || data[len - 1] != b'\n' {
             return Err("bad PAX record length".into());
         }
         let rec = &data[sp + 1..len - 1];
         data = &data[len..];
-        let eq = rec.iter().position(|&b| b == b'=').ok_or("PAX record without '='")?;
+        let eq = rec
+            .iter()
+            .position(|&b| b == b'=')
+            .ok_or("PAX record without '='")?;
         let (key, value) = (&rec[..eq], &rec[eq + 1..]);
         match key {
             b"path" => p.path = Some(value.to_vec()),
@@ -538,10 +582,15 @@ fn parse_pax(mut data: &[u8], p: &mut Pending) -> std::result::Result<(), String
             b"GNU.sparse.major" => p.sparse_major = Some(parse_decimal(value)?),
             b"GNU.sparse.minor" => p.sparse_minor = Some(parse_decimal(value)?),
             b"GNU.sparse.name" => p.sparse_name = Some(value.to_vec()),
-            b"GNU.sparse.realsize" | b"GNU.sparse.size" => p.sparse_realsize = Some(parse_decimal(value)?),
+            b"GNU.sparse.realsize" | b"GNU.sparse.size" => {
+                p.sparse_realsize = Some(parse_decimal(value)?)
+            }
             b"GNU.sparse.offset" => p.sparse_offset = Some(parse_decimal(value)?),
             b"GNU.sparse.numbytes" => {
-                let off = p.sparse_offset.take().ok_or("GNU.sparse.numbytes without offset")?;
+                let off = p
+                    .sparse_offset
+                    .take()
+                    .ok_or("GNU.sparse.numbytes without offset")?;
                 p.sparse_map.push((off, parse_decimal(value)?));
             }
             b"GNU.sparse.map" => {
@@ -577,14 +626,286 @@ mod tests {
         assert_eq!(parse_numeric(b"0000644\0").unwrap(), 0o644);
         assert_eq!(parse_numeric(b"  755 \0").unwrap(), 0o755);
         assert_eq!(parse_numeric(b"\0\0\0\0").unwrap(), 0);
-        assert_eq!(parse_numeric(&[0x80, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0]).unwrap(), 1 << 32);
+        assert_eq!(
+            parse_numeric(&[0x80, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0]).unwrap(),
+            1 << 32
+        );
         assert!(parse_numeric(b"0009").is_err());
         assert!(parse_numeric(&[0xff; 12]).is_err());
-        assert!(parse_numeric(&[0x80, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]).is_err());
-        assert_eq!(parse_pax_time(b"1700000000.5").unwrap(), (1_700_000_000, 500_000_000));
+        assert!(parse_numeric(&[
+            0x80, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff
+        ])
+        .is_err());
+        assert_eq!(
+            parse_pax_time(b"1700000000.5").unwrap(),
+            (1_700_000_000, 500_000_000)
+        );
         assert_eq!(parse_pax_time(b"-1.25").unwrap(), (-2, 750_000_000));
         assert_eq!(parse_pax_time(b"12").unwrap(), (12, 0));
         assert!(parse_pax_time(b"1.x").is_err());
+    }
+
+    /// A ustar header block with a valid checksum.
+    pub(crate) fn header(name: &[u8], typeflag: u8, size: u64, link: &[u8]) -> [u8; BLOCK] {
+        let mut h = [0u8; BLOCK];
+        h[..name.len()].copy_from_slice(name);
+        h[100..108].copy_from_slice(b"0000644\0");
+        h[108..116].copy_from_slice(b"0000000\0");
+        h[116..124].copy_from_slice(b"0000000\0");
+        if size < 1 << 33 {
+            h[124..136].copy_from_slice(format!("{size:011o}\0").as_bytes());
+        } else {
+            h[124] = 0x80;
+            h[128..136].copy_from_slice(&size.to_be_bytes());
+        }
+        h[136..148].copy_from_slice(b"14000000000\0");
+        h[156] = typeflag;
+        h[157..157 + link.len()].copy_from_slice(link);
+        h[257..263].copy_from_slice(b"ustar\0");
+        h[263..265].copy_from_slice(b"00");
+        fix_checksum(&mut h);
+        h
+    }
+
+    pub(crate) fn fix_checksum(h: &mut [u8; BLOCK]) {
+        h[148..156].copy_from_slice(b"        ");
+        let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    }
+
+    /// An archive of (header, data) pairs, data padded, two zero blocks.
+    pub(crate) fn archive(entries: &[([u8; BLOCK], Vec<u8>)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (h, data) in entries {
+            out.extend_from_slice(h);
+            out.extend_from_slice(data);
+            out.resize(out.len().div_ceil(BLOCK) * BLOCK, 0);
+        }
+        out.extend_from_slice(&[0u8; 2 * BLOCK]);
+        out
+    }
+
+    fn walk(bytes: &[u8]) -> Result<Vec<Entry>> {
+        let mut w = Walker::new(bytes);
+        let mut v = Vec::new();
+        while let Some(e) = w.next_entry()? {
+            v.push(e);
+        }
+        Ok(v)
+    }
+
+    fn pax(records: &[(&str, &[u8])]) -> ([u8; BLOCK], Vec<u8>) {
+        let mut data = Vec::new();
+        for (k, v) in records {
+            let body_len = k.len() + v.len() + 3;
+            let mut len = body_len + 1;
+            while format!("{len}").len() + body_len != len {
+                len += 1;
+            }
+            data.extend_from_slice(format!("{len} {k}=").as_bytes());
+            data.extend_from_slice(v);
+            data.push(b'\n');
+        }
+        (header(b"PaxHeader", b'x', data.len() as u64, b""), data)
+    }
+
+    #[test]
+    fn offsets_and_kinds() {
+        let a = archive(&[
+            (header(b"dir/", b'5', 0, b""), vec![]),
+            (header(b"dir/file", b'0', 5, b""), b"hello".to_vec()),
+            (header(b"dir/link", b'1', 0, b"dir/file"), vec![]),
+            (header(b"dir/sym", b'2', 0, b"file"), vec![]),
+            (header(b"dir/empty", 0, 0, b""), vec![]),
+        ]);
+        let v = walk(&a).unwrap();
+        assert_eq!(v.len(), 5);
+        assert_eq!(v[1].offset, 3 * 512 - 512);
+        assert_eq!(&a[v[1].offset as usize..v[1].offset as usize + 5], b"hello");
+        assert_eq!(v[2].kind, EntryKind::Hardlink);
+        assert_eq!(v[2].link, b"dir/file");
+        assert_eq!(v[3].kind, EntryKind::Symlink);
+        assert_eq!(v[4].kind, EntryKind::File);
+        assert_eq!(v[1].mtime, 0o14000000000);
+    }
+
+    #[test]
+    fn pax_overrides_and_long_names() {
+        let long = vec![b'n'; 300];
+        let (ph, pd) = pax(&[
+            ("path", &long),
+            ("size", b"3"),
+            ("mtime", b"5.5"),
+            ("uid", b"4294967295"),
+        ]);
+        let mut gnu = header(b"././@LongLink", b'L', 11, b"");
+        fix_checksum(&mut gnu);
+        let a = archive(&[
+            (ph, pd),
+            (header(b"short", b'0', 0, b""), b"abc".to_vec()),
+            (gnu, b"gnu/long/n\0".to_vec()),
+            (header(b"ignored", b'0', 1, b""), b"x".to_vec()),
+        ]);
+        let v = walk(&a).unwrap();
+        assert_eq!(v[0].path, long);
+        assert_eq!(v[0].size, 3);
+        assert_eq!((v[0].mtime, v[0].mtime_nsec), (5, 500_000_000));
+        assert_eq!(v[0].uid, u32::MAX);
+        assert_eq!(v[1].path, b"gnu/long/n");
+        assert_eq!(&a[v[1].offset as usize..v[1].offset as usize + 1], b"x");
+    }
+
+    #[test]
+    fn hostile_archives_are_errors_not_panics() {
+        // Bad checksum.
+        let mut h = header(b"f", b'0', 0, b"");
+        h[0] = b'g';
+        assert!(matches!(
+            walk(&archive(&[(h, vec![])])),
+            Err(TarError::Header { .. })
+        ));
+        // A size far past the end of the stream.
+        let h = header(b"f", b'0', 0o77777777777, b"");
+        assert!(matches!(
+            walk(&archive(&[(h, vec![])])),
+            Err(TarError::Truncated(_))
+        ));
+        // Base-256 size of 2^62: still just truncated, no overflow.
+        let mut h = header(b"f", b'0', 0, b"");
+        h[124..136].copy_from_slice(&[0x80, 0, 0, 0, 0x40, 0, 0, 0, 0, 0, 0, 0]);
+        fix_checksum(&mut h);
+        assert!(walk(&archive(&[(h, vec![])])).is_err());
+        // Huge PAX header, huge long name.
+        let h = header(b"p", b'x', 1 << 40, b"");
+        assert!(matches!(
+            walk(&archive(&[(h, vec![])])),
+            Err(TarError::Header { .. })
+        ));
+        let h = header(b"l", b'L', MAX_META + 1, b"");
+        assert!(matches!(
+            walk(&archive(&[(h, vec![])])),
+            Err(TarError::Header { .. })
+        ));
+        // Bad PAX records.
+        let (ph, _) = pax(&[("path", b"x")]);
+        assert!(walk(&archive(&[(ph, b"999 path=x\n".to_vec())])).is_err());
+        // uid that does not fit, negative base-256.
+        let (ph, pd) = pax(&[("uid", b"4294967296")]);
+        assert!(walk(&archive(&[(ph, pd), (header(b"f", b'0', 0, b""), vec![])])).is_err());
+        let mut h = header(b"f", b'0', 0, b"");
+        h[108..116].copy_from_slice(&[0xff; 8]);
+        fix_checksum(&mut h);
+        assert!(walk(&archive(&[(h, vec![])])).is_err());
+        // A stream cut inside a header.
+        let a = archive(&[(header(b"f", b'0', 0, b""), vec![])]);
+        assert!(matches!(walk(&a[..100]), Err(TarError::Truncated(_))));
+        // Sparse maps out of order or covering more than is stored.
+        let (ph, pd) = pax(&[
+            ("GNU.sparse.major", b"0"),
+            ("GNU.sparse.minor", b"1"),
+            ("GNU.sparse.map", b"100,10,50,10"),
+            ("GNU.sparse.realsize", b"1000"),
+        ]);
+        assert!(walk(&archive(&[
+            (ph, pd),
+            (header(b"s", b'0', 20, b""), vec![0; 20])
+        ]))
+        .is_err());
+        let (ph, pd) = pax(&[("GNU.sparse.map", b"0,10"), ("GNU.sparse.realsize", b"5")]);
+        assert!(walk(&archive(&[
+            (ph, pd),
+            (header(b"s", b'0', 10, b""), vec![0; 10])
+        ]))
+        .is_err());
+        // An end of stream exactly between entries is a clean end.
+        let a = archive(&[(header(b"f", b'0', 0, b""), vec![])]);
+        assert_eq!(walk(&a[..512]).unwrap().len(), 1);
+        assert_eq!(walk(b"").unwrap().len(), 0);
+    }
+
+    #[test]
+    fn pax_sparse_formats() {
+        // 0.1: map in a record.
+        let (ph, pd) = pax(&[
+            ("GNU.sparse.major", b"0"),
+            ("GNU.sparse.minor", b"1"),
+            ("GNU.sparse.name", b"real/name"),
+            ("GNU.sparse.map", b"10,3,100,2"),
+            ("GNU.sparse.realsize", b"200"),
+        ]);
+        let a = archive(&[
+            (ph, pd),
+            (
+                header(b"GNUSparseFile.0/name", b'0', 5, b""),
+                b"abcde".to_vec(),
+            ),
+        ]);
+        let v = walk(&a).unwrap();
+        assert_eq!(v[0].path, b"real/name");
+        assert_eq!(v[0].size, 200);
+        let segs = v[0].sparse.as_ref().unwrap();
+        assert_eq!((segs[0].logical, segs[0].len), (10, 3));
+        assert_eq!(
+            (segs[1].logical, segs[1].len, segs[1].offset),
+            (100, 2, v[0].offset + 3)
+        );
+        // 1.0: map at the start of the data, padded to a block.
+        let (ph, pd) = pax(&[
+            ("GNU.sparse.major", b"1"),
+            ("GNU.sparse.minor", b"0"),
+            ("GNU.sparse.name", b"one"),
+            ("GNU.sparse.realsize", b"4096"),
+        ]);
+        let mut data = b"2\n0\n3\n4000\n2\n".to_vec();
+        data.resize(512, 0);
+        data.extend_from_slice(b"xyzuv");
+        let a = archive(&[(ph, pd), (header(b"x", b'0', data.len() as u64, b""), data)]);
+        let v = walk(&a).unwrap();
+        let segs = v[0].sparse.as_ref().unwrap();
+        assert_eq!(segs.len(), 2);
+        assert_eq!(
+            &a[segs[0].offset as usize..segs[0].offset as usize + 3],
+            b"xyz"
+        );
+        assert_eq!(
+            &a[segs[1].offset as usize..segs[1].offset as usize + 2],
+            b"uv"
+        );
+        // 0.0: offset/numbytes record pairs.
+        let (ph, pd) = pax(&[
+            ("GNU.sparse.size", b"50"),
+            ("GNU.sparse.numblocks", b"1"),
+            ("GNU.sparse.offset", b"40"),
+            ("GNU.sparse.numbytes", b"4"),
+        ]);
+        let v = walk(&archive(&[
+            (ph, pd),
+            (header(b"z", b'0', 4, b""), b"data".to_vec()),
+        ]))
+        .unwrap();
+        assert_eq!(v[0].size, 50);
+        assert_eq!(v[0].sparse.as_ref().unwrap()[0].logical, 40);
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        let mut x = 1u64;
+        let base = archive(&[
+            (header(b"dir/", b'5', 0, b""), vec![]),
+            (header(b"dir/file", b'0', 700, b""), vec![7; 700]),
+            (header(b"dir/sparse", b'S', 0, b""), vec![]),
+        ]);
+        for _ in 0..3000 {
+            let mut a = base.clone();
+            for _ in 0..4 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let i = (x as usize) % a.len();
+                a[i] = (x >> 32) as u8;
+            }
+            let _ = walk(&a);
+        }
     }
 
     #[test]
@@ -597,7 +918,13 @@ mod tests {
         data.extend_from_slice(b"20 path=a/long/name\n");
         parse_pax(&data, &mut p).unwrap();
         assert_eq!(p.path.as_deref(), Some(&b"a/long/name"[..]));
-        assert_eq!(p.xattrs, vec![(b"security.capability".to_vec(), b"\x01\x00\x00\x02".to_vec())]);
+        assert_eq!(
+            p.xattrs,
+            vec![(
+                b"security.capability".to_vec(),
+                b"\x01\x00\x00\x02".to_vec()
+            )]
+        );
         assert!(parse_pax(b"99 path=x\n", &mut Pending::default()).is_err());
         assert!(parse_pax(b"5 a\n", &mut Pending::default()).is_err());
         assert!(parse_pax(b"x path=x\n", &mut Pending::default()).is_err());

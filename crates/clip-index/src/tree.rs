@@ -83,7 +83,10 @@ pub fn normalize(path: &[u8]) -> Vec<&[u8]> {
 
 fn makedev(major: u32, minor: u32) -> u64 {
     let (major, minor) = (u64::from(major), u64::from(minor));
-    ((major & 0xffff_f000) << 32) | ((major & 0xfff) << 8) | ((minor & 0xffff_ff00) << 12) | (minor & 0xff)
+    ((major & 0xffff_f000) << 32)
+        | ((major & 0xfff) << 8)
+        | ((minor & 0xffff_ff00) << 12)
+        | (minor & 0xff)
 }
 
 impl Default for TreeBuilder {
@@ -94,7 +97,10 @@ impl Default for TreeBuilder {
 
 impl TreeBuilder {
     pub fn new() -> Self {
-        Self { arena: vec![MNode::implicit_dir(0)], skipped: Skipped::default() }
+        Self {
+            arena: vec![MNode::implicit_dir(0)],
+            skipped: Skipped::default(),
+        }
     }
 
     fn lookup(&self, comps: &[&[u8]]) -> Option<usize> {
@@ -140,8 +146,14 @@ impl TreeBuilder {
             EntryKind::Fifo => Kind::Fifo,
         };
         let data = match (&entry.sparse, kind) {
-            (Some(segments), _) => Data::Sparse { layer, segments: segments.clone() },
-            (None, Kind::File) if entry.size > 0 => Data::Contiguous { layer, offset: entry.offset },
+            (Some(segments), _) => Data::Sparse {
+                layer,
+                segments: segments.clone(),
+            },
+            (None, Kind::File) if entry.size > 0 => Data::Contiguous {
+                layer,
+                offset: entry.offset,
+            },
             _ => Data::None,
         };
         MNode {
@@ -153,7 +165,11 @@ impl TreeBuilder {
             mtime_nsec: entry.mtime_nsec,
             size: if kind == Kind::File { entry.size } else { 0 },
             rdev: makedev(entry.dev_major, entry.dev_minor),
-            target: if kind == Kind::Symlink { entry.link.clone() } else { Vec::new() },
+            target: if kind == Kind::Symlink {
+                entry.link.clone()
+            } else {
+                Vec::new()
+            },
             xattrs: entry.xattrs.clone(),
             data,
             children: BTreeMap::new(),
@@ -174,7 +190,9 @@ impl TreeBuilder {
         // Whiteouts hide only lower layers, whatever their place in this
         // layer's tar: apply them all first.
         for (comps, _) in &items {
-            let Some((name, dir)) = comps.split_last() else { continue };
+            let Some((name, dir)) = comps.split_last() else {
+                continue;
+            };
             if *name == OPAQUE {
                 if let Some(d) = self.lookup(dir) {
                     if self.arena[d].kind == Kind::Dir {
@@ -195,7 +213,10 @@ impl TreeBuilder {
                 // The root itself ("./"): take its metadata.
                 if e.kind == EntryKind::Dir {
                     let children = std::mem::take(&mut self.arena[0].children);
-                    self.arena[0] = MNode { children, ..Self::node_from(e, layer) };
+                    self.arena[0] = MNode {
+                        children,
+                        ..Self::node_from(e, layer)
+                    };
                 }
                 continue;
             };
@@ -280,8 +301,14 @@ impl TreeBuilder {
             .zip(parent_of)
             .map(|(&id, parent)| {
                 let m = arena[id].take().expect("each node once");
-                let entries: Vec<DirEntry> =
-                    m.children.iter().map(|(name, &c)| DirEntry { name: name.clone(), ino: ino_of[c] }).collect();
+                let entries: Vec<DirEntry> = m
+                    .children
+                    .iter()
+                    .map(|(name, &c)| DirEntry {
+                        name: name.clone(),
+                        ino: ino_of[c],
+                    })
+                    .collect();
                 let nlink = if m.kind == Kind::Dir {
                     2 + m.children.values().filter(|&&c| is_dir[c]).count() as u32
                 } else {
@@ -305,5 +332,173 @@ impl TreeBuilder {
                 }
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(path: &str, kind: EntryKind) -> Entry {
+        Entry {
+            path: path.as_bytes().to_vec(),
+            kind,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime: 7,
+            mtime_nsec: 0,
+            size: if kind == EntryKind::File { 3 } else { 0 },
+            link: Vec::new(),
+            dev_major: 0,
+            dev_minor: 0,
+            xattrs: Vec::new(),
+            offset: 512,
+            sparse: None,
+        }
+    }
+
+    fn link(path: &str, target: &str) -> Entry {
+        Entry {
+            link: target.as_bytes().to_vec(),
+            ..e(path, EntryKind::Hardlink)
+        }
+    }
+
+    fn build(layers: &[Vec<Entry>]) -> (Vec<Node>, Skipped) {
+        let mut t = TreeBuilder::new();
+        for (i, l) in layers.iter().enumerate() {
+            t.apply_layer(i as u32, l);
+        }
+        let skipped = t.skipped;
+        (t.finish(), skipped)
+    }
+
+    fn resolve(nodes: &[Node], path: &str) -> Option<u64> {
+        let mut ino = ROOT_INO;
+        for c in path.split('/').filter(|c| !c.is_empty()) {
+            let n = &nodes[ino as usize - 1];
+            ino = n.entries.iter().find(|d| d.name == c.as_bytes())?.ino;
+        }
+        Some(ino)
+    }
+
+    #[test]
+    fn hardlinks_before_after_and_across_layers() {
+        let (nodes, skipped) = build(&[
+            vec![e("a/target", EntryKind::File)],
+            vec![
+                link("b/first", "b/later"),
+                e("b/later", EntryKind::File),
+                link("b/chain", "b/first"),
+                link("b/lower", "a/target"),
+                link("b/dir", "a"),
+                link("b/missing", "nope"),
+            ],
+        ]);
+        let later = resolve(&nodes, "b/later").unwrap();
+        assert_eq!(resolve(&nodes, "b/first"), Some(later));
+        assert_eq!(resolve(&nodes, "b/chain"), Some(later));
+        assert_eq!(nodes[later as usize - 1].nlink, 3);
+        let target = resolve(&nodes, "a/target").unwrap();
+        assert_eq!(resolve(&nodes, "b/lower"), Some(target));
+        assert_eq!(nodes[target as usize - 1].nlink, 2);
+        assert_eq!(resolve(&nodes, "b/dir"), None);
+        assert_eq!(skipped.bad_hardlinks, 2);
+        // b was never listed: it exists as an implicit directory.
+        let b = resolve(&nodes, "b").unwrap();
+        assert_eq!(nodes[b as usize - 1].kind, Kind::Dir);
+        assert_eq!(nodes[b as usize - 1].mode, 0o755);
+    }
+
+    #[test]
+    fn whiteouts_hide_only_lower_layers() {
+        let (nodes, _) = build(&[
+            vec![
+                e("d/x", EntryKind::File),
+                e("d/y", EntryKind::File),
+                e("o/old", EntryKind::File),
+            ],
+            vec![
+                e("d/x", EntryKind::File),
+                e("d/.wh.x", EntryKind::File),
+                e("d/.wh.y", EntryKind::File),
+                e("o/new", EntryKind::File),
+                e("o/.wh..wh..opq", EntryKind::File),
+                e("d/.wh..wh.plnk", EntryKind::File),
+            ],
+        ]);
+        assert!(
+            resolve(&nodes, "d/x").is_some(),
+            "same-layer entry survives its whiteout"
+        );
+        assert!(resolve(&nodes, "d/y").is_none());
+        assert!(resolve(&nodes, "o/old").is_none());
+        assert!(resolve(&nodes, "o/new").is_some());
+        assert!(nodes
+            .iter()
+            .all(|n| n.entries.iter().all(|d| !d.name.starts_with(b".wh."))));
+    }
+
+    #[test]
+    fn type_changes_paths_and_exclusions() {
+        let (nodes, skipped) = build(&[
+            vec![
+                e("./", EntryKind::Dir),
+                e("f", EntryKind::File),
+                e("dir/inner", EntryKind::File),
+                e("proc/1/status", EntryKind::File),
+                e("dev/null", EntryKind::CharDev),
+                e("../../../etc/x", EntryKind::File),
+                e("/abs/y", EntryKind::File),
+            ],
+            vec![
+                Entry {
+                    mode: 0o700,
+                    ..e("f", EntryKind::Dir)
+                },
+                e("f/inside", EntryKind::File),
+                e("dir", EntryKind::File),
+                Entry {
+                    mode: 0o711,
+                    ..e(".", EntryKind::Dir)
+                },
+                e("f2/sub/deep", EntryKind::File),
+            ],
+        ]);
+        assert_eq!(nodes[0].mode, 0o711, "root takes './' metadata");
+        let f = resolve(&nodes, "f").unwrap();
+        assert_eq!(nodes[f as usize - 1].kind, Kind::Dir);
+        assert!(resolve(&nodes, "f/inside").is_some());
+        let d = resolve(&nodes, "dir").unwrap();
+        assert_eq!(nodes[d as usize - 1].kind, Kind::File);
+        assert!(resolve(&nodes, "dir/inner").is_none());
+        assert!(resolve(&nodes, "proc").is_none() && resolve(&nodes, "dev").is_none());
+        assert_eq!(skipped.excluded, 2);
+        assert!(resolve(&nodes, "etc/x").is_some());
+        assert!(resolve(&nodes, "abs/y").is_some());
+        // Directory link counts: 2 + subdirectories.
+        assert_eq!(nodes[0].nlink, 2 + 4, "f, etc, abs, f2");
+    }
+
+    #[test]
+    fn inodes_are_breadth_first_in_name_order() {
+        let layer = vec![
+            e("b/z", EntryKind::File),
+            e("a", EntryKind::File),
+            e("b/y", EntryKind::File),
+        ];
+        let (nodes, _) = build(std::slice::from_ref(&layer));
+        assert_eq!(resolve(&nodes, "a"), Some(2));
+        assert_eq!(resolve(&nodes, "b"), Some(3));
+        assert_eq!(resolve(&nodes, "b/y"), Some(4));
+        assert_eq!(resolve(&nodes, "b/z"), Some(5));
+        let mut reordered = layer.clone();
+        reordered.reverse();
+        assert_eq!(build(&[reordered]).0, nodes);
+        for (i, n) in nodes.iter().enumerate().skip(1) {
+            let parent = &nodes[n.parent as usize - 1];
+            assert!(parent.entries.iter().any(|d| d.ino == i as u64 + 1));
+        }
     }
 }

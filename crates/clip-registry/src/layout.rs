@@ -20,11 +20,18 @@ impl LayoutSource {
     }
 
     fn err(&self, msg: impl Into<String>) -> Error {
-        Error::Layout { dir: self.dir.clone(), msg: msg.into() }
+        Error::Layout {
+            dir: self.dir.clone(),
+            msg: msg.into(),
+        }
     }
 
     fn blob_path(&self, digest: &str) -> Result<PathBuf> {
-        Ok(self.dir.join("blobs").join("sha256").join(digest_hex(digest)?))
+        Ok(self
+            .dir
+            .join("blobs")
+            .join("sha256")
+            .join(digest_hex(digest)?))
     }
 
     fn open(&self, desc: &Descriptor) -> Result<File> {
@@ -32,7 +39,11 @@ impl LayoutSource {
         let f = File::open(&path).map_err(|e| self.err(format!("blob {}: {e}", desc.digest)))?;
         let len = f.metadata()?.len();
         if len != desc.size {
-            return Err(Error::SizeMismatch { digest: desc.digest.clone(), expected: desc.size, actual: len });
+            return Err(Error::SizeMismatch {
+                digest: desc.digest.clone(),
+                expected: desc.size,
+                actual: len,
+            });
         }
         Ok(f)
     }
@@ -49,30 +60,58 @@ impl LayoutSource {
 
 impl Fetcher for LayoutSource {
     fn top(&self) -> Result<Fetched> {
-        let layout = std::fs::read(self.dir.join("oci-layout")).map_err(|e| self.err(format!("oci-layout: {e}")))?;
+        let layout = std::fs::read(self.dir.join("oci-layout"))
+            .map_err(|e| self.err(format!("oci-layout: {e}")))?;
         let layout: serde_json::Value =
             serde_json::from_slice(&layout).map_err(|e| self.err(format!("oci-layout: {e}")))?;
-        if layout.get("imageLayoutVersion").and_then(|v| v.as_str()).is_none() {
+        if layout
+            .get("imageLayoutVersion")
+            .and_then(|v| v.as_str())
+            .is_none()
+        {
             return Err(self.err("oci-layout has no imageLayoutVersion"));
         }
-        let index = std::fs::read(self.dir.join("index.json")).map_err(|e| self.err(format!("index.json: {e}")))?;
+        let index = std::fs::read(self.dir.join("index.json"))
+            .map_err(|e| self.err(format!("index.json: {e}")))?;
         let index: oci_spec::image::ImageIndex =
             serde_json::from_slice(&index).map_err(|e| self.err(format!("index.json: {e}")))?;
-        let name_of = |m: &oci_spec::image::Descriptor| m.annotations().as_ref().and_then(|a| a.get(REF_NAME).cloned());
-        let chosen = match &self.tag {
-            Some(tag) => index.manifests().iter().find(|m| name_of(m).as_deref() == Some(tag.as_str())),
-            None if index.manifests().len() == 1 => index.manifests().first(),
-            None => return Err(self.err("the layout holds several images: name one as oci:DIR:TAG")),
+        let name_of = |m: &oci_spec::image::Descriptor| {
+            m.annotations()
+                .as_ref()
+                .and_then(|a| a.get(REF_NAME).cloned())
         };
-        let m = chosen.ok_or_else(|| self.err(format!("no image tagged {:?}", self.tag.as_deref().unwrap_or(""))))?;
-        let desc = Descriptor { media_type: m.media_type().to_string(), digest: m.digest().to_string(), size: m.size() };
+        let chosen = match &self.tag {
+            Some(tag) => index
+                .manifests()
+                .iter()
+                .find(|m| name_of(m).as_deref() == Some(tag.as_str())),
+            None if index.manifests().len() == 1 => index.manifests().first(),
+            None => {
+                return Err(self.err("the layout holds several images: name one as oci:DIR:TAG"))
+            }
+        };
+        let m = chosen.ok_or_else(|| {
+            self.err(format!(
+                "no image tagged {:?}",
+                self.tag.as_deref().unwrap_or("")
+            ))
+        })?;
+        let desc = Descriptor {
+            media_type: m.media_type().to_string(),
+            digest: m.digest().to_string(),
+            size: m.size(),
+        };
         let fetched = self.manifest(&desc)?;
         crate::verify_digest("manifest", &desc.digest, &fetched.bytes)?;
         Ok(fetched)
     }
 
     fn manifest(&self, desc: &Descriptor) -> Result<Fetched> {
-        Ok(Fetched { bytes: self.read_small(desc)?, media_type: Some(desc.media_type.clone()), digest: desc.digest.clone() })
+        Ok(Fetched {
+            bytes: self.read_small(desc)?,
+            media_type: Some(desc.media_type.clone()),
+            digest: desc.digest.clone(),
+        })
     }
 
     fn small_blob(&self, desc: &Descriptor) -> Result<Vec<u8>> {
@@ -86,13 +125,19 @@ impl ImageSource for LayoutSource {
     }
 
     fn open_blob(&self, desc: &Descriptor) -> Result<Box<dyn Read + Send>> {
-        Ok(Box::new(std::io::BufReader::with_capacity(256 * 1024, self.open(desc)?)))
+        Ok(Box::new(std::io::BufReader::with_capacity(
+            256 * 1024,
+            self.open(desc)?,
+        )))
     }
 
     fn read_range(&self, desc: &Descriptor, offset: u64, len: u64) -> Result<Vec<u8>> {
         let mut f = self.open(desc)?;
         if offset.checked_add(len).is_none_or(|end| end > desc.size) {
-            return Err(self.err(format!("range {offset}+{len} is outside blob {}", desc.digest)));
+            return Err(self.err(format!(
+                "range {offset}+{len} is outside blob {}",
+                desc.digest
+            )));
         }
         f.seek(SeekFrom::Start(offset))?;
         let mut buf = vec![0; len as usize];

@@ -38,9 +38,17 @@ pub enum Error {
     #[error("image index {digest} has no manifest for {platform}")]
     NoPlatform { digest: String, platform: String },
     #[error("{what} {expected}: content has digest {actual}")]
-    DigestMismatch { what: &'static str, expected: String, actual: String },
+    DigestMismatch {
+        what: &'static str,
+        expected: String,
+        actual: String,
+    },
     #[error("blob {digest} is {actual} bytes, its descriptor says {expected}")]
-    SizeMismatch { digest: String, expected: u64, actual: u64 },
+    SizeMismatch {
+        digest: String,
+        expected: u64,
+        actual: u64,
+    },
     #[error("unsupported or malformed digest {0:?}")]
     BadDigest(String),
     #[error("OCI layout {dir}: {msg}")]
@@ -72,14 +80,21 @@ impl ImageRef {
                 None => (rest, None),
             };
             if dir.is_empty() {
-                return Err(Error::Reference { reference: s.into(), msg: "no directory".into() });
+                return Err(Error::Reference {
+                    reference: s.into(),
+                    msg: "no directory".into(),
+                });
             }
             // Absolute, so that an index names its source wherever it is read.
             let dir = std::path::absolute(dir).unwrap_or_else(|_| PathBuf::from(dir));
             return Ok(ImageRef::Layout { dir, tag });
         }
         let r: oci_client::Reference =
-            s.parse().map_err(|e: oci_client::ParseError| Error::Reference { reference: s.into(), msg: e.to_string() })?;
+            s.parse()
+                .map_err(|e: oci_client::ParseError| Error::Reference {
+                    reference: s.into(),
+                    msg: e.to_string(),
+                })?;
         Ok(ImageRef::Registry(r))
     }
 
@@ -119,7 +134,12 @@ pub fn open(reference: &ImageRef, opts: &RegistryOptions) -> Result<Box<dyn Imag
 /// from a hostile manifest can never become a path or URL of its choosing.
 pub fn digest_hex(digest: &str) -> Result<&str> {
     match digest.split_once(':') {
-        Some(("sha256", hex)) if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) => {
+        Some(("sha256", hex))
+            if hex.len() == 64
+                && hex
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) =>
+        {
             Ok(hex)
         }
         _ => Err(Error::BadDigest(digest.to_string())),
@@ -136,7 +156,11 @@ pub fn verify_digest(what: &'static str, expected: &str, bytes: &[u8]) -> Result
     digest_hex(expected)?;
     let actual = sha256_digest(bytes);
     if actual != expected {
-        return Err(Error::DigestMismatch { what, expected: expected.into(), actual });
+        return Err(Error::DigestMismatch {
+            what,
+            expected: expected.into(),
+            actual,
+        });
     }
     Ok(())
 }
@@ -156,11 +180,17 @@ mod tests {
         assert_eq!(r.canonical(), format!("localhost:5000/x@{d}"));
         assert_eq!(
             ImageRef::parse("oci:/tmp/img:v2").unwrap(),
-            ImageRef::Layout { dir: "/tmp/img".into(), tag: Some("v2".into()) }
+            ImageRef::Layout {
+                dir: "/tmp/img".into(),
+                tag: Some("v2".into())
+            }
         );
         assert_eq!(
             ImageRef::parse("oci:rel").unwrap(),
-            ImageRef::Layout { dir: std::env::current_dir().unwrap().join("rel"), tag: None }
+            ImageRef::Layout {
+                dir: std::env::current_dir().unwrap().join("rel"),
+                tag: None
+            }
         );
         assert!(ImageRef::parse("oci:").is_err());
         assert!(ImageRef::parse("UPPER/case").is_err());
@@ -171,7 +201,10 @@ mod tests {
         let d = sha256_digest(b"x");
         assert!(digest_hex(&d).is_ok());
         assert!(verify_digest("blob", &d, b"x").is_ok());
-        assert!(matches!(verify_digest("blob", &d, b"y"), Err(Error::DigestMismatch { .. })));
+        assert!(matches!(
+            verify_digest("blob", &d, b"y"),
+            Err(Error::DigestMismatch { .. })
+        ));
         assert!(digest_hex("sha256:../../etc/passwd").is_err());
         assert!(digest_hex("md5:abc").is_err());
     }

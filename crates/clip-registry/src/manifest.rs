@@ -24,7 +24,11 @@ pub struct Platform {
 
 impl Default for Platform {
     fn default() -> Self {
-        Self { os: "linux".into(), architecture: "amd64".into(), variant: None }
+        Self {
+            os: "linux".into(),
+            architecture: "amd64".into(),
+            variant: None,
+        }
     }
 }
 
@@ -33,12 +37,16 @@ impl std::str::FromStr for Platform {
     fn from_str(s: &str) -> Result<Self> {
         let parts: Vec<&str> = s.split('/').collect();
         match parts.as_slice() {
-            [os, arch] if !os.is_empty() && !arch.is_empty() => {
-                Ok(Self { os: os.to_string(), architecture: arch.to_string(), variant: None })
-            }
-            [os, arch, v] if !os.is_empty() && !arch.is_empty() && !v.is_empty() => {
-                Ok(Self { os: os.to_string(), architecture: arch.to_string(), variant: Some(v.to_string()) })
-            }
+            [os, arch] if !os.is_empty() && !arch.is_empty() => Ok(Self {
+                os: os.to_string(),
+                architecture: arch.to_string(),
+                variant: None,
+            }),
+            [os, arch, v] if !os.is_empty() && !arch.is_empty() && !v.is_empty() => Ok(Self {
+                os: os.to_string(),
+                architecture: arch.to_string(),
+                variant: Some(v.to_string()),
+            }),
             _ => Err(Error::Platform(s.into())),
         }
     }
@@ -62,7 +70,10 @@ impl Platform {
         match &self.variant {
             None => true,
             Some(want) => {
-                let have = p.variant().clone().or_else(|| (self.architecture == "arm64").then(|| "v8".to_string()));
+                let have = p
+                    .variant()
+                    .clone()
+                    .or_else(|| (self.architecture == "arm64").then(|| "v8".to_string()));
                 have.as_deref() == Some(want.as_str())
             }
         }
@@ -97,19 +108,34 @@ pub(crate) trait Fetcher {
 }
 
 fn malformed(digest: &str, msg: impl std::fmt::Display) -> Error {
-    Error::Manifest { digest: digest.into(), msg: msg.to_string() }
+    Error::Manifest {
+        digest: digest.into(),
+        msg: msg.to_string(),
+    }
 }
 
 /// The media type a document declares, or what its shape says it is.
 fn kind_of(doc: &Fetched) -> Result<String> {
-    let v: serde_json::Value = serde_json::from_slice(&doc.bytes).map_err(|e| malformed(&doc.digest, e))?;
-    let declared = v.get("mediaType").and_then(|m| m.as_str()).map(str::to_string);
+    let v: serde_json::Value =
+        serde_json::from_slice(&doc.bytes).map_err(|e| malformed(&doc.digest, e))?;
+    let declared = v
+        .get("mediaType")
+        .and_then(|m| m.as_str())
+        .map(str::to_string);
     if v.get("schemaVersion").and_then(|s| s.as_u64()) == Some(1) {
-        return Err(Error::ManifestType("application/vnd.docker.distribution.manifest.v1+json".into()));
+        return Err(Error::ManifestType(
+            "application/vnd.docker.distribution.manifest.v1+json".into(),
+        ));
     }
-    let mt = declared.or_else(|| doc.media_type.clone()).unwrap_or_else(|| {
-        if v.get("manifests").is_some() { OCI_INDEX.into() } else { OCI_MANIFEST.into() }
-    });
+    let mt = declared
+        .or_else(|| doc.media_type.clone())
+        .unwrap_or_else(|| {
+            if v.get("manifests").is_some() {
+                OCI_INDEX.into()
+            } else {
+                OCI_MANIFEST.into()
+            }
+        });
     Ok(mt)
 }
 
@@ -119,12 +145,16 @@ pub(crate) fn resolve(src: &dyn Fetcher, platform: &Platform) -> Result<Resolved
         let mt = kind_of(&doc)?;
         match mt.as_str() {
             OCI_INDEX | DOCKER_LIST => {
-                let index: ImageIndex = serde_json::from_slice(&doc.bytes).map_err(|e| malformed(&doc.digest, e))?;
+                let index: ImageIndex =
+                    serde_json::from_slice(&doc.bytes).map_err(|e| malformed(&doc.digest, e))?;
                 let chosen = index
                     .manifests()
                     .iter()
                     .find(|m| m.platform().as_ref().is_some_and(|p| platform.matches(p)))
-                    .ok_or_else(|| Error::NoPlatform { digest: doc.digest.clone(), platform: platform.to_string() })?;
+                    .ok_or_else(|| Error::NoPlatform {
+                        digest: doc.digest.clone(),
+                        platform: platform.to_string(),
+                    })?;
                 let desc = Descriptor {
                     media_type: chosen.media_type().to_string(),
                     digest: chosen.digest().to_string(),
@@ -137,7 +167,8 @@ pub(crate) fn resolve(src: &dyn Fetcher, platform: &Platform) -> Result<Resolved
                 verify_digest("manifest", &desc.digest, &doc.bytes)?;
             }
             OCI_MANIFEST | DOCKER_MANIFEST => {
-                let m: ImageManifest = serde_json::from_slice(&doc.bytes).map_err(|e| malformed(&doc.digest, e))?;
+                let m: ImageManifest =
+                    serde_json::from_slice(&doc.bytes).map_err(|e| malformed(&doc.digest, e))?;
                 let cfg = Descriptor {
                     media_type: m.config().media_type().to_string(),
                     digest: m.config().digest().to_string(),
@@ -146,15 +177,18 @@ pub(crate) fn resolve(src: &dyn Fetcher, platform: &Platform) -> Result<Resolved
                 if !cfg.media_type.contains("container.image")
                     && cfg.media_type != "application/vnd.oci.image.config.v1+json"
                 {
-                    return Err(malformed(&doc.digest, format!("config type {} is not an image config", cfg.media_type)));
+                    return Err(malformed(
+                        &doc.digest,
+                        format!("config type {} is not an image config", cfg.media_type),
+                    ));
                 }
                 if cfg.size > MAX_DOC {
                     return Err(malformed(&doc.digest, "config is implausibly large"));
                 }
                 let config = src.small_blob(&cfg)?;
                 verify_digest("config", &cfg.digest, &config)?;
-                let cfg_json: serde_json::Value =
-                    serde_json::from_slice(&config).map_err(|e| malformed(&cfg.digest, format!("config: {e}")))?;
+                let cfg_json: serde_json::Value = serde_json::from_slice(&config)
+                    .map_err(|e| malformed(&cfg.digest, format!("config: {e}")))?;
                 let layers = m
                     .layers()
                     .iter()
@@ -167,8 +201,14 @@ pub(crate) fn resolve(src: &dyn Fetcher, platform: &Platform) -> Result<Resolved
                         })
                     })
                     .collect::<Result<Vec<_>>>()?;
-                let os = cfg_json.get("os").and_then(|v| v.as_str()).unwrap_or(&platform.os);
-                let arch = cfg_json.get("architecture").and_then(|v| v.as_str()).unwrap_or(&platform.architecture);
+                let os = cfg_json
+                    .get("os")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or(&platform.os);
+                let arch = cfg_json
+                    .get("architecture")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or(&platform.architecture);
                 return Ok(ResolvedImage {
                     manifest_digest: doc.digest,
                     manifest_media_type: mt,

@@ -51,7 +51,10 @@ impl RegistryOptions {
             .filter(|s| !s.is_empty())
             .map(str::to_string)
             .collect();
-        Self { insecure, ..Self::default() }
+        Self {
+            insecure,
+            ..Self::default()
+        }
     }
 }
 
@@ -62,22 +65,38 @@ pub fn is_loopback(registry: &str) -> bool {
     } else {
         registry.rsplit_once(':').map_or(registry, |(h, _)| h)
     };
-    host == "localhost" || host == "::1" || host.parse::<std::net::Ipv4Addr>().is_ok_and(|ip| ip.is_loopback())
+    host == "localhost"
+        || host == "::1"
+        || host
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Credentials for `registry` from the Docker config (`$DOCKER_CONFIG` or
 /// `~/.docker/config.json`, credential helpers included). Never logged.
 fn credentials(registry: &str) -> RegistryAuth {
-    let keys: &[&str] = if matches!(registry, "docker.io" | "index.docker.io" | "registry-1.docker.io") {
-        &["https://index.docker.io/v1/", "index.docker.io", "docker.io"]
+    let keys: &[&str] = if matches!(
+        registry,
+        "docker.io" | "index.docker.io" | "registry-1.docker.io"
+    ) {
+        &[
+            "https://index.docker.io/v1/",
+            "index.docker.io",
+            "docker.io",
+        ]
     } else {
         &[registry]
     };
     for key in keys {
         match docker_credential::get_credential(key) {
-            Ok(docker_credential::DockerCredential::UsernamePassword(u, p)) => return RegistryAuth::Basic(u, p),
+            Ok(docker_credential::DockerCredential::UsernamePassword(u, p)) => {
+                return RegistryAuth::Basic(u, p)
+            }
             Ok(docker_credential::DockerCredential::IdentityToken(_)) => {
-                tracing::warn!(registry, "identity-token credentials are not supported; trying anonymous access");
+                tracing::warn!(
+                    registry,
+                    "identity-token credentials are not supported; trying anonymous access"
+                );
             }
             Err(_) => {}
         }
@@ -85,14 +104,34 @@ fn credentials(registry: &str) -> RegistryAuth {
     RegistryAuth::Anonymous
 }
 
+/// An error with its causes, for messages (reqwest hides the cause, such as
+/// "connection refused", in its source chain).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
+
 fn transient(e: &OciDistributionError) -> bool {
     match e {
-        OciDistributionError::RequestError(e) => e.status().is_none_or(|s| s.is_server_error() || s.as_u16() == 429),
-        OciDistributionError::ServerError { code, .. } => *code >= 500 || *code == 429 || *code == 408,
-        OciDistributionError::IoError(_) => true,
-        OciDistributionError::RegistryError { envelope, .. } => {
-            format!("{envelope:?}").to_ascii_uppercase().contains("TOOMANYREQUESTS")
+        OciDistributionError::RequestError(e) => e
+            .status()
+            .is_none_or(|s| s.is_server_error() || s.as_u16() == 429),
+        OciDistributionError::ServerError { code, .. } => {
+            *code >= 500 || *code == 429 || *code == 408
         }
+        OciDistributionError::IoError(_) => true,
+        OciDistributionError::RegistryError { envelope, .. } => format!("{envelope:?}")
+            .to_ascii_uppercase()
+            .contains("TOOMANYREQUESTS"),
         _ => false,
     }
 }
@@ -127,11 +166,19 @@ impl RegistrySource {
         let client = Client::new(config);
         let auth = credentials(&registry);
         rt.block_on(client.store_auth_if_needed(&registry, &auth));
-        Ok(Self { rt, client, reference, opts: opts.clone() })
+        Ok(Self {
+            rt,
+            client,
+            reference,
+            opts: opts.clone(),
+        })
     }
 
     fn err(&self, msg: impl std::fmt::Display) -> Error {
-        Error::Registry { registry: self.reference.registry().to_string(), msg: msg.to_string() }
+        Error::Registry {
+            registry: self.reference.registry().to_string(),
+            msg: msg.to_string(),
+        }
     }
 
     /// Runs `op` with retries on transient failures.
@@ -147,10 +194,10 @@ impl RegistrySource {
                     Ok(v) => return Ok(v),
                     Err(e) if transient(&e) && attempt < self.opts.retries => {
                         attempt += 1;
-                        tracing::info!(what, attempt, error = %e, "retrying registry request");
+                        tracing::info!(what, attempt, error = %chain(&e), "retrying registry request");
                         tokio::time::sleep(self.opts.backoff * 2u32.pow(attempt - 1)).await;
                     }
-                    Err(e) => return Err(self.err(format!("{what}: {e}"))),
+                    Err(e) => return Err(self.err(format!("{what}: {}", chain(&e)))),
                 }
             }
         })
@@ -166,7 +213,10 @@ impl RegistrySource {
     }
 
     fn fetch_manifest(&self, reference: &Reference) -> Result<Fetched> {
-        let (bytes, _) = self.retry("manifest", || self.client.pull_manifest_raw(reference, &RegistryAuth::Anonymous, ACCEPT))?;
+        let (bytes, _) = self.retry("manifest", || {
+            self.client
+                .pull_manifest_raw(reference, &RegistryAuth::Anonymous, ACCEPT)
+        })?;
         if bytes.len() as u64 > manifest::MAX_DOC {
             return Err(self.err("manifest is implausibly large"));
         }
@@ -174,7 +224,11 @@ impl RegistrySource {
         if let Some(expected) = reference.digest() {
             crate::verify_digest("manifest", expected, &bytes)?;
         }
-        Ok(Fetched { bytes: bytes.to_vec(), media_type: None, digest })
+        Ok(Fetched {
+            bytes: bytes.to_vec(),
+            media_type: None,
+            digest,
+        })
     }
 }
 
@@ -210,20 +264,29 @@ impl ImageSource for RegistrySource {
             registry: self.reference.registry().to_string(),
         };
         self.rt.spawn(task.run(tx));
-        Ok(Box::new(ChannelReader { rx, cur: Bytes::new() }))
+        Ok(Box::new(ChannelReader {
+            rx,
+            cur: Bytes::new(),
+        }))
     }
 
     fn read_range(&self, desc: &Descriptor, offset: u64, len: u64) -> Result<Vec<u8>> {
         crate::digest_hex(&desc.digest)?;
         if offset.checked_add(len).is_none_or(|end| end > desc.size) {
-            return Err(self.err(format!("range {offset}+{len} is outside blob {}", desc.digest)));
+            return Err(self.err(format!(
+                "range {offset}+{len} is outside blob {}",
+                desc.digest
+            )));
         }
         if len == 0 {
             return Ok(Vec::new());
         }
         let od = Self::oci_desc(desc);
         let bytes = self.retry("blob range", || async {
-            let resp = self.client.pull_blob_stream_partial(&self.reference, &od, offset, Some(len)).await?;
+            let resp = self
+                .client
+                .pull_blob_stream_partial(&self.reference, &od, offset, Some(len))
+                .await?;
             let (mut stream, skip) = match resp {
                 oci_client::client::BlobResponse::Partial(s) => (s.stream, 0),
                 // A registry that ignores Range sends the whole blob.
@@ -269,7 +332,11 @@ impl BlobStream {
         let mut offset = 0u64;
         let mut attempt = 0u32;
         loop {
-            let failure: String = match self.client.pull_blob_stream_partial(&self.reference, &od, offset, None).await {
+            let failure: String = match self
+                .client
+                .pull_blob_stream_partial(&self.reference, &od, offset, None)
+                .await
+            {
                 Ok(resp) => {
                     let (mut stream, mut skip) = match resp {
                         oci_client::client::BlobResponse::Partial(s) => (s.stream, 0),
@@ -292,7 +359,7 @@ impl BlobStream {
                                 }
                             }
                             Err(e) => {
-                                broke = Some(e.to_string());
+                                broke = Some(chain(&e));
                                 break;
                             }
                         }
@@ -303,15 +370,24 @@ impl BlobStream {
                         Some(e) => e,
                     }
                 }
-                Err(e) if transient(&e) => e.to_string(),
+                Err(e) if transient(&e) => chain(&e),
                 Err(e) => {
-                    let _ = tx.send(Err(io::Error::other(format!("registry {}: {e}", self.registry)))).await;
+                    let _ = tx
+                        .send(Err(io::Error::other(format!(
+                            "registry {}: {}",
+                            self.registry,
+                            chain(&e)
+                        ))))
+                        .await;
                     return;
                 }
             };
             attempt += 1;
             if attempt > self.opts.retries {
-                let msg = format!("registry {}: blob {}: {failure} (gave up after {} retries)", self.registry, self.desc.digest, self.opts.retries);
+                let msg = format!(
+                    "registry {}: blob {}: {failure} (gave up after {} retries)",
+                    self.registry, self.desc.digest, self.opts.retries
+                );
                 let _ = tx.send(Err(io::Error::other(msg))).await;
                 return;
             }
