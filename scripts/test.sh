@@ -5,5 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
-cargo nextest run --workspace --all-targets --no-fail-fast "$@"
+cargo nextest run --workspace --lib --bins --tests --no-fail-fast "$@"
 cargo test --workspace --doc

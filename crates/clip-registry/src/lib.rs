@@ -193,7 +193,8 @@ mod tests {
             }
         );
         assert!(ImageRef::parse("oci:").is_err());
-        assert!(ImageRef::parse("UPPER/case").is_err());
+        assert!(ImageRef::parse("has spaces/x").is_err());
+        assert!(ImageRef::parse("").is_err());
     }
 
     #[test]
