@@ -8,6 +8,7 @@ PACKAGES=(
     skopeo umoci      # push images, and unpack them as the reference tree
     busybox-static debootstrap   # contents of the test images
     zstd pigz libcap2-bin python3 # building edge-case layers
+    apache2-utils      # htpasswd, for the registry auth test
     fuse3 curl ca-certificates gzip tar
 )
 

@@ -104,6 +104,11 @@ pub struct Registry {
 
 impl Registry {
     pub fn start(storage: &Path) -> Registry {
+        Self::start_with(storage, "")
+    }
+
+    /// Starts a registry with extra top-level YAML config (such as `auth:`).
+    pub fn start_with(storage: &Path, extra: &str) -> Registry {
         let dir = tempfile::tempdir().unwrap();
         for _ in 0..5 {
             let port = free_port();
@@ -112,7 +117,7 @@ impl Registry {
                 &config,
                 format!(
                     "version: 0.1\nlog:\n  level: info\n  formatter: text\nstorage:\n  filesystem:\n    rootdirectory: {}\n  \
-                     delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                     delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{extra}",
                     storage.display()
                 ),
             )
@@ -133,7 +138,7 @@ impl Registry {
             };
             let deadline = Instant::now() + Duration::from_secs(15);
             while Instant::now() < deadline {
-                if http_status(port, "/v2/") == Some(200) {
+                if matches!(http_status(port, "/v2/"), Some(200 | 401)) {
                     reg._dir = dir;
                     return reg;
                 }

@@ -467,3 +467,80 @@ fn cat_fetches_only_the_spans_that_hold_the_file() {
         "fetched {fetched} of a {big}-byte layer"
     );
 }
+
+#[test]
+fn credentials_come_from_the_docker_config_and_never_leak() {
+    let _ = registry(); // images pushed into the shared storage
+    let dir = tempfile::tempdir().unwrap();
+    let htpasswd = std::process::Command::new("htpasswd")
+        .args(["-Bbn", "clipuser", "s3cret-Pa55"])
+        .output()
+        .unwrap();
+    assert!(htpasswd.status.success());
+    let hp = dir.path().join("htpasswd");
+    std::fs::write(&hp, &htpasswd.stdout).unwrap();
+    let reg = harness::Registry::start_with(
+        &harness::fixtures_dir().join("registry"),
+        &format!(
+            "auth:\n  htpasswd:\n    realm: clip-test\n    path: {}\n",
+            hp.display()
+        ),
+    );
+    let out = dir.path().join("a.clip");
+    let image = format!("{}/clip/busybox:latest", reg.host());
+    let args = ["index", "--image", &image, "--out", out.to_str().unwrap()];
+
+    // No credentials: a clear refusal.
+    let r = clipctl().args(args).output().unwrap();
+    assert_eq!(r.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&r.stderr).to_lowercase();
+    assert!(
+        stderr.contains("401")
+            || stderr.contains("unauthorized")
+            || stderr.contains("not authorized"),
+        "{stderr}"
+    );
+
+    // Credentials from $DOCKER_CONFIG/config.json.
+    let cfg = dir.path().join("docker");
+    std::fs::create_dir_all(&cfg).unwrap();
+    let auth = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("printf clipuser:s3cret-Pa55 | base64")
+        .output()
+        .unwrap();
+    let auth = String::from_utf8(auth.stdout).unwrap().trim().to_string();
+    std::fs::write(
+        cfg.join("config.json"),
+        format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, reg.host()),
+    )
+    .unwrap();
+    let r = clipctl()
+        .args(args)
+        .env("DOCKER_CONFIG", &cfg)
+        .env("RUST_LOG", "trace")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success(), "{stderr}");
+    let index = std::fs::read(&out).unwrap();
+    for secret in ["s3cret-Pa55", auth.as_str()] {
+        assert!(!stderr.contains(secret), "credential in the log");
+        assert!(
+            !index.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "credential in the index"
+        );
+    }
+    // Range reads through the index use the same credentials.
+    let cat = clipctl()
+        .args(["cat", out.to_str().unwrap(), "/etc/motd"])
+        .env("DOCKER_CONFIG", &cfg)
+        .output()
+        .unwrap();
+    assert_eq!(
+        cat.stdout,
+        b"hello from clip\n",
+        "{}",
+        String::from_utf8_lossy(&cat.stderr)
+    );
+}
