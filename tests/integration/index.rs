@@ -544,3 +544,80 @@ fn credentials_come_from_the_docker_config_and_never_leak() {
         String::from_utf8_lossy(&cat.stderr)
     );
 }
+
+/// Indexing through a registry that answers 500 and 429 and drops
+/// connections mid-blob still reads every layer exactly, resuming with range
+/// requests; a registry that never recovers gives a clear error in bounded
+/// time.
+#[test]
+fn indexing_survives_a_flaky_registry() {
+    use crate::proxy::{Fault, FaultProxy};
+    let reg = registry();
+    let proxy = FaultProxy::start(reg.port);
+    let dir = tempfile::tempdir().unwrap();
+    let (direct, flaky) = (
+        dir.path().join("direct.clip"),
+        dir.path().join("flaky.clip"),
+    );
+    index_to(
+        &format!("{}/clip/debian:latest", reg.host()),
+        &direct,
+        &["--jobs", "1"],
+    );
+    proxy.queue(&[
+        Fault::Status(500),
+        Fault::Status(429),
+        Fault::DropAfter(5_000_000),
+        Fault::Status(503),
+        Fault::DropAfter(1_000_000),
+        Fault::Stall(std::time::Duration::from_millis(300)),
+    ]);
+    index_to(
+        &format!("{}/clip/debian:latest", proxy.host()),
+        &flaky,
+        &["--jobs", "1"],
+    );
+    let list =
+        |p: &Path| clipctl_ok(&["inspect", p.to_str().unwrap(), "--ls", "/", "-R", "--json"]);
+    assert_eq!(list(&direct), list(&flaky));
+    let summary = |p: &Path| {
+        let mut v: Value =
+            serde_json::from_slice(&clipctl_ok(&["inspect", p.to_str().unwrap(), "--json"]))
+                .unwrap();
+        v["reference"] = Value::Null;
+        v
+    };
+    assert_eq!(summary(&direct), summary(&flaky));
+
+    // A registry that corrupts a blob in flight is caught by the digest.
+    proxy.always(Some(Fault::FlipAt(2_000_000)));
+    let out = dir.path().join("corrupt.clip");
+    expect_failure(
+        &[
+            "index",
+            "--image",
+            &format!("{}/clip/debian:latest", proxy.host()),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        "layer 0",
+    );
+    // A registry that never recovers: retries, then a clear error.
+    proxy.always(Some(Fault::Status(500)));
+    let started = std::time::Instant::now();
+    expect_failure(
+        &[
+            "index",
+            "--image",
+            &format!("{}/clip/busybox:latest", proxy.host()),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        "500",
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "gave up in {:?}",
+        started.elapsed()
+    );
+}

@@ -3,4 +3,5 @@
 
 mod harness;
 mod index;
+mod proxy;
 mod tree;
