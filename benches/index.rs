@@ -34,10 +34,7 @@ fn best_of<T>(n: usize, mut f: impl FnMut() -> T) -> (Duration, T) {
 }
 
 fn thread_cpu() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: valid pointer to a timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
@@ -157,11 +154,7 @@ fn main() {
     let reference = ImageRef::parse(&format!("oci:{}:debian", layout.display())).unwrap();
     let source = clip_registry::open(&reference, &RegistryOptions::default()).unwrap();
     let image = source.resolve(&Platform::default()).unwrap();
-    let blob = |d: &str| {
-        layout
-            .join("blobs/sha256")
-            .join(d.trim_start_matches("sha256:"))
-    };
+    let blob = |d: &str| layout.join("blobs/sha256").join(d.trim_start_matches("sha256:"));
     let compressed: u64 = image.layers.iter().map(|l| l.size).sum();
 
     println!(
@@ -179,8 +172,7 @@ fn main() {
         let path = blob(&l.digest);
         let (g, _) = best_of(3, || gzip_dc(&path));
         let (t, (_, map)) = best_of(3, || {
-            let f =
-                std::io::BufReader::with_capacity(256 << 10, std::fs::File::open(&path).unwrap());
+            let f = std::io::BufReader::with_capacity(256 << 10, std::fs::File::open(&path).unwrap());
             clip_index::index_layer(f, clip_format::Compression::Gzip, 2 << 20).unwrap()
         });
         gzip_total += g;
@@ -209,15 +201,13 @@ fn main() {
     println!();
     println!("## Checkpoint spacing: index size and random 4 KiB read cost");
     println!();
-    println!("| spacing MiB | checkpoints | index bytes | index ÷ compressed | 4 KiB read CPU ms (mean) | p99 ms | max ms |");
+    println!(
+        "| spacing MiB | checkpoints | index bytes | index ÷ compressed | 4 KiB read CPU ms (mean) | p99 ms | max ms |"
+    );
     println!("|---:|---:|---:|---:|---:|---:|---:|");
     let big = image.layers.iter().max_by_key(|l| l.size).unwrap();
     let big_bytes = std::fs::read(blob(&big.digest)).unwrap();
-    let big_index = image
-        .layers
-        .iter()
-        .position(|l| l.digest == big.digest)
-        .unwrap();
+    let big_index = image.layers.iter().position(|l| l.digest == big.digest).unwrap();
     for mib in [1u64, 2, 4, 8] {
         let opts = clip_index::Options {
             spacing: mib << 20,

@@ -174,26 +174,16 @@ pub fn run(a: Args) -> Result<()> {
     } else {
         listing.push((ls.as_bytes().to_vec(), root));
     }
-    let source = if a.hash {
-        Some(open_source(index)?)
-    } else {
-        None
-    };
+    let source = if a.hash { Some(open_source(index)?) } else { None };
     let mut hashes: Vec<Option<String>> = vec![None; listing.len()];
     if let Some(source) = &source {
         // Read files in stream order so that each span is inflated once.
         let mut order: Vec<usize> = (0..listing.len())
-            .filter(|&i| {
-                index
-                    .node(listing[i].1)
-                    .is_some_and(|n| n.kind == Kind::File)
-            })
+            .filter(|&i| index.node(listing[i].1).is_some_and(|n| n.kind == Kind::File))
             .collect();
         order.sort_by_key(|&i| match &index.node(listing[i].1).expect("valid").data {
             clip_format::Data::Contiguous { layer, offset } => (*layer, *offset),
-            clip_format::Data::Sparse { layer, segments } => {
-                (*layer, segments.first().map_or(0, |s| s.offset))
-            }
+            clip_format::Data::Sparse { layer, segments } => (*layer, segments.first().map_or(0, |s| s.offset)),
             clip_format::Data::None => (0, 0),
         });
         let mut ex = Extractor::new(&file, source.as_ref());

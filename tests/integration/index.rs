@@ -8,14 +8,7 @@ use crate::harness::{self, clipctl, clipctl_ok, layout, registry, unpacked};
 use crate::tree;
 
 fn index_to(image: &str, out: &Path, extra: &[&str]) -> Value {
-    let mut args = vec![
-        "index",
-        "--image",
-        image,
-        "--out",
-        out.to_str().unwrap(),
-        "--json",
-    ];
+    let mut args = vec!["index", "--image", image, "--out", out.to_str().unwrap(), "--json"];
     args.extend_from_slice(extra);
     serde_json::from_slice(&clipctl_ok(&args)).unwrap()
 }
@@ -77,21 +70,14 @@ fn edge_case_details() {
     let summary = index_to(&format!("oci:{}:edge", layout().display()), &out, &[]);
     assert_eq!(summary["layers"], 3);
     let clip = tree::from_clip(&listing(&out));
-    let get = |p: &str| {
-        clip.entries
-            .get(p.as_bytes())
-            .unwrap_or_else(|| panic!("{p} missing"))
-    };
+    let get = |p: &str| clip.entries.get(p.as_bytes()).unwrap_or_else(|| panic!("{p} missing"));
     // Whiteouts and opaque directories.
     assert!(!clip.entries.contains_key(&b"/edge/gone.txt"[..]));
     assert!(!clip.entries.contains_key(&b"/edge/gone-dir"[..]));
     assert!(!clip.entries.contains_key(&b"/edge/opaque/lower.txt"[..]));
     assert!(!clip.entries.contains_key(&b"/edge/opaque/sub"[..]));
     assert!(clip.entries.contains_key(&b"/edge/opaque/upper.txt"[..]));
-    assert!(!clip
-        .entries
-        .keys()
-        .any(|k| k.windows(4).any(|w| w == b".wh.")));
+    assert!(!clip.entries.keys().any(|k| k.windows(4).any(|w| w == b".wh.")));
     // Type changes across layers.
     assert_eq!(get("/edge/becomes-dir").kind, "dir");
     assert_eq!(get("/edge/dir-becomes-file").kind, "file");
@@ -107,9 +93,7 @@ fn edge_case_details() {
     assert_eq!(get("/edge/setuid").mode, 0o4755);
     assert_eq!(get("/edge/setgid").mode, 0o2711);
     assert_eq!(get("/edge/sticky").mode, 0o1777);
-    assert!(get("/edge/ping")
-        .xattrs
-        .contains_key(&b"security.capability"[..]));
+    assert!(get("/edge/ping").xattrs.contains_key(&b"security.capability"[..]));
     assert_eq!(get("/edge/chardev").dev, Some((1, 3)));
     assert_eq!(get("/edge/fifo").kind, "fifo");
     // Sparse files over 4 GiB, both sparse formats.
@@ -137,14 +121,9 @@ fn registry_and_layout_give_identical_trees_and_inodes() {
     );
     let sa = index_to(&format!("{}/clip/debian:latest", reg.host()), &a, &[]);
     let sb = index_to(&format!("oci:{}:debian", layout().display()), &b, &[]);
-    index_to(
-        &format!("{}/clip/debian:latest", reg.host()),
-        &c,
-        &["--jobs", "1"],
-    );
+    index_to(&format!("{}/clip/debian:latest", reg.host()), &c, &["--jobs", "1"]);
     assert_eq!(sa["manifest_digest"], sb["manifest_digest"]);
-    let list =
-        |p: &Path| clipctl_ok(&["inspect", p.to_str().unwrap(), "--ls", "/", "-R", "--json"]);
+    let list = |p: &Path| clipctl_ok(&["inspect", p.to_str().unwrap(), "--ls", "/", "-R", "--json"]);
     assert_eq!(list(&a), list(&b));
     // Same image, same index, byte for byte, however many layers ran at once.
     assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&c).unwrap());
@@ -155,8 +134,7 @@ fn index_holds_manifest_digest_and_config_but_no_file_data() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("deb.clip");
     let s = index_to(&format!("oci:{}:debian", layout().display()), &out, &[]);
-    let info: Value =
-        serde_json::from_slice(&clipctl_ok(&["inspect", out.to_str().unwrap(), "--json"])).unwrap();
+    let info: Value = serde_json::from_slice(&clipctl_ok(&["inspect", out.to_str().unwrap(), "--json"])).unwrap();
     assert_eq!(info["manifest_digest"], s["manifest_digest"]);
     assert_eq!(info["config"]["config"]["Cmd"][0], "/bin/bash");
     assert_eq!(info["platform"], "linux/amd64");
@@ -172,9 +150,7 @@ fn index_holds_manifest_digest_and_config_but_no_file_data() {
     assert_eq!(motd, b"second layer\n");
     let random = clipctl_ok(&["cat", out.to_str().unwrap(), "/opt/clip/random.bin"]);
     assert_eq!(random.len(), 3_000_000);
-    assert!(!index
-        .windows(64)
-        .any(|w| w == &random[1_000_000..1_000_064]));
+    assert!(!index.windows(64).any(|w| w == &random[1_000_000..1_000_064]));
 }
 
 #[test]
@@ -212,8 +188,7 @@ fn checkpoint_spacing_is_honoured() {
         let out = dir.path().join(format!("{mib}.clip"));
         let s = index_to(&image, &out, &["--checkpoint-mib", mib]);
         let n = s["checkpoints"].as_u64().unwrap();
-        let expected =
-            s["uncompressed_bytes"].as_u64().unwrap() / (mib.parse::<u64>().unwrap() << 20);
+        let expected = s["uncompressed_bytes"].as_u64().unwrap() / (mib.parse::<u64>().unwrap() << 20);
         assert!(
             n < last && n >= expected / 2 && n <= expected + 4,
             "{mib} MiB: {n} checkpoints, ~{expected} expected"
@@ -223,14 +198,7 @@ fn checkpoint_spacing_is_honoured() {
     let out = dir.path().join("env.clip");
     let s: Value = serde_json::from_slice(
         &clipctl()
-            .args([
-                "index",
-                "--image",
-                &image,
-                "--out",
-                out.to_str().unwrap(),
-                "--json",
-            ])
+            .args(["index", "--image", &image, "--out", out.to_str().unwrap(), "--json"])
             .env("CLIP_CHECKPOINT_MIB", "8")
             .output()
             .unwrap()
@@ -244,10 +212,7 @@ fn expect_failure(args: &[&str], needle: &str) {
     let out = clipctl().args(args).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
-    assert!(
-        stderr.contains(needle),
-        "{args:?}: expected {needle:?} in {stderr}"
-    );
+    assert!(stderr.contains(needle), "{args:?}: expected {needle:?} in {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
@@ -292,8 +257,7 @@ fn scratch_layout(dir: &Path) -> std::path::PathBuf {
 }
 
 fn manifest_of(layout: &Path, tag: &str) -> (std::path::PathBuf, Value) {
-    let index: Value =
-        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let index: Value = serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
     let m = index["manifests"]
         .as_array()
         .unwrap()
@@ -314,12 +278,9 @@ fn tampered_truncated_and_unknown_layers_are_clear_errors() {
     let out = dir.path().join("x.clip");
     let image = format!("oci:{}:busybox", lay.display());
     let (_, m) = manifest_of(&lay, "busybox");
-    let layer = lay.join("blobs/sha256").join(
-        m["layers"][0]["digest"]
-            .as_str()
-            .unwrap()
-            .trim_start_matches("sha256:"),
-    );
+    let layer = lay
+        .join("blobs/sha256")
+        .join(m["layers"][0]["digest"].as_str().unwrap().trim_start_matches("sha256:"));
     let original = std::fs::read(&layer).unwrap();
     let args = ["index", "--image", &image, "--out", out.to_str().unwrap()];
 
@@ -446,8 +407,7 @@ fn cat_fetches_only_the_spans_that_hold_the_file() {
     // Give the registry a moment to log the last response.
     std::thread::sleep(std::time::Duration::from_millis(300));
     let fetched = reg.bytes_served() - before;
-    let info: Value =
-        serde_json::from_slice(&clipctl_ok(&["inspect", out.to_str().unwrap(), "--json"])).unwrap();
+    let info: Value = serde_json::from_slice(&clipctl_ok(&["inspect", out.to_str().unwrap(), "--json"])).unwrap();
     let big = info["layers"]
         .as_array()
         .unwrap()
@@ -481,10 +441,7 @@ fn credentials_come_from_the_docker_config_and_never_leak() {
     std::fs::write(&hp, &htpasswd.stdout).unwrap();
     let reg = harness::Registry::start_with(
         &harness::fixtures_dir().join("registry"),
-        &format!(
-            "auth:\n  htpasswd:\n    realm: clip-test\n    path: {}\n",
-            hp.display()
-        ),
+        &format!("auth:\n  htpasswd:\n    realm: clip-test\n    path: {}\n", hp.display()),
     );
     let out = dir.path().join("a.clip");
     let image = format!("{}/clip/busybox:latest", reg.host());
@@ -495,9 +452,7 @@ fn credentials_come_from_the_docker_config_and_never_leak() {
     assert_eq!(r.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&r.stderr).to_lowercase();
     assert!(
-        stderr.contains("401")
-            || stderr.contains("unauthorized")
-            || stderr.contains("not authorized"),
+        stderr.contains("401") || stderr.contains("unauthorized") || stderr.contains("not authorized"),
         "{stderr}"
     );
 
@@ -555,15 +510,8 @@ fn indexing_survives_a_flaky_registry() {
     let reg = registry();
     let proxy = FaultProxy::start(reg.port);
     let dir = tempfile::tempdir().unwrap();
-    let (direct, flaky) = (
-        dir.path().join("direct.clip"),
-        dir.path().join("flaky.clip"),
-    );
-    index_to(
-        &format!("{}/clip/debian:latest", reg.host()),
-        &direct,
-        &["--jobs", "1"],
-    );
+    let (direct, flaky) = (dir.path().join("direct.clip"), dir.path().join("flaky.clip"));
+    index_to(&format!("{}/clip/debian:latest", reg.host()), &direct, &["--jobs", "1"]);
     proxy.queue(&[
         Fault::Status(500),
         Fault::Status(429),
@@ -577,13 +525,10 @@ fn indexing_survives_a_flaky_registry() {
         &flaky,
         &["--jobs", "1"],
     );
-    let list =
-        |p: &Path| clipctl_ok(&["inspect", p.to_str().unwrap(), "--ls", "/", "-R", "--json"]);
+    let list = |p: &Path| clipctl_ok(&["inspect", p.to_str().unwrap(), "--ls", "/", "-R", "--json"]);
     assert_eq!(list(&direct), list(&flaky));
     let summary = |p: &Path| {
-        let mut v: Value =
-            serde_json::from_slice(&clipctl_ok(&["inspect", p.to_str().unwrap(), "--json"]))
-                .unwrap();
+        let mut v: Value = serde_json::from_slice(&clipctl_ok(&["inspect", p.to_str().unwrap(), "--json"])).unwrap();
         v["reference"] = Value::Null;
         v
     };

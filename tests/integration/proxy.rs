@@ -100,19 +100,11 @@ fn read_head(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
     Ok(head)
 }
 
-fn serve(
-    mut client: TcpStream,
-    upstream: u16,
-    plan: &Mutex<Plan>,
-    blobs: &AtomicU64,
-) -> std::io::Result<()> {
+fn serve(mut client: TcpStream, upstream: u16, plan: &Mutex<Plan>, blobs: &AtomicU64) -> std::io::Result<()> {
     client.set_read_timeout(Some(Duration::from_secs(30)))?;
     let head = read_head(&mut client)?;
     let text = String::from_utf8_lossy(&head).into_owned();
-    let is_blob = text
-        .lines()
-        .next()
-        .is_some_and(|l| l.contains("/blobs/sha256:"));
+    let is_blob = text.lines().next().is_some_and(|l| l.contains("/blobs/sha256:"));
     let fault = if is_blob {
         blobs.fetch_add(1, Ordering::Relaxed);
         let mut p = plan.lock().unwrap();

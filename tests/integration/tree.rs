@@ -96,13 +96,7 @@ pub fn from_disk(root: &Path) -> Tree {
             mtime: (md.mtime(), md.mtime_nsec() as u32),
             size: (kind == "file").then(|| md.size()),
             nlink: (kind != "dir").then(|| md.nlink()),
-            target: (kind == "symlink").then(|| {
-                std::fs::read_link(&p)
-                    .unwrap()
-                    .as_os_str()
-                    .as_bytes()
-                    .to_vec()
-            }),
+            target: (kind == "symlink").then(|| std::fs::read_link(&p).unwrap().as_os_str().as_bytes().to_vec()),
             dev: matches!(kind, "char" | "block").then(|| {
                 let r = md.rdev();
                 (
@@ -168,12 +162,7 @@ pub fn from_clip(json: &[u8]) -> Tree {
             .and_then(|x| x.as_object())
             .map(|o| {
                 o.iter()
-                    .map(|(k, val)| {
-                        (
-                            k.as_bytes().to_vec(),
-                            hex::decode(val.as_str().unwrap()).unwrap(),
-                        )
-                    })
+                    .map(|(k, val)| (k.as_bytes().to_vec(), hex::decode(val.as_str().unwrap()).unwrap()))
                     .collect()
             })
             .unwrap_or_default();
@@ -185,8 +174,7 @@ pub fn from_clip(json: &[u8]) -> Tree {
             mtime: (v["mtime"].as_i64().unwrap(), num("mtime_nsec") as u32),
             size: (kind == "file").then(|| num("size")),
             nlink: (kind != "dir").then(|| num("nlink")),
-            target: (kind == "symlink")
-                .then(|| hex::decode(str_field(&v, "target_hex").unwrap()).unwrap()),
+            target: (kind == "symlink").then(|| hex::decode(str_field(&v, "target_hex").unwrap()).unwrap()),
             dev: matches!(kind, "char" | "block").then(|| (num("major"), num("minor"))),
             xattrs,
             sha256: str_field(&v, "sha256"),
@@ -215,11 +203,7 @@ pub fn assert_same(clip: &Tree, disk: &Tree, what: &str) {
             _ => {}
         }
     }
-    for p in clip
-        .entries
-        .keys()
-        .filter(|p| !disk.entries.contains_key(*p))
-    {
+    for p in clip.entries.keys().filter(|p| !disk.entries.contains_key(*p)) {
         diffs.push(format!("extra in clip: {}", String::from_utf8_lossy(p)));
     }
     if clip.links != disk.links {
@@ -232,11 +216,6 @@ pub fn assert_same(clip: &Tree, disk: &Tree, what: &str) {
         diffs.is_empty(),
         "{what}: {} differences:\n{}",
         diffs.len(),
-        diffs
-            .iter()
-            .take(40)
-            .cloned()
-            .collect::<Vec<_>>()
-            .join("\n")
+        diffs.iter().take(40).cloned().collect::<Vec<_>>().join("\n")
     );
 }

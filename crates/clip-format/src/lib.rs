@@ -196,10 +196,7 @@ impl Index {
     /// Resolves an absolute or relative path, without following symlinks.
     pub fn resolve(&self, path: &[u8]) -> Option<u64> {
         let mut ino = ROOT_INO;
-        for comp in path
-            .split(|&b| b == b'/')
-            .filter(|c| !c.is_empty() && *c != b".")
-        {
+        for comp in path.split(|&b| b == b'/').filter(|c| !c.is_empty() && *c != b".") {
             ino = if comp == b".." {
                 self.node(ino)?.parent
             } else {
@@ -274,9 +271,7 @@ impl Index {
                     || c.in_bits / 8 > l.compressed_size
                     || prev.is_some_and(|p| p.out >= c.out || p.in_bits >= c.in_bits)
                 {
-                    return bad(format!(
-                        "layer {li}: checkpoint out of order or out of range"
-                    ));
+                    return bad(format!("layer {li}: checkpoint out of order or out of range"));
                 }
                 prev = Some(c);
             }
@@ -295,12 +290,7 @@ impl Index {
                 }
             }
             for e in &node.entries {
-                if e.ino == 0
-                    || e.ino > n
-                    || e.ino == ROOT_INO
-                    || e.name.is_empty()
-                    || e.name.contains(&b'/')
-                {
+                if e.ino == 0 || e.ino > n || e.ino == ROOT_INO || e.name.is_empty() || e.name.contains(&b'/') {
                     return bad(format!("inode {ino}: bad entry"));
                 }
             }
@@ -308,10 +298,7 @@ impl Index {
             match &node.data {
                 Data::None => {}
                 Data::Contiguous { layer, offset } => match layer_of(*layer) {
-                    Some(l)
-                        if offset
-                            .checked_add(node.size)
-                            .is_some_and(|e| e <= l.uncompressed_size) => {}
+                    Some(l) if offset.checked_add(node.size).is_some_and(|e| e <= l.uncompressed_size) => {}
                     _ => return bad(format!("inode {ino}: data out of range")),
                 },
                 Data::Sparse { layer, segments } => {
@@ -322,9 +309,7 @@ impl Index {
                     for s in segments {
                         let ok = s.logical >= end
                             && s.logical.checked_add(s.len).is_some_and(|e| e <= node.size)
-                            && s.offset
-                                .checked_add(s.len)
-                                .is_some_and(|e| e <= l.uncompressed_size);
+                            && s.offset.checked_add(s.len).is_some_and(|e| e <= l.uncompressed_size);
                         if !ok {
                             return bad(format!("inode {ino}: sparse map out of range"));
                         }
@@ -500,8 +485,7 @@ pub fn decode_meta(meta: &[u8], meta_raw: u64) -> Result<Index> {
             raw.len()
         )));
     }
-    let (index, rest) =
-        postcard::take_from_bytes::<Index>(&raw).map_err(|e| Error::Decode(e.to_string()))?;
+    let (index, rest) = postcard::take_from_bytes::<Index>(&raw).map_err(|e| Error::Decode(e.to_string()))?;
     if !rest.is_empty() {
         return Err(Error::Decode("trailing bytes after metadata".into()));
     }

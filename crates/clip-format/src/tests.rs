@@ -149,10 +149,7 @@ fn truncation_and_trailing_data_are_caught() {
     }
     let mut long = bytes.clone();
     long.push(0);
-    assert!(matches!(
-        IndexFile::decode(&long),
-        Err(Error::TrailingData { .. })
-    ));
+    assert!(matches!(IndexFile::decode(&long), Err(Error::TrailingData { .. })));
     let mut v2 = bytes.clone();
     v2[8] = 2;
     assert!(matches!(IndexFile::decode(&v2), Err(Error::Version(2))));

@@ -5,9 +5,8 @@ use std::io::Read;
 use std::mem::size_of;
 
 use libz_rs_sys::{
-    inflate, inflateEnd, inflateInit2_, inflatePrime, inflateReset, inflateReset2,
-    inflateSetDictionary, z_stream, zlibVersion, Z_BLOCK, Z_BUF_ERROR, Z_NO_FLUSH, Z_OK,
-    Z_STREAM_END,
+    inflate, inflateEnd, inflateInit2_, inflatePrime, inflateReset, inflateReset2, inflateSetDictionary, z_stream,
+    zlibVersion, Z_BLOCK, Z_BUF_ERROR, Z_NO_FLUSH, Z_OK, Z_STREAM_END,
 };
 
 use crate::span::SpanHasher;
@@ -30,14 +29,7 @@ impl Inflater {
         let mut strm = Box::<z_stream>::default();
         // SAFETY: strm is a valid, default-initialised stream at a fixed
         // address; the version and size match the linked library.
-        let ret = unsafe {
-            inflateInit2_(
-                &mut *strm,
-                window_bits,
-                zlibVersion(),
-                size_of::<z_stream>() as i32,
-            )
-        };
+        let ret = unsafe { inflateInit2_(&mut *strm, window_bits, zlibVersion(), size_of::<z_stream>() as i32) };
         if ret != Z_OK {
             return Err(Error::Zlib(format!("inflateInit2 failed: {ret}")));
         }
@@ -49,9 +41,7 @@ impl Inflater {
             "invalid data".to_string()
         } else {
             // SAFETY: zlib sets msg to a static NUL-terminated string.
-            unsafe { CStr::from_ptr(self.strm.msg) }
-                .to_string_lossy()
-                .into_owned()
+            unsafe { CStr::from_ptr(self.strm.msg) }.to_string_lossy().into_owned()
         }
     }
 
@@ -60,13 +50,7 @@ impl Inflater {
     ///
     /// # Safety
     /// `output` must be valid for writes of `out_len` bytes.
-    unsafe fn step(
-        &mut self,
-        input: &[u8],
-        output: *mut u8,
-        out_len: usize,
-        flush: i32,
-    ) -> (i32, usize, usize) {
+    unsafe fn step(&mut self, input: &[u8], output: *mut u8, out_len: usize, flush: i32) -> (i32, usize, usize) {
         let in_len = input.len().min(u32::MAX as usize);
         let out_len = out_len.min(u32::MAX as usize);
         self.strm.next_in = input.as_ptr();
@@ -197,27 +181,17 @@ impl Builder {
             // SAFETY: ring[wpos..] is valid for out_len bytes.
             let (ret, consumed, produced) = unsafe {
                 let out = self.ring.as_mut_ptr().add(self.wpos);
-                self.z.step(
-                    &self.inbuf[self.in_start..self.in_end],
-                    out,
-                    out_len,
-                    Z_BLOCK,
-                )
+                self.z
+                    .step(&self.inbuf[self.in_start..self.in_end], out, out_len, Z_BLOCK)
             };
-            self.hasher
-                .feed(&self.inbuf[self.in_start..self.in_start + consumed]);
+            self.hasher.feed(&self.inbuf[self.in_start..self.in_start + consumed]);
             self.in_start += consumed;
             self.wpos += produced;
             self.out_total += produced as u64;
             match ret {
                 Z_OK => {}
                 Z_STREAM_END => self.state = State::BetweenMembers,
-                Z_BUF_ERROR
-                    if consumed == 0
-                        && produced == 0
-                        && self.in_start < self.in_end
-                        && out_len > 0 =>
-                {
+                Z_BUF_ERROR if consumed == 0 && produced == 0 && self.in_start < self.in_end && out_len > 0 => {
                     return Err(self.corrupt("inflate made no progress".into()));
                 }
                 Z_BUF_ERROR => {}
@@ -308,9 +282,7 @@ pub(crate) fn resume(
     }
     if !window.is_empty() {
         // SAFETY: window is a valid slice of at most 32 KiB.
-        if unsafe { inflateSetDictionary(&mut *z.strm, window.as_ptr(), window.len() as u32) }
-            != Z_OK
-        {
+        if unsafe { inflateSetDictionary(&mut *z.strm, window.as_ptr(), window.len() as u32) } != Z_OK {
             return Err(Error::Zlib("inflateSetDictionary failed".into()));
         }
     }

@@ -93,19 +93,11 @@ pub enum Error {
     #[error("span {span} does not exist (the layer has {spans})")]
     NoSuchSpan { span: usize, spans: usize },
     #[error("span {span}: expected {expected} compressed bytes, got {got}")]
-    SpanLength {
-        span: usize,
-        expected: u64,
-        got: u64,
-    },
+    SpanLength { span: usize, expected: u64, got: u64 },
     #[error("span {span}: compressed bytes do not match the recorded digest")]
     SpanDigest { span: usize },
     #[error("span {span}: decompressed to {got} bytes, expected {expected}")]
-    SpanOutput {
-        span: usize,
-        expected: u64,
-        got: u64,
-    },
+    SpanOutput { span: usize, expected: u64, got: u64 },
     #[error("zlib: {0}")]
     Zlib(String),
 }
@@ -231,17 +223,12 @@ pub struct Layout<'a> {
 impl Layout<'_> {
     /// The span holding uncompressed offset `pos`.
     pub fn span_of(&self, pos: u64) -> usize {
-        self.checkpoints
-            .partition_point(|c| c.out <= pos)
-            .saturating_sub(1)
+        self.checkpoints.partition_point(|c| c.out <= pos).saturating_sub(1)
     }
 
     /// Uncompressed range `[start, end)` of span `k`.
     pub fn span_out(&self, k: usize) -> (u64, u64) {
-        let end = self
-            .checkpoints
-            .get(k + 1)
-            .map_or(self.uncompressed_size, |c| c.out);
+        let end = self.checkpoints.get(k + 1).map_or(self.uncompressed_size, |c| c.out);
         (self.checkpoints[k].out, end)
     }
 }

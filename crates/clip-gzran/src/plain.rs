@@ -37,11 +37,7 @@ impl Builder {
             let last = self.checkpoints.last().map(|c| c.point.out);
             let need_checkpoint = last.is_none_or(|l| pos - l >= self.spacing);
             // Never read past the next checkpoint so that spans split exactly.
-            let next = if need_checkpoint {
-                pos
-            } else {
-                last.unwrap_or(0)
-            } + self.spacing;
+            let next = if need_checkpoint { pos } else { last.unwrap_or(0) } + self.spacing;
             let room = ((next - pos) as usize).min(self.buf.len());
             let n = loop {
                 match input.read(&mut self.buf[..room]) {
@@ -76,9 +72,7 @@ impl Builder {
     pub(crate) fn finish(mut self) -> Result<LayerMap> {
         if self.checkpoints.is_empty() {
             // An empty layer still gets one (empty) span.
-            self.hasher
-                .split(0)
-                .map_err(|msg| Error::Gzip { offset: 0, msg })?;
+            self.hasher.split(0).map_err(|msg| Error::Gzip { offset: 0, msg })?;
             self.checkpoints.push(BuiltCheckpoint {
                 point: Checkpoint { in_bits: 0, out: 0 },
                 window: Vec::new(),

@@ -9,11 +9,7 @@ use crate::Checkpoint;
 /// byte holding its checkpoint's first bit to the byte holding the next
 /// checkpoint's last bit (or the end of the stream). Neighbouring spans of a
 /// gzip layer may share one byte.
-pub fn span_range(
-    checkpoints: &[Checkpoint],
-    k: usize,
-    compressed_size: u64,
-) -> Option<(u64, u64)> {
+pub fn span_range(checkpoints: &[Checkpoint], k: usize, compressed_size: u64) -> Option<(u64, u64)> {
     let cp = checkpoints.get(k)?;
     let end = match checkpoints.get(k + 1) {
         Some(next) => next.in_bits.div_ceil(8),

@@ -16,14 +16,10 @@ fn sample(len: usize, seed: u64) -> Vec<u8> {
         b"tar ",
         b"inode ",
     ];
-    let mut x = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
     let mut out = Vec::with_capacity(len);
     while out.len() < len {
-        x = x
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         if x >> 60 == 0 {
             out.extend_from_slice(&x.to_le_bytes());
         } else {
@@ -115,10 +111,7 @@ fn check_random_access(original: &[u8], compressed: &[u8], map: &LayerMap) {
         )
         .unwrap_or_else(|e| panic!("span {k}: {e}"));
         let end = points.get(k + 1).map_or(original.len(), |c| c.out as usize);
-        assert!(
-            bytes == original[cp.point.out as usize..end],
-            "span {k} differs"
-        );
+        assert!(bytes == original[cp.point.out as usize..end], "span {k} differs");
     }
     let mut x = 12345u64;
     for _ in 0..50 {
@@ -148,16 +141,10 @@ fn gzip_single_member() {
     let gz = gzip(&data);
     let (out, map) = index(&gz, Compression::Gzip, 256 * 1024);
     assert!(out == data);
-    assert!(
-        map.checkpoints.len() >= 10,
-        "{} checkpoints",
-        map.checkpoints.len()
-    );
+    assert!(map.checkpoints.len() >= 10, "{} checkpoints", map.checkpoints.len());
     // Most checkpoints are not byte-aligned: the reason for inflatePrime.
     assert!(map.checkpoints.iter().any(|c| c.point.in_bits % 8 != 0));
-    assert!(map.checkpoints[1..]
-        .iter()
-        .all(|c| c.window.len() == WINDOW_SIZE));
+    assert!(map.checkpoints[1..].iter().all(|c| c.window.len() == WINDOW_SIZE));
     let whole: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&gz).into();
     assert_eq!(map.digest, whole);
     check_random_access(&data, &gz, &map);
@@ -165,9 +152,7 @@ fn gzip_single_member() {
 
 #[test]
 fn gzip_multi_member_with_header_fields() {
-    let parts: Vec<Vec<u8>> = (0..3)
-        .map(|i| sample(700_000 + i * 1000, 10 + i as u64))
-        .collect();
+    let parts: Vec<Vec<u8>> = (0..3).map(|i| sample(700_000 + i * 1000, 10 + i as u64)).collect();
     let mut gz = Vec::new();
     for p in &parts {
         gz.extend(with_all_header_fields(&gzip(p)));
@@ -207,19 +192,13 @@ fn gzip_truncated_and_corrupt_are_errors() {
     let mid = bad.len() / 2;
     bad[mid] ^= 0x55;
     let mut r = IndexingReader::new(&bad[..], Compression::Gzip, 1 << 20).unwrap();
-    let err = r
-        .read_to_end(&mut Vec::new())
-        .map_err(unwrap_io)
-        .unwrap_err();
+    let err = r.read_to_end(&mut Vec::new()).map_err(unwrap_io).unwrap_err();
     assert!(matches!(err, Error::Gzip { .. }), "{err}");
     // Junk after the last member is rejected, as Go's gzip reader does.
     let mut junk = gz.clone();
     junk.extend_from_slice(b"junk");
     let mut r = IndexingReader::new(&junk[..], Compression::Gzip, 1 << 20).unwrap();
-    let err = r
-        .read_to_end(&mut Vec::new())
-        .map_err(unwrap_io)
-        .unwrap_err();
+    let err = r.read_to_end(&mut Vec::new()).map_err(unwrap_io).unwrap_err();
     assert!(matches!(err, Error::TrailingData(_)), "{err}");
 }
 
@@ -279,10 +258,7 @@ fn zstd_single_frame_is_served_from_its_start() {
     assert_eq!(map.checkpoints.len(), 1);
     check_random_access(&data, &zst, &map);
     let mut r = IndexingReader::new(&zst[..zst.len() - 3], Compression::Zstd, 1 << 20).unwrap();
-    let err = r
-        .read_to_end(&mut Vec::new())
-        .map_err(unwrap_io)
-        .unwrap_err();
+    let err = r.read_to_end(&mut Vec::new()).map_err(unwrap_io).unwrap_err();
     assert!(matches!(err, Error::Truncated(_)), "{err}");
 }
 

@@ -106,8 +106,7 @@ impl Builder {
                 offset: self.hasher.position() + consumed as u64,
                 msg: get_error_name(code).to_string(),
             })?;
-            self.hasher
-                .feed(&self.inbuf[self.in_start..self.in_start + consumed]);
+            self.hasher.feed(&self.inbuf[self.in_start..self.in_start + consumed]);
             self.in_start += consumed;
             self.wpos = produced;
             self.out_total += produced as u64;
@@ -139,13 +138,7 @@ impl Builder {
 }
 
 /// Decodes from a frame boundary. `compressed` starts at `cp.in_byte()`.
-pub(crate) fn resume(
-    cp: Checkpoint,
-    compressed: &[u8],
-    skip: u64,
-    len: u64,
-    out: &mut Vec<u8>,
-) -> Result<()> {
+pub(crate) fn resume(cp: Checkpoint, compressed: &[u8], skip: u64, len: u64, out: &mut Vec<u8>) -> Result<()> {
     let mut dctx = DCtx::create();
     let mut pos = 0usize;
     let mut skip_left = skip;

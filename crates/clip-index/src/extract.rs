@@ -71,15 +71,14 @@ impl<'a> Extractor<'a> {
         }
         let l = &self.file.index.layers[layer];
         let points = &self.points[layer];
-        let (start, end) =
-            clip_gzran::span_range(points, k, l.compressed_size).ok_or(ExtractError::Span {
-                layer,
+        let (start, end) = clip_gzran::span_range(points, k, l.compressed_size).ok_or(ExtractError::Span {
+            layer,
+            span: k,
+            source: clip_gzran::Error::NoSuchSpan {
                 span: k,
-                source: clip_gzran::Error::NoSuchSpan {
-                    span: k,
-                    spans: points.len(),
-                },
-            })?;
+                spans: points.len(),
+            },
+        })?;
         let desc = Descriptor {
             media_type: l.media_type.clone(),
             digest: l.digest.clone(),
@@ -100,11 +99,7 @@ impl<'a> Extractor<'a> {
             uncompressed_size: l.uncompressed_size,
         };
         let out = clip_gzran::decompress_span(&layout, k, &window, &l.span_digests[k], &bytes)
-            .map_err(|source| ExtractError::Span {
-                layer,
-                span: k,
-                source,
-            })?;
+            .map_err(|source| ExtractError::Span { layer, span: k, source })?;
         if self.cache.len() >= CACHE_SPANS {
             self.cache.clear();
         }
@@ -114,13 +109,7 @@ impl<'a> Extractor<'a> {
     }
 
     /// Writes `len` bytes of layer `layer`'s uncompressed stream at `pos`.
-    fn copy_stream(
-        &mut self,
-        layer: usize,
-        mut pos: u64,
-        len: u64,
-        out: &mut dyn Write,
-    ) -> Result<(), ExtractError> {
+    fn copy_stream(&mut self, layer: usize, mut pos: u64, len: u64, out: &mut dyn Write) -> Result<(), ExtractError> {
         let end = pos + len;
         while pos < end {
             let k = self.points[layer].partition_point(|c| c.out <= pos) - 1;
@@ -150,9 +139,7 @@ impl<'a> Extractor<'a> {
     pub fn copy_file(&mut self, node: &Node, out: &mut dyn Write) -> Result<(), ExtractError> {
         match &node.data {
             Data::None => {}
-            Data::Contiguous { layer, offset } => {
-                self.copy_stream(*layer as usize, *offset, node.size, out)?
-            }
+            Data::Contiguous { layer, offset } => self.copy_stream(*layer as usize, *offset, node.size, out)?,
             Data::Sparse { layer, segments } => {
                 let mut at = 0;
                 for s in segments {

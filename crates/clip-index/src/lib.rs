@@ -204,8 +204,7 @@ pub fn build(
         compressions.push(c);
     }
     let n = image.layers.len();
-    let results: Vec<std::sync::Mutex<Option<Result<_, LayerError>>>> =
-        (0..n).map(|_| Default::default()).collect();
+    let results: Vec<std::sync::Mutex<Option<Result<_, LayerError>>>> = (0..n).map(|_| Default::default()).collect();
     let next = AtomicUsize::new(0);
     std::thread::scope(|s| {
         for _ in 0..opts.jobs.clamp(1, n.max(1)) {

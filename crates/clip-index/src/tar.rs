@@ -90,11 +90,7 @@ pub struct Walker<R: BufRead> {
 
 impl<R: BufRead> Walker<R> {
     pub fn new(r: R) -> Self {
-        Self {
-            r,
-            pos: 0,
-            done: false,
-        }
+        Self { r, pos: 0, done: false }
     }
 
     pub fn into_inner(self) -> R {
@@ -228,11 +224,7 @@ impl<R: BufRead> Walker<R> {
                     // Unknown types carry data like a file (POSIX says to
                     // treat them as regular files); we skip them instead so
                     // that nothing unexpected lands in the tree.
-                    tracing::warn!(
-                        offset = at,
-                        typeflag = other,
-                        "skipping tar entry of unknown type"
-                    );
+                    tracing::warn!(offset = at, typeflag = other, "skipping tar entry of unknown type");
                     self.skip(size + Self::padding(size))?;
                     pending = Pending::default();
                     gnu_long_name = None;
@@ -262,8 +254,7 @@ impl<R: BufRead> Walker<R> {
                 link = l;
             }
             let to_u32 = |v: u64, what: &str| {
-                u32::try_from(v)
-                    .map_err(|_| self.header_err(at, format!("{what} {v} does not fit in 32 bits")))
+                u32::try_from(v).map_err(|_| self.header_err(at, format!("{what} {v} does not fit in 32 bits")))
             };
             let uid = to_u32(pending.uid.map_or_else(|| num(108..116, "uid"), Ok)?, "uid")?;
             let gid = to_u32(pending.gid.map_or_else(|| num(116..124, "gid"), Ok)?, "gid")?;
@@ -272,8 +263,7 @@ impl<R: BufRead> Walker<R> {
                 None => (num(136..148, "mtime")? as i64, 0),
             };
             let mode = (num(100..108, "mode")? & 0o7777) as u32;
-            let (dev_major, dev_minor) = if matches!(kind, EntryKind::CharDev | EntryKind::BlockDev)
-            {
+            let (dev_major, dev_minor) = if matches!(kind, EntryKind::CharDev | EntryKind::BlockDev) {
                 (
                     to_u32(num(329..337, "devmajor")?, "devmajor")?,
                     to_u32(num(337..345, "devminor")?, "devminor")?,
@@ -302,12 +292,10 @@ impl<R: BufRead> Walker<R> {
             if typeflag == b'S' {
                 let (map, realsize) = self.gnu_sparse_map(&h, at)?;
                 entry.offset = self.pos;
-                entry.sparse =
-                    Some(self.place_segments(&map, entry.offset, stored, realsize, at)?);
+                entry.sparse = Some(self.place_segments(&map, entry.offset, stored, realsize, at)?);
                 entry.size = realsize;
                 self.skip(stored + Self::padding(stored))?;
-            } else if has_data && (pending.sparse_major.is_some() || !pending.sparse_map.is_empty())
-            {
+            } else if has_data && (pending.sparse_major.is_some() || !pending.sparse_map.is_empty()) {
                 if let Some(name) = pending.sparse_name.take() {
                     entry.path = name;
                 }
@@ -315,20 +303,13 @@ impl<R: BufRead> Walker<R> {
                     .sparse_realsize
                     .ok_or_else(|| self.header_err(at, "sparse file without a real size"))?;
                 let data_start = self.pos;
-                let (map, map_len) =
-                    if pending.sparse_major == Some(1) && pending.sparse_minor == Some(0) {
-                        self.pax1_sparse_map(stored, at)?
-                    } else {
-                        (std::mem::take(&mut pending.sparse_map), 0)
-                    };
+                let (map, map_len) = if pending.sparse_major == Some(1) && pending.sparse_minor == Some(0) {
+                    self.pax1_sparse_map(stored, at)?
+                } else {
+                    (std::mem::take(&mut pending.sparse_map), 0)
+                };
                 entry.offset = data_start + map_len;
-                entry.sparse = Some(self.place_segments(
-                    &map,
-                    entry.offset,
-                    stored - map_len,
-                    realsize,
-                    at,
-                )?);
+                entry.sparse = Some(self.place_segments(&map, entry.offset, stored - map_len, realsize, at)?);
                 entry.size = realsize;
                 let rest = stored - map_len;
                 self.skip(rest + Self::padding(stored))?;
@@ -342,13 +323,9 @@ impl<R: BufRead> Walker<R> {
 
     /// Old GNU sparse map: four slots in the header, then extension blocks.
     fn gnu_sparse_map(&mut self, h: &[u8; BLOCK], at: u64) -> Result<(Vec<(u64, u64)>, u64)> {
-        let realsize = parse_numeric(&h[483..495])
-            .map_err(|m| self.header_err(at, format!("realsize: {m}")))?;
+        let realsize = parse_numeric(&h[483..495]).map_err(|m| self.header_err(at, format!("realsize: {m}")))?;
         let mut map = Vec::new();
-        let read_slots = |block: &[u8],
-                          slots: usize,
-                          map: &mut Vec<(u64, u64)>|
-         -> std::result::Result<(), String> {
+        let read_slots = |block: &[u8], slots: usize, map: &mut Vec<(u64, u64)>| -> std::result::Result<(), String> {
             for i in 0..slots {
                 let s = &block[i * 24..i * 24 + 24];
                 if s.iter().all(|&b| b == 0) {
@@ -459,10 +436,7 @@ impl<R: BufRead> Walker<R> {
             logical_end = end;
         }
         if stream != stored {
-            return Err(self.header_err(
-                at,
-                format!("sparse map covers {stream} bytes but {stored} are stored"),
-            ));
+            return Err(self.header_err(at, format!("sparse map covers {stream} bytes but {stored} are stored")));
         }
         Ok(segs)
     }
@@ -567,10 +541,7 @@ fn parse_pax(mut data: &[u8], p: &mut Pending) -> std::result::Result<(), String
         }
         let rec = &data[sp + 1..len - 1];
         data = &data[len..];
-        let eq = rec
-            .iter()
-            .position(|&b| b == b'=')
-            .ok_or("PAX record without '='")?;
+        let eq = rec.iter().position(|&b| b == b'=').ok_or("PAX record without '='")?;
         let (key, value) = (&rec[..eq], &rec[eq + 1..]);
         match key {
             b"path" => p.path = Some(value.to_vec()),
@@ -582,15 +553,10 @@ fn parse_pax(mut data: &[u8], p: &mut Pending) -> std::result::Result<(), String
             b"GNU.sparse.major" => p.sparse_major = Some(parse_decimal(value)?),
             b"GNU.sparse.minor" => p.sparse_minor = Some(parse_decimal(value)?),
             b"GNU.sparse.name" => p.sparse_name = Some(value.to_vec()),
-            b"GNU.sparse.realsize" | b"GNU.sparse.size" => {
-                p.sparse_realsize = Some(parse_decimal(value)?)
-            }
+            b"GNU.sparse.realsize" | b"GNU.sparse.size" => p.sparse_realsize = Some(parse_decimal(value)?),
             b"GNU.sparse.offset" => p.sparse_offset = Some(parse_decimal(value)?),
             b"GNU.sparse.numbytes" => {
-                let off = p
-                    .sparse_offset
-                    .take()
-                    .ok_or("GNU.sparse.numbytes without offset")?;
+                let off = p.sparse_offset.take().ok_or("GNU.sparse.numbytes without offset")?;
                 p.sparse_map.push((off, parse_decimal(value)?));
             }
             b"GNU.sparse.map" => {
@@ -632,14 +598,8 @@ mod tests {
         );
         assert!(parse_numeric(b"0009").is_err());
         assert!(parse_numeric(&[0xff; 12]).is_err());
-        assert!(parse_numeric(&[
-            0x80, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff
-        ])
-        .is_err());
-        assert_eq!(
-            parse_pax_time(b"1700000000.5").unwrap(),
-            (1_700_000_000, 500_000_000)
-        );
+        assert!(parse_numeric(&[0x80, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]).is_err());
+        assert_eq!(parse_pax_time(b"1700000000.5").unwrap(), (1_700_000_000, 500_000_000));
         assert_eq!(parse_pax_time(b"-1.25").unwrap(), (-2, 750_000_000));
         assert_eq!(parse_pax_time(b"12").unwrap(), (12, 0));
         assert!(parse_pax_time(b"1.x").is_err());
@@ -760,16 +720,10 @@ mod tests {
         // Bad checksum.
         let mut h = header(b"f", b'0', 0, b"");
         h[0] = b'g';
-        assert!(matches!(
-            walk(&archive(&[(h, vec![])])),
-            Err(TarError::Header { .. })
-        ));
+        assert!(matches!(walk(&archive(&[(h, vec![])])), Err(TarError::Header { .. })));
         // A size far past the end of the stream.
         let h = header(b"f", b'0', 0o77777777777, b"");
-        assert!(matches!(
-            walk(&archive(&[(h, vec![])])),
-            Err(TarError::Truncated(_))
-        ));
+        assert!(matches!(walk(&archive(&[(h, vec![])])), Err(TarError::Truncated(_))));
         // Base-256 size of 2^62: still just truncated, no overflow.
         let mut h = header(b"f", b'0', 0, b"");
         h[124..136].copy_from_slice(&[0x80, 0, 0, 0, 0x40, 0, 0, 0, 0, 0, 0, 0]);
@@ -777,15 +731,9 @@ mod tests {
         assert!(walk(&archive(&[(h, vec![])])).is_err());
         // Huge PAX header, huge long name.
         let h = header(b"p", b'x', 1 << 40, b"");
-        assert!(matches!(
-            walk(&archive(&[(h, vec![])])),
-            Err(TarError::Header { .. })
-        ));
+        assert!(matches!(walk(&archive(&[(h, vec![])])), Err(TarError::Header { .. })));
         let h = header(b"l", b'L', MAX_META + 1, b"");
-        assert!(matches!(
-            walk(&archive(&[(h, vec![])])),
-            Err(TarError::Header { .. })
-        ));
+        assert!(matches!(walk(&archive(&[(h, vec![])])), Err(TarError::Header { .. })));
         // Bad PAX records.
         let (ph, _) = pax(&[("path", b"x")]);
         assert!(walk(&archive(&[(ph, b"999 path=x\n".to_vec())])).is_err());
@@ -806,17 +754,9 @@ mod tests {
             ("GNU.sparse.map", b"100,10,50,10"),
             ("GNU.sparse.realsize", b"1000"),
         ]);
-        assert!(walk(&archive(&[
-            (ph, pd),
-            (header(b"s", b'0', 20, b""), vec![0; 20])
-        ]))
-        .is_err());
+        assert!(walk(&archive(&[(ph, pd), (header(b"s", b'0', 20, b""), vec![0; 20])])).is_err());
         let (ph, pd) = pax(&[("GNU.sparse.map", b"0,10"), ("GNU.sparse.realsize", b"5")]);
-        assert!(walk(&archive(&[
-            (ph, pd),
-            (header(b"s", b'0', 10, b""), vec![0; 10])
-        ]))
-        .is_err());
+        assert!(walk(&archive(&[(ph, pd), (header(b"s", b'0', 10, b""), vec![0; 10])])).is_err());
         // An end of stream exactly between entries is a clean end.
         let a = archive(&[(header(b"f", b'0', 0, b""), vec![])]);
         assert_eq!(walk(&a[..512]).unwrap().len(), 1);
@@ -835,10 +775,7 @@ mod tests {
         ]);
         let a = archive(&[
             (ph, pd),
-            (
-                header(b"GNUSparseFile.0/name", b'0', 5, b""),
-                b"abcde".to_vec(),
-            ),
+            (header(b"GNUSparseFile.0/name", b'0', 5, b""), b"abcde".to_vec()),
         ]);
         let v = walk(&a).unwrap();
         assert_eq!(v[0].path, b"real/name");
@@ -863,14 +800,8 @@ mod tests {
         let v = walk(&a).unwrap();
         let segs = v[0].sparse.as_ref().unwrap();
         assert_eq!(segs.len(), 2);
-        assert_eq!(
-            &a[segs[0].offset as usize..segs[0].offset as usize + 3],
-            b"xyz"
-        );
-        assert_eq!(
-            &a[segs[1].offset as usize..segs[1].offset as usize + 2],
-            b"uv"
-        );
+        assert_eq!(&a[segs[0].offset as usize..segs[0].offset as usize + 3], b"xyz");
+        assert_eq!(&a[segs[1].offset as usize..segs[1].offset as usize + 2], b"uv");
         // 0.0: offset/numbytes record pairs.
         let (ph, pd) = pax(&[
             ("GNU.sparse.size", b"50"),
@@ -878,11 +809,7 @@ mod tests {
             ("GNU.sparse.offset", b"40"),
             ("GNU.sparse.numbytes", b"4"),
         ]);
-        let v = walk(&archive(&[
-            (ph, pd),
-            (header(b"z", b'0', 4, b""), b"data".to_vec()),
-        ]))
-        .unwrap();
+        let v = walk(&archive(&[(ph, pd), (header(b"z", b'0', 4, b""), b"data".to_vec())])).unwrap();
         assert_eq!(v[0].size, 50);
         assert_eq!(v[0].sparse.as_ref().unwrap()[0].logical, 40);
     }
@@ -920,10 +847,7 @@ mod tests {
         assert_eq!(p.path.as_deref(), Some(&b"a/long/name"[..]));
         assert_eq!(
             p.xattrs,
-            vec![(
-                b"security.capability".to_vec(),
-                b"\x01\x00\x00\x02".to_vec()
-            )]
+            vec![(b"security.capability".to_vec(), b"\x01\x00\x00\x02".to_vec())]
         );
         assert!(parse_pax(b"99 path=x\n", &mut Pending::default()).is_err());
         assert!(parse_pax(b"5 a\n", &mut Pending::default()).is_err());

@@ -27,11 +27,7 @@ impl LayoutSource {
     }
 
     fn blob_path(&self, digest: &str) -> Result<PathBuf> {
-        Ok(self
-            .dir
-            .join("blobs")
-            .join("sha256")
-            .join(digest_hex(digest)?))
+        Ok(self.dir.join("blobs").join("sha256").join(digest_hex(digest)?))
     }
 
     fn open(&self, desc: &Descriptor) -> Result<File> {
@@ -60,42 +56,25 @@ impl LayoutSource {
 
 impl Fetcher for LayoutSource {
     fn top(&self) -> Result<Fetched> {
-        let layout = std::fs::read(self.dir.join("oci-layout"))
-            .map_err(|e| self.err(format!("oci-layout: {e}")))?;
+        let layout = std::fs::read(self.dir.join("oci-layout")).map_err(|e| self.err(format!("oci-layout: {e}")))?;
         let layout: serde_json::Value =
             serde_json::from_slice(&layout).map_err(|e| self.err(format!("oci-layout: {e}")))?;
-        if layout
-            .get("imageLayoutVersion")
-            .and_then(|v| v.as_str())
-            .is_none()
-        {
+        if layout.get("imageLayoutVersion").and_then(|v| v.as_str()).is_none() {
             return Err(self.err("oci-layout has no imageLayoutVersion"));
         }
-        let index = std::fs::read(self.dir.join("index.json"))
-            .map_err(|e| self.err(format!("index.json: {e}")))?;
+        let index = std::fs::read(self.dir.join("index.json")).map_err(|e| self.err(format!("index.json: {e}")))?;
         let index: oci_spec::image::ImageIndex =
             serde_json::from_slice(&index).map_err(|e| self.err(format!("index.json: {e}")))?;
-        let name_of = |m: &oci_spec::image::Descriptor| {
-            m.annotations()
-                .as_ref()
-                .and_then(|a| a.get(REF_NAME).cloned())
-        };
+        let name_of = |m: &oci_spec::image::Descriptor| m.annotations().as_ref().and_then(|a| a.get(REF_NAME).cloned());
         let chosen = match &self.tag {
             Some(tag) => index
                 .manifests()
                 .iter()
                 .find(|m| name_of(m).as_deref() == Some(tag.as_str())),
             None if index.manifests().len() == 1 => index.manifests().first(),
-            None => {
-                return Err(self.err("the layout holds several images: name one as oci:DIR:TAG"))
-            }
+            None => return Err(self.err("the layout holds several images: name one as oci:DIR:TAG")),
         };
-        let m = chosen.ok_or_else(|| {
-            self.err(format!(
-                "no image tagged {:?}",
-                self.tag.as_deref().unwrap_or("")
-            ))
-        })?;
+        let m = chosen.ok_or_else(|| self.err(format!("no image tagged {:?}", self.tag.as_deref().unwrap_or(""))))?;
         let desc = Descriptor {
             media_type: m.media_type().to_string(),
             digest: m.digest().to_string(),
@@ -134,10 +113,7 @@ impl ImageSource for LayoutSource {
     fn read_range(&self, desc: &Descriptor, offset: u64, len: u64) -> Result<Vec<u8>> {
         let mut f = self.open(desc)?;
         if offset.checked_add(len).is_none_or(|end| end > desc.size) {
-            return Err(self.err(format!(
-                "range {offset}+{len} is outside blob {}",
-                desc.digest
-            )));
+            return Err(self.err(format!("range {offset}+{len} is outside blob {}", desc.digest)));
         }
         f.seek(SeekFrom::Start(offset))?;
         let mut buf = vec![0; len as usize];

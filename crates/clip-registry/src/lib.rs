@@ -44,11 +44,7 @@ pub enum Error {
         actual: String,
     },
     #[error("blob {digest} is {actual} bytes, its descriptor says {expected}")]
-    SizeMismatch {
-        digest: String,
-        expected: u64,
-        actual: u64,
-    },
+    SizeMismatch { digest: String, expected: u64, actual: u64 },
     #[error("unsupported or malformed digest {0:?}")]
     BadDigest(String),
     #[error("OCI layout {dir}: {msg}")]
@@ -89,12 +85,10 @@ impl ImageRef {
             let dir = std::path::absolute(dir).unwrap_or_else(|_| PathBuf::from(dir));
             return Ok(ImageRef::Layout { dir, tag });
         }
-        let r: oci_client::Reference =
-            s.parse()
-                .map_err(|e: oci_client::ParseError| Error::Reference {
-                    reference: s.into(),
-                    msg: e.to_string(),
-                })?;
+        let r: oci_client::Reference = s.parse().map_err(|e: oci_client::ParseError| Error::Reference {
+            reference: s.into(),
+            msg: e.to_string(),
+        })?;
         Ok(ImageRef::Registry(r))
     }
 
@@ -135,10 +129,7 @@ pub fn open(reference: &ImageRef, opts: &RegistryOptions) -> Result<Box<dyn Imag
 pub fn digest_hex(digest: &str) -> Result<&str> {
     match digest.split_once(':') {
         Some(("sha256", hex))
-            if hex.len() == 64
-                && hex
-                    .bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) =>
+            if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) =>
         {
             Ok(hex)
         }

@@ -116,26 +116,20 @@ fn malformed(digest: &str, msg: impl std::fmt::Display) -> Error {
 
 /// The media type a document declares, or what its shape says it is.
 fn kind_of(doc: &Fetched) -> Result<String> {
-    let v: serde_json::Value =
-        serde_json::from_slice(&doc.bytes).map_err(|e| malformed(&doc.digest, e))?;
-    let declared = v
-        .get("mediaType")
-        .and_then(|m| m.as_str())
-        .map(str::to_string);
+    let v: serde_json::Value = serde_json::from_slice(&doc.bytes).map_err(|e| malformed(&doc.digest, e))?;
+    let declared = v.get("mediaType").and_then(|m| m.as_str()).map(str::to_string);
     if v.get("schemaVersion").and_then(|s| s.as_u64()) == Some(1) {
         return Err(Error::ManifestType(
             "application/vnd.docker.distribution.manifest.v1+json".into(),
         ));
     }
-    let mt = declared
-        .or_else(|| doc.media_type.clone())
-        .unwrap_or_else(|| {
-            if v.get("manifests").is_some() {
-                OCI_INDEX.into()
-            } else {
-                OCI_MANIFEST.into()
-            }
-        });
+    let mt = declared.or_else(|| doc.media_type.clone()).unwrap_or_else(|| {
+        if v.get("manifests").is_some() {
+            OCI_INDEX.into()
+        } else {
+            OCI_MANIFEST.into()
+        }
+    });
     Ok(mt)
 }
 
@@ -145,8 +139,7 @@ pub(crate) fn resolve(src: &dyn Fetcher, platform: &Platform) -> Result<Resolved
         let mt = kind_of(&doc)?;
         match mt.as_str() {
             OCI_INDEX | DOCKER_LIST => {
-                let index: ImageIndex =
-                    serde_json::from_slice(&doc.bytes).map_err(|e| malformed(&doc.digest, e))?;
+                let index: ImageIndex = serde_json::from_slice(&doc.bytes).map_err(|e| malformed(&doc.digest, e))?;
                 let chosen = index
                     .manifests()
                     .iter()
@@ -167,8 +160,7 @@ pub(crate) fn resolve(src: &dyn Fetcher, platform: &Platform) -> Result<Resolved
                 verify_digest("manifest", &desc.digest, &doc.bytes)?;
             }
             OCI_MANIFEST | DOCKER_MANIFEST => {
-                let m: ImageManifest =
-                    serde_json::from_slice(&doc.bytes).map_err(|e| malformed(&doc.digest, e))?;
+                let m: ImageManifest = serde_json::from_slice(&doc.bytes).map_err(|e| malformed(&doc.digest, e))?;
                 let cfg = Descriptor {
                     media_type: m.config().media_type().to_string(),
                     digest: m.config().digest().to_string(),
@@ -187,8 +179,8 @@ pub(crate) fn resolve(src: &dyn Fetcher, platform: &Platform) -> Result<Resolved
                 }
                 let config = src.small_blob(&cfg)?;
                 verify_digest("config", &cfg.digest, &config)?;
-                let cfg_json: serde_json::Value = serde_json::from_slice(&config)
-                    .map_err(|e| malformed(&cfg.digest, format!("config: {e}")))?;
+                let cfg_json: serde_json::Value =
+                    serde_json::from_slice(&config).map_err(|e| malformed(&cfg.digest, format!("config: {e}")))?;
                 let layers = m
                     .layers()
                     .iter()
@@ -201,10 +193,7 @@ pub(crate) fn resolve(src: &dyn Fetcher, platform: &Platform) -> Result<Resolved
                         })
                     })
                     .collect::<Result<Vec<_>>>()?;
-                let os = cfg_json
-                    .get("os")
-                    .and_then(|v| v.as_str())
-                    .unwrap_or(&platform.os);
+                let os = cfg_json.get("os").and_then(|v| v.as_str()).unwrap_or(&platform.os);
                 let arch = cfg_json
                     .get("architecture")
                     .and_then(|v| v.as_str())

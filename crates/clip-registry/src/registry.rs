@@ -65,33 +65,20 @@ pub fn is_loopback(registry: &str) -> bool {
     } else {
         registry.rsplit_once(':').map_or(registry, |(h, _)| h)
     };
-    host == "localhost"
-        || host == "::1"
-        || host
-            .parse::<std::net::Ipv4Addr>()
-            .is_ok_and(|ip| ip.is_loopback())
+    host == "localhost" || host == "::1" || host.parse::<std::net::Ipv4Addr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Credentials for `registry` from the Docker config (`$DOCKER_CONFIG` or
 /// `~/.docker/config.json`, credential helpers included). Never logged.
 fn credentials(registry: &str) -> RegistryAuth {
-    let keys: &[&str] = if matches!(
-        registry,
-        "docker.io" | "index.docker.io" | "registry-1.docker.io"
-    ) {
-        &[
-            "https://index.docker.io/v1/",
-            "index.docker.io",
-            "docker.io",
-        ]
+    let keys: &[&str] = if matches!(registry, "docker.io" | "index.docker.io" | "registry-1.docker.io") {
+        &["https://index.docker.io/v1/", "index.docker.io", "docker.io"]
     } else {
         &[registry]
     };
     for key in keys {
         match docker_credential::get_credential(key) {
-            Ok(docker_credential::DockerCredential::UsernamePassword(u, p)) => {
-                return RegistryAuth::Basic(u, p)
-            }
+            Ok(docker_credential::DockerCredential::UsernamePassword(u, p)) => return RegistryAuth::Basic(u, p),
             Ok(docker_credential::DockerCredential::IdentityToken(_)) => {
                 tracing::warn!(
                     registry,
@@ -122,16 +109,12 @@ fn chain(e: &dyn std::error::Error) -> String {
 
 fn transient(e: &OciDistributionError) -> bool {
     match e {
-        OciDistributionError::RequestError(e) => e
-            .status()
-            .is_none_or(|s| s.is_server_error() || s.as_u16() == 429),
-        OciDistributionError::ServerError { code, .. } => {
-            *code >= 500 || *code == 429 || *code == 408
-        }
+        OciDistributionError::RequestError(e) => e.status().is_none_or(|s| s.is_server_error() || s.as_u16() == 429),
+        OciDistributionError::ServerError { code, .. } => *code >= 500 || *code == 429 || *code == 408,
         OciDistributionError::IoError(_) => true,
-        OciDistributionError::RegistryError { envelope, .. } => format!("{envelope:?}")
-            .to_ascii_uppercase()
-            .contains("TOOMANYREQUESTS"),
+        OciDistributionError::RegistryError { envelope, .. } => {
+            format!("{envelope:?}").to_ascii_uppercase().contains("TOOMANYREQUESTS")
+        }
         _ => false,
     }
 }
@@ -264,19 +247,13 @@ impl ImageSource for RegistrySource {
             registry: self.reference.registry().to_string(),
         };
         self.rt.spawn(task.run(tx));
-        Ok(Box::new(ChannelReader {
-            rx,
-            cur: Bytes::new(),
-        }))
+        Ok(Box::new(ChannelReader { rx, cur: Bytes::new() }))
     }
 
     fn read_range(&self, desc: &Descriptor, offset: u64, len: u64) -> Result<Vec<u8>> {
         crate::digest_hex(&desc.digest)?;
         if offset.checked_add(len).is_none_or(|end| end > desc.size) {
-            return Err(self.err(format!(
-                "range {offset}+{len} is outside blob {}",
-                desc.digest
-            )));
+            return Err(self.err(format!("range {offset}+{len} is outside blob {}", desc.digest)));
         }
         if len == 0 {
             return Ok(Vec::new());
