@@ -525,8 +525,8 @@ fn indexing_survives_a_flaky_registry() {
         &flaky,
         &["--jobs", "1"],
     );
-    // Six faults, and the registry still served every layer.
-    assert!(proxy.blob_requests.load(std::sync::atomic::Ordering::Relaxed) >= 6 + 3);
+    // Five failed requests (the stall only delays one), and every blob was still served.
+    assert!(proxy.blob_requests.load(std::sync::atomic::Ordering::Relaxed) >= 5 + 3);
     let list = |p: &Path| clipctl_ok(&["inspect", p.to_str().unwrap(), "--ls", "/", "-R", "--json"]);
     assert_eq!(list(&direct), list(&flaky));
     let summary = |p: &Path| {
