@@ -2,6 +2,7 @@
 
 mod index;
 mod inspect;
+mod mount;
 
 use std::path::PathBuf;
 
@@ -25,6 +26,13 @@ enum Command {
     Index(index::Args),
     /// Summarise an index, or list its entries.
     Inspect(inspect::Args),
+    /// Mount an image read-only, lazily fetching file data as it is read.
+    Mount(mount::MountArgs),
+    /// Unmount a clip mount and stop what served it (also a stale one).
+    Umount(mount::UmountArgs),
+    /// Serve a mount in the foreground (started by `clipctl mount`).
+    #[command(hide = true)]
+    Serve(mount::ServeArgs),
     /// Print a file of the image, read through the index's checkpoints.
     Cat {
         /// The .clip index.
@@ -59,6 +67,9 @@ fn main() {
         Command::Index(a) => index::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Cat { index, path } => inspect::cat(&index, &path),
+        Command::Mount(a) => mount::mount(a),
+        Command::Umount(a) => mount::umount(a),
+        Command::Serve(a) => mount::serve(a),
     };
     if let Err(e) = result {
         eprintln!("clipctl: {e:#}");

@@ -1,0 +1,343 @@
+//! The FUSE filesystem: an index's tree, read-only, with file data from the
+//! span reader.
+//!
+//! The tree never changes once indexed, so the kernel gets long entry and
+//! attribute timeouts and keeps its page cache across opens
+//! (`FOPEN_KEEP_CACHE`): most warm reads never reach this process. Writes
+//! never get here either: the mount is read-only and the kernel answers
+//! them with `EROFS`.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clip_format::{Kind, Node};
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner,
+    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr,
+    Request,
+};
+
+use crate::reader::SpanReader;
+
+/// How long the kernel may cache entries and attributes: the tree is
+/// immutable, so as long as it likes.
+const TTL: Duration = Duration::from_secs(24 * 3600);
+
+pub struct ClipFs {
+    reader: Arc<SpanReader>,
+    /// Per open file: where the last read ended, to spot sequential reads.
+    handles: Mutex<HashMap<u64, u64>>,
+    next_fh: AtomicU64,
+    pub ops: Arc<OpCounters>,
+}
+
+/// FUSE operation counts.
+#[derive(Debug, Default)]
+pub struct OpCounters {
+    pub lookups: AtomicU64,
+    pub getattrs: AtomicU64,
+    pub reads: AtomicU64,
+    pub read_bytes: AtomicU64,
+    pub read_errors: AtomicU64,
+    pub readdirs: AtomicU64,
+}
+
+fn time(secs: i64, nsec: u32) -> SystemTime {
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::new(secs as u64, nsec)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()) + Duration::from_nanos(u64::from(nsec))
+    }
+}
+
+fn file_type(k: Kind) -> FileType {
+    match k {
+        Kind::File => FileType::RegularFile,
+        Kind::Dir => FileType::Directory,
+        Kind::Symlink => FileType::Symlink,
+        Kind::CharDev => FileType::CharDevice,
+        Kind::BlockDev => FileType::BlockDevice,
+        Kind::Fifo => FileType::NamedPipe,
+    }
+}
+
+/// The kernel's 32-bit device encoding (`new_encode_dev`) of a glibc dev_t.
+fn kernel_rdev(rdev: u64) -> u32 {
+    let major = ((rdev >> 32) & 0xffff_f000) | ((rdev >> 8) & 0xfff);
+    let minor = ((rdev >> 12) & 0xffff_ff00) | (rdev & 0xff);
+    ((minor & 0xff) | ((major & 0xfff) << 8) | ((minor & !0xff) << 12)) as u32
+}
+
+pub fn attr(ino: u64, n: &Node) -> FileAttr {
+    let t = time(n.mtime, n.mtime_nsec);
+    let size = match n.kind {
+        Kind::Symlink => n.target.len() as u64,
+        Kind::Dir => 4096,
+        _ => n.size,
+    };
+    FileAttr {
+        ino: INodeNo(ino),
+        size,
+        blocks: size.div_ceil(512),
+        atime: t,
+        mtime: t,
+        ctime: t,
+        crtime: t,
+        kind: file_type(n.kind),
+        perm: (n.mode & 0o7777) as u16,
+        nlink: n.nlink,
+        uid: n.uid,
+        gid: n.gid,
+        rdev: kernel_rdev(n.rdev),
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+impl ClipFs {
+    pub fn new(reader: Arc<SpanReader>) -> Self {
+        Self {
+            reader,
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            ops: Arc::default(),
+        }
+    }
+
+    fn node(&self, ino: INodeNo) -> Option<&Node> {
+        self.reader.index().index.node(ino.0)
+    }
+}
+
+impl Filesystem for ClipFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_readahead(1 << 20);
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_CACHE_SYMLINKS | fuser::InitFlags::FUSE_PARALLEL_DIROPS);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.ops.lookups.fetch_add(1, Ordering::Relaxed);
+        let index = &self.reader.index().index;
+        match self.node(parent) {
+            Some(p) if p.kind == Kind::Dir => match index.lookup(parent.0, name.as_bytes()) {
+                Some(ino) => {
+                    let n = index.node(ino).expect("validated index");
+                    reply.entry(&TTL, &attr(ino, n), Generation(0));
+                }
+                None => reply.error(Errno::ENOENT),
+            },
+            Some(_) => reply.error(Errno::ENOTDIR),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.ops.getattrs.fetch_add(1, Ordering::Relaxed);
+        match self.node(ino) {
+            Some(n) => reply.attr(&TTL, &attr(ino.0, n)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.node(ino) {
+            Some(n) if n.kind == Kind::Symlink => reply.data(&n.target),
+            Some(_) => reply.error(Errno::EINVAL),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.node(ino) {
+            Some(n) if n.kind == Kind::Dir => reply.error(Errno::EISDIR),
+            Some(_) => {
+                let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+                self.handles.lock().expect("not poisoned").insert(fh, 0);
+                reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+            }
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        self.ops.reads.fetch_add(1, Ordering::Relaxed);
+        let Some(n) = self.node(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        if n.kind != Kind::File {
+            return reply.error(Errno::EINVAL);
+        }
+        let sequential = {
+            let mut h = self.handles.lock().expect("not poisoned");
+            let last = h.insert(fh.0, offset + u64::from(size));
+            last == Some(offset) && offset > 0
+        };
+        match self.reader.read(n, offset, size, sequential) {
+            Ok(data) => {
+                self.ops.read_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                reply.data(&data)
+            }
+            Err(e) => {
+                self.ops.read_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(ino = ino.0, offset, size, error = %e, "read failed");
+                reply.error(Errno::EIO)
+            }
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.handles.lock().expect("not poisoned").remove(&fh.0);
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.node(ino) {
+            Some(n) if n.kind == Kind::Dir => reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+            ),
+            Some(_) => reply.error(Errno::ENOTDIR),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    /// Offsets are stable: 1 is `.`, 2 is `..`, 2 + i + 1 follows entry i.
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        self.ops.readdirs.fetch_add(1, Ordering::Relaxed);
+        let Some(n) = self.node(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        if n.kind != Kind::Dir {
+            return reply.error(Errno::ENOTDIR);
+        }
+        let index = &self.reader.index().index;
+        let mut i = offset;
+        loop {
+            let full = match i {
+                0 => reply.add(ino, 1, FileType::Directory, "."),
+                1 => reply.add(INodeNo(n.parent), 2, FileType::Directory, ".."),
+                _ => {
+                    let Some(e) = n.entries.get((i - 2) as usize) else {
+                        break;
+                    };
+                    let kind = index.node(e.ino).map_or(FileType::RegularFile, |c| file_type(c.kind));
+                    reply.add(INodeNo(e.ino), i + 1, kind, OsStr::from_bytes(&e.name))
+                }
+            };
+            if full {
+                break;
+            }
+            i += 1;
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let index = &self.reader.index().index;
+        let bytes: u64 = index.nodes.iter().map(|n| n.size).sum();
+        reply.statfs(bytes.div_ceil(4096), 0, 0, index.nodes.len() as u64, 0, 4096, 255, 4096);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let Some(n) = self.node(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        match n.xattrs.iter().find(|(k, _)| k.as_slice() == name.as_bytes()) {
+            None => reply.error(Errno::ENODATA),
+            Some((_, v)) if size == 0 => reply.size(v.len() as u32),
+            Some((_, v)) if v.len() > size as usize => reply.error(Errno::ERANGE),
+            Some((_, v)) => reply.data(v),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let Some(n) = self.node(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let mut names = Vec::new();
+        for (k, _) in &n.xattrs {
+            names.extend_from_slice(k);
+            names.push(0);
+        }
+        if size == 0 {
+            reply.size(names.len() as u32)
+        } else if names.len() > size as usize {
+            reply.error(Errno::ERANGE)
+        } else {
+            reply.data(&names)
+        }
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        // default_permissions: the kernel checks modes itself.
+        match self.node(ino) {
+            Some(_) => reply.ok(),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+}
+
+/// Mount options: read-only, usable by every user with the kernel enforcing
+/// modes, no device nodes.
+pub fn config(threads: usize) -> fuser::Config {
+    use fuser::MountOption::*;
+    let mut c = fuser::Config::default();
+    c.mount_options = vec![
+        FSName("clip".into()),
+        Subtype("clip".into()),
+        RO,
+        DefaultPermissions,
+        NoDev,
+    ];
+    c.acl = fuser::SessionACL::All;
+    c.n_threads = Some(threads.max(1));
+    c.clone_fd = true;
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_numbers_use_the_kernel_encoding() {
+        // glibc makedev(1, 3) and makedev(259, 70000)
+        let glibc = |major: u64, minor: u64| {
+            ((major & 0xffff_f000) << 32) | ((major & 0xfff) << 8) | ((minor & 0xffff_ff00) << 12) | (minor & 0xff)
+        };
+        assert_eq!(kernel_rdev(glibc(1, 3)), (1 << 8) | 3);
+        let r = kernel_rdev(glibc(259, 70000));
+        assert_eq!((r & 0xfff00) >> 8, 259);
+        assert_eq!((r & 0xff) | ((r >> 12) & 0xfff00), 70000);
+    }
+
+    #[test]
+    fn times_before_the_epoch() {
+        assert_eq!(time(-2, 500_000_000), UNIX_EPOCH - Duration::from_millis(1500));
+        assert_eq!(time(5, 1), UNIX_EPOCH + Duration::new(5, 1));
+    }
+}
