@@ -264,7 +264,8 @@ fn serve_registry_options() -> RegistryOptions {
         retries: 4,
         backoff: Duration::from_millis(100),
         connect_timeout: Duration::from_secs(5),
-        read_timeout: Duration::from_secs(10),
+        read_timeout: Duration::from_secs(5),
+        deadline: Some(Duration::from_secs(20)),
         ..RegistryOptions::from_env()
     }
 }

@@ -176,7 +176,7 @@ pub fn registry() -> Registry {
     once_on_disk("push", || {
         let _ = std::fs::remove_dir_all(&storage);
         let reg = Registry::start(&storage);
-        for tag in TAGS.iter().chain(&["multi"]) {
+        for tag in TAGS.iter().chain(&["multi", "debian-base"]) {
             run(Command::new("skopeo")
                 .args([
                     "copy",
@@ -203,4 +203,14 @@ pub fn clipctl() -> Command {
 /// Runs clipctl, asserting success; returns stdout.
 pub fn clipctl_ok(args: &[&str]) -> Vec<u8> {
     run(clipctl().args(args)).stdout
+}
+
+pub fn process_running(pid: i32) -> bool {
+    // A zombie still answers kill(0); look at its state instead.
+    pid > 0
+        && std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+        })
 }

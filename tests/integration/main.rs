@@ -3,5 +3,6 @@
 
 mod harness;
 mod index;
+mod mount;
 mod proxy;
 mod tree;

@@ -57,9 +57,16 @@ pub fn is_clip_mount(m: &MountEntry) -> bool {
     m.fstype == "fuse.clip" || (m.fstype == "fuse" && m.source == "clip")
 }
 
-/// A FUSE mount whose server died answers everything with ENOTCONN.
+/// A FUSE mount whose server died answers with ENOTCONN. `statfs` always
+/// reaches the server (a `stat` may be answered from the kernel's cache).
 pub fn is_stale(dir: &Path) -> bool {
-    matches!(std::fs::metadata(dir), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN))
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: valid path and out pointer.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOTCONN)
 }
 
 /// Unmounts `dir`; `lazy` detaches it even while busy (for stale mounts).

@@ -59,6 +59,9 @@ impl LayerInfo {
 
 type SpanResult = Result<Arc<Vec<u8>>, ReadError>;
 
+/// How long a failed fetch is remembered.
+const FAILURE_MEMO: std::time::Duration = std::time::Duration::from_secs(2);
+
 #[derive(Default)]
 struct Flight {
     result: Mutex<Option<SpanResult>>,
@@ -123,6 +126,10 @@ pub struct SpanReader {
     layers: Vec<LayerInfo>,
     mem: Mutex<MemCache>,
     inflight: Mutex<HashMap<(usize, usize), Arc<Flight>>>,
+    /// Spans whose fetch just failed: the kernel's readahead and the read
+    /// that follows it get the same answer at once instead of waiting out
+    /// another deadline.
+    failed: Mutex<HashMap<(usize, usize), (std::time::Instant, ReadError)>>,
     disk: Option<DiskCache>,
     prefetch: Mutex<Option<SyncSender<(usize, usize)>>>,
     readahead_spans: usize,
@@ -174,6 +181,7 @@ impl SpanReader {
                 max: opts.mem_bytes,
             }),
             inflight: Mutex::new(HashMap::new()),
+            failed: Mutex::new(HashMap::new()),
             disk,
             prefetch: Mutex::new(None),
             readahead_spans: opts.readahead_spans,
@@ -216,6 +224,11 @@ impl SpanReader {
             self.stats.mem_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(v);
         }
+        if let Some((when, e)) = self.failed.lock().expect("not poisoned").get(&key) {
+            if when.elapsed() < FAILURE_MEMO {
+                return Err(e.clone());
+            }
+        }
         // Single flight: the first reader of a span fetches it, the others
         // wait for its result.
         let (flight, leader) = {
@@ -237,8 +250,17 @@ impl SpanReader {
             return r.clone().expect("set");
         }
         let result = self.load(layer, k).map(Arc::new);
-        if let Ok(v) = &result {
-            self.mem.lock().expect("not poisoned").put(key, v.clone());
+        match &result {
+            Ok(v) => {
+                self.mem.lock().expect("not poisoned").put(key, v.clone());
+                self.failed.lock().expect("not poisoned").remove(&key);
+            }
+            Err(e) => {
+                self.failed
+                    .lock()
+                    .expect("not poisoned")
+                    .insert(key, (std::time::Instant::now(), e.clone()));
+            }
         }
         *flight.result.lock().expect("not poisoned") = Some(result.clone());
         flight.done.notify_all();

