@@ -116,7 +116,13 @@ impl ClipFs {
 impl Filesystem for ClipFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_readahead(1 << 20);
-        let _ = config.add_capabilities(fuser::InitFlags::FUSE_CACHE_SYMLINKS | fuser::InitFlags::FUSE_PARALLEL_DIROPS);
+        // READDIRPLUS hands the kernel each entry's attributes with the
+        // listing, so `ls -l` and `find` need no LOOKUP per entry.
+        let _ = config.add_capabilities(
+            fuser::InitFlags::FUSE_CACHE_SYMLINKS
+                | fuser::InitFlags::FUSE_PARALLEL_DIROPS
+                | fuser::InitFlags::FUSE_DO_READDIRPLUS,
+        );
         Ok(())
     }
 
@@ -249,6 +255,48 @@ impl Filesystem for ClipFs {
                 }
             };
             if full {
+                break;
+            }
+            i += 1;
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: fuser::ReplyDirectoryPlus,
+    ) {
+        self.ops.readdirs.fetch_add(1, Ordering::Relaxed);
+        let Some(n) = self.node(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        if n.kind != Kind::Dir {
+            return reply.error(Errno::ENOTDIR);
+        }
+        let index = &self.reader.index().index;
+        let mut i = offset;
+        loop {
+            let (child, name): (u64, &[u8]) = match i {
+                0 => (ino.0, b"."),
+                1 => (n.parent, b".."),
+                _ => match n.entries.get((i - 2) as usize) {
+                    Some(e) => (e.ino, &e.name),
+                    None => break,
+                },
+            };
+            let Some(c) = index.node(child) else { break };
+            if reply.add(
+                INodeNo(child),
+                i + 1,
+                OsStr::from_bytes(name),
+                &TTL,
+                &attr(child, c),
+                Generation(0),
+            ) {
                 break;
             }
             i += 1;
