@@ -35,3 +35,14 @@ echo "== clipctl inspect --ls /etc (first lines)"
 "$CLIPCTL" inspect "$WORK/debian.clip" --ls /etc | sed -n 1,8p
 echo "== clipctl cat /etc/os-release (read through the checkpoints with range requests)"
 "$CLIPCTL" cat "$WORK/debian.clip" /etc/os-release
+
+echo "== clipctl mount --image $image $WORK/mnt (lazy, read-only FUSE)"
+export CLIP_BASE_DIR=$WORK/base CLIP_CACHE_DIR=$WORK/cache
+"$CLIPCTL" umount "$WORK/mnt" 2>/dev/null || true
+"$CLIPCTL" mount --image "$image" "$WORK/mnt"
+trap '"$CLIPCTL" umount "$WORK/mnt" 2>/dev/null; kill $registry_pid 2>/dev/null' EXIT
+ls "$WORK/mnt"
+"$WORK/mnt/usr/bin/bash" --version 2>/dev/null | head -1 || true
+echo "bash: $(sha256sum "$WORK/mnt/usr/bin/bash" | cut -c1-16)...; $(du -sh "$WORK/cache" | cut -f1) fetched into the span cache"
+"$CLIPCTL" umount "$WORK/mnt"
+echo "== unmounted"

@@ -485,7 +485,13 @@ pub fn decode_meta(meta: &[u8], meta_raw: u64) -> Result<Index> {
             raw.len()
         )));
     }
-    let (index, rest) = postcard::take_from_bytes::<Index>(&raw).map_err(|e| Error::Decode(e.to_string()))?;
+    parse_meta(&raw)
+}
+
+/// Parses decompressed metadata. Public for fuzzing: everything before it
+/// is guarded by the checksum, so this is what a crafted file reaches.
+pub fn parse_meta(raw: &[u8]) -> Result<Index> {
+    let (index, rest) = postcard::take_from_bytes::<Index>(raw).map_err(|e| Error::Decode(e.to_string()))?;
     if !rest.is_empty() {
         return Err(Error::Decode("trailing bytes after metadata".into()));
     }
