@@ -3,6 +3,7 @@
 
 use std::io::Read;
 
+use crate::gzip::read_some;
 use crate::span::SpanHasher;
 use crate::{BuiltCheckpoint, Checkpoint, Compression, Error, LayerMap, Result};
 
@@ -39,13 +40,7 @@ impl Builder {
             // Never read past the next checkpoint so that spans split exactly.
             let next = if need_checkpoint { pos } else { last.unwrap_or(0) } + self.spacing;
             let room = ((next - pos) as usize).min(self.buf.len());
-            let n = loop {
-                match input.read(&mut self.buf[..room]) {
-                    Ok(n) => break n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(e.into()),
-                }
-            };
+            let n = read_some(input, &mut self.buf[..room])?;
             if n > 0 && need_checkpoint {
                 self.hasher
                     .split(pos * 8)
