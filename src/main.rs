@@ -3,6 +3,7 @@
 mod index;
 mod inspect;
 mod mount;
+mod run;
 
 use std::path::PathBuf;
 
@@ -33,6 +34,8 @@ enum Command {
     /// Serve a mount in the foreground (started by `clipctl mount`).
     #[command(hide = true)]
     Serve(mount::ServeArgs),
+    /// Run a container from an image, lazily: index, mount, run.
+    Run(run::Args),
     /// Print a file of the image, read through the index's checkpoints.
     Cat {
         /// The .clip index.
@@ -70,6 +73,10 @@ fn main() {
         Command::Mount(a) => mount::mount(a),
         Command::Umount(a) => mount::umount(a),
         Command::Serve(a) => mount::serve(a),
+        Command::Run(a) => match run::run(a) {
+            Ok(code) => std::process::exit(code),
+            Err(e) => Err(e),
+        },
     };
     if let Err(e) = result {
         eprintln!("clipctl: {e:#}");

@@ -1,18 +1,15 @@
 //! `clipctl mount`, `clipctl umount` and the serving process behind a mount
 //! (`clipctl serve`, started by `mount`, one per mount).
 
-use std::io::Read;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clip_format::IndexFile;
-use clip_fs::{mounts, ClipFs, DiskCache, ReaderOptions, SpanReader};
+use clip_fs::{ClipFs, DiskCache, ReaderOptions, SpanReader};
 use clip_registry::{ImageRef, Platform, RegistryOptions};
-use serde_json::json;
+use clip_rootfs::{OverlayKind, Paths};
 
 #[derive(clap::Args)]
 pub struct MountArgs {
@@ -25,13 +22,25 @@ pub struct MountArgs {
     /// Platform to pick from a multi-arch image (with --image).
     #[arg(long, default_value = "linux/amd64")]
     platform: String,
+    /// Make a writable container rootfs for this container id instead:
+    /// the image mounted once (shared), overlayfs on top; prints its path.
+    #[arg(long, conflicts_with = "dir")]
+    cid: Option<String>,
+    /// With --cid: use fuse-overlayfs even where kernel overlayfs works.
+    #[arg(long, requires = "cid")]
+    fuse_overlayfs: bool,
     /// Where to mount.
-    dir: PathBuf,
+    #[arg(required_unless_present = "cid")]
+    dir: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
 pub struct UmountArgs {
-    dir: PathBuf,
+    /// Remove this container's rootfs (and the image mount once unused).
+    #[arg(long, conflicts_with = "dir")]
+    cid: Option<String>,
+    #[arg(required_unless_present = "cid")]
+    dir: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -56,8 +65,8 @@ pub fn cache_dir() -> PathBuf {
     env_path("CLIP_CACHE_DIR", "/var/cache/clip")
 }
 
-fn run_dir() -> PathBuf {
-    env_path("CLIP_RUN_DIR", "/run/clip").join("mounts")
+pub fn run_dir() -> PathBuf {
+    env_path("CLIP_RUN_DIR", "/run/clip")
 }
 
 /// `CLIP_CACHE_MAX`: bytes, or with a K, M, G or T suffix. Default 10G.
@@ -77,57 +86,8 @@ fn cache_max() -> Result<u64> {
     Ok(n * mult)
 }
 
-/// State files of the mount at `dir`: (json, log).
-fn state_paths(dir: &Path) -> (PathBuf, PathBuf) {
-    use sha2::Digest;
-    let key = hex_prefix(&sha2::Sha256::digest(dir.as_os_str().as_encoded_bytes()));
-    let d = run_dir();
-    (d.join(format!("{key}.json")), d.join(format!("{key}.log")))
-}
-
-fn hex_prefix(b: &[u8]) -> String {
-    b.iter().take(12).map(|x| format!("{x:02x}")).collect()
-}
-
-fn pid_alive(pid: i32) -> bool {
-    // SAFETY: signal 0 only checks for existence.
-    pid > 0 && unsafe { libc::kill(pid, 0) } == 0
-}
-
-fn state_pid(json: &Path) -> Option<i32> {
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(json).ok()?).ok()?;
-    v["pid"].as_i64().map(|p| p as i32)
-}
-
-/// Stops a serving process: it exits by itself once unmounted; one that
-/// does not is killed.
-fn stop_server(pid: i32) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while pid_alive(pid) && Instant::now() < deadline {
-        // Reap it if it is our child; harmless otherwise.
-        // SAFETY: non-blocking waitpid.
-        unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    if pid_alive(pid) {
-        // SAFETY: plain kill.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    }
-}
-
-/// Removes a dead mount at `dir` and whatever served it.
-fn clean_stale(dir: &Path) -> Result<()> {
-    let (json, log) = state_paths(dir);
-    if mounts::mount_at(dir).is_some_and(|m| mounts::is_clip_mount(&m)) && mounts::is_stale(dir) {
-        tracing::info!(dir = %dir.display(), "cleaning up a stale mount");
-        mounts::unmount(dir, true).with_context(|| format!("unmounting stale {}", dir.display()))?;
-    }
-    if let Some(pid) = state_pid(&json) {
-        stop_server(pid);
-    }
-    let _ = std::fs::remove_file(json);
-    let _ = std::fs::remove_file(log);
-    Ok(())
+pub fn paths() -> Result<Paths> {
+    Ok(Paths::from_env(std::env::current_exe()?))
 }
 
 /// The stored index of an image, built if missing.
@@ -156,105 +116,30 @@ pub fn mount(a: MountArgs) -> Result<()> {
         (None, Some(image)) => index_for_image(image, &a.platform)?,
         (None, None) => bail!("give --index or --image"),
     };
-    let dir = mount_index(&index, &a.dir)?;
+    if let Some(id) = &a.cid {
+        let kind = if a.fuse_overlayfs {
+            OverlayKind::Fuse
+        } else {
+            OverlayKind::Auto
+        };
+        let r = clip_rootfs::create(&paths()?, &index, id, kind)?;
+        println!("{}", r.rootfs.display());
+        return Ok(());
+    }
+    let Some(dir) = &a.dir else {
+        bail!("give a directory to mount on, or --cid ID")
+    };
+    let dir = clip_rootfs::mount_image(&std::env::current_exe()?, &run_dir(), &index, dir)?;
     println!("{}", dir.display());
     Ok(())
 }
 
-/// Mounts an index at `dir` (created if missing), starting its serving
-/// process, and returns once the mount answers. Mounting the same index
-/// again is a no-op; a stale mount there is cleaned up first.
-pub fn mount_index(index: &Path, dir: &Path) -> Result<PathBuf> {
-    std::fs::create_dir_all(dir).or_else(|e| if mounts::is_stale(dir) { Ok(()) } else { Err(e) })?;
-    let dir = if mounts::is_stale(dir) {
-        std::path::absolute(dir)?
-    } else {
-        std::fs::canonicalize(dir)?
-    };
-    let (json, log) = state_paths(&dir);
-    if mounts::is_stale(&dir) {
-        clean_stale(&dir)?;
-    } else if let Some(m) = mounts::mount_at(&dir) {
-        if mounts::is_clip_mount(&m) {
-            let same = std::fs::read(&json)
-                .ok()
-                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-                .is_some_and(|v| v["index"] == index.display().to_string());
-            if same {
-                return Ok(dir);
-            }
-            bail!("{} is already a clip mount of another index", dir.display());
-        }
-    }
-    // Fail early, in this process, on a bad index.
-    IndexFile::load(index).with_context(|| format!("loading {}", index.display()))?;
-    std::fs::create_dir_all(run_dir())?;
-    let logf = std::fs::File::create(&log)?;
-    let mut cmd = Command::new(std::env::current_exe()?);
-    cmd.arg("serve").arg("--index").arg(index).arg(&dir);
-    cmd.stdin(Stdio::null()).stdout(logf.try_clone()?).stderr(logf);
-    // SAFETY: setsid is async-signal-safe; the server outlives this command
-    // in its own session.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().context("starting the serving process")?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if mounts::mount_at(&dir).is_some_and(|m| mounts::is_clip_mount(&m)) && std::fs::metadata(&dir).is_ok() {
-            break;
-        }
-        if let Some(status) = child.try_wait()? {
-            let mut text = String::new();
-            let _ = std::fs::File::open(&log).and_then(|mut f| f.read_to_string(&mut text));
-            let _ = std::fs::remove_file(&log);
-            bail!("the serving process exited ({status}): {}", text.trim());
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            bail!("{} did not come up within 60 s", dir.display());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let state = json!({"dir": dir, "pid": child.id(), "index": index});
-    crate::index::write_atomic(&json, state.to_string().as_bytes())?;
-    Ok(dir)
-}
-
 pub fn umount(a: UmountArgs) -> Result<()> {
-    umount_dir(&a.dir)
-}
-
-/// Unmounts a clip mount and stops its server. Idempotent; stale mounts
-/// (the server was killed) are cleaned up too.
-pub fn umount_dir(dir: &Path) -> Result<()> {
-    let dir = if mounts::is_stale(dir) {
-        std::path::absolute(dir)?
-    } else {
-        match std::fs::canonicalize(dir) {
-            Ok(d) => d,
-            Err(_) => std::path::absolute(dir)?,
-        }
-    };
-    if mounts::is_stale(&dir) {
-        return clean_stale(&dir);
+    match (&a.cid, &a.dir) {
+        (Some(id), _) => Ok(clip_rootfs::release(&paths()?, id)?),
+        (None, Some(dir)) => Ok(clip_rootfs::unmount_image(&run_dir(), dir)?),
+        (None, None) => bail!("give a directory or --cid ID"),
     }
-    let (json, log) = state_paths(&dir);
-    if let Some(m) = mounts::mount_at(&dir) {
-        if !mounts::is_clip_mount(&m) {
-            bail!("{} is not a clip mount ({})", dir.display(), m.fstype);
-        }
-        mounts::unmount(&dir, false).with_context(|| format!("unmounting {}", dir.display()))?;
-    }
-    if let Some(pid) = state_pid(&json) {
-        stop_server(pid);
-    }
-    let _ = std::fs::remove_file(json);
-    let _ = std::fs::remove_file(log);
-    Ok(())
 }
 
 /// Registry settings for serving reads: shorter timeouts than indexing, so
