@@ -9,7 +9,8 @@ PACKAGES=(
     busybox-static debootstrap   # contents of the test images
     zstd pigz libcap2-bin python3 # building edge-case layers
     apache2-utils      # htpasswd, for the registry auth test
-    fuse3 curl ca-certificates gzip tar
+    runc crun runsc fuse-overlayfs # runtimes and the overlay fallback
+    fuse3 curl ca-certificates gzip tar unzip
 )
 
 missing=()

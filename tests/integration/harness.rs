@@ -176,7 +176,7 @@ pub fn registry() -> Registry {
     once_on_disk("push", || {
         let _ = std::fs::remove_dir_all(&storage);
         let reg = Registry::start(&storage);
-        for tag in TAGS.iter().chain(&["multi", "debian-base"]) {
+        for tag in TAGS.iter().chain(&["multi", "debian-base", "app"]) {
             run(Command::new("skopeo")
                 .args([
                     "copy",

@@ -5,4 +5,5 @@ mod harness;
 mod index;
 mod mount;
 mod proxy;
+mod run;
 mod tree;
