@@ -104,7 +104,10 @@ pub fn index_for_image(image: &str, platform: &str) -> Result<PathBuf> {
         return Ok(path);
     }
     std::fs::create_dir_all(path.parent().expect("has parent"))?;
-    let opts = clip_index::Options::default();
+    let mut opts = clip_index::Options::default();
+    if let Some(mib) = std::env::var("CLIP_CHECKPOINT_MIB").ok().and_then(|v| v.parse::<u64>().ok()).filter(|m| *m > 0) {
+        opts.spacing = mib << 20;
+    }
     let (file, _) = clip_index::build(source.as_ref(), &reference.canonical(), &resolved, &opts)?;
     crate::index::write_atomic(&path, &file.encode()?)?;
     Ok(path)
