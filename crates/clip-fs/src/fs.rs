@@ -135,7 +135,14 @@ impl Filesystem for ClipFs {
                     let n = index.node(ino).expect("validated index");
                     reply.entry(&TTL, &attr(ino, n), Generation(0));
                 }
-                None => reply.error(Errno::ENOENT),
+                // A negative entry (inode 0) with a timeout: the kernel
+                // caches the miss, so probing for absent files (Python's
+                // import system does it a lot) stays in the kernel.
+                None => {
+                    let mut neg = attr(parent.0, p);
+                    neg.ino = INodeNo(0);
+                    reply.entry(&TTL, &neg, Generation(0))
+                }
             },
             Some(_) => reply.error(Errno::ENOTDIR),
             None => reply.error(Errno::ENOENT),
