@@ -25,7 +25,12 @@ use clip_registry::{ImageRef, Platform, RegistryOptions};
 const PY: &str = "import numpy, pandas, scipy.linalg; print(numpy.__version__, pandas.__version__)";
 
 fn sh(cmd: &str) {
-    let st = Command::new("bash").arg("-c").arg(cmd).stdout(Stdio::null()).status().unwrap();
+    let st = Command::new("bash")
+        .arg("-c")
+        .arg(cmd)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
     assert!(st.success(), "{cmd}");
 }
 
@@ -37,13 +42,20 @@ fn timed(cmd: &mut Command) -> Duration {
     let t = Instant::now();
     let out = cmd.output().unwrap();
     let d = t.elapsed();
-    assert!(out.status.success(), "{cmd:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     d
 }
 
 fn clipctl(tmp: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_clipctl"));
-    c.env("CLIP_BASE_DIR", tmp.join("base")).env("CLIP_CACHE_DIR", tmp.join("cache")).env("CLIP_RUN_DIR", tmp.join("run"));
+    c.env("CLIP_BASE_DIR", tmp.join("base"))
+        .env("CLIP_CACHE_DIR", tmp.join("cache"))
+        .env("CLIP_RUN_DIR", tmp.join("run"));
     c
 }
 
@@ -61,8 +73,15 @@ fn main() {
     let _ = std::fs::remove_dir_all(&storage);
     let reg = harness::Registry::start(&storage);
     let image = format!("{}/bench/py:latest", reg.host());
-    sh(&format!("skopeo copy --quiet --preserve-digests --dest-tls-verify=false oci:{}:py docker://{image}", layout.display()));
-    let local = clip_registry::open(&ImageRef::parse(&format!("oci:{}:py", layout.display())).unwrap(), &RegistryOptions::default()).unwrap();
+    sh(&format!(
+        "skopeo copy --quiet --preserve-digests --dest-tls-verify=false oci:{}:py docker://{image}",
+        layout.display()
+    ));
+    let local = clip_registry::open(
+        &ImageRef::parse(&format!("oci:{}:py", layout.display())).unwrap(),
+        &RegistryOptions::default(),
+    )
+    .unwrap();
     let resolved = local.resolve(&Platform::default()).unwrap();
     let compressed: u64 = resolved.layers.iter().map(|l| l.size).sum();
 
@@ -94,7 +113,16 @@ fn main() {
             drop_caches();
             std::thread::sleep(Duration::from_millis(300));
             let before = reg.bytes_served();
-            times.push(timed(clipctl(t.path()).args(["run", "--rm", "--name", &format!("s{mib}-{round}"), &image, "python3", "-c", PY])));
+            times.push(timed(clipctl(t.path()).args([
+                "run",
+                "--rm",
+                "--name",
+                &format!("s{mib}-{round}"),
+                &image,
+                "python3",
+                "-c",
+                PY,
+            ])));
             std::thread::sleep(Duration::from_millis(300));
             bytes = bytes.min(reg.bytes_served() - before);
         }
@@ -110,7 +138,16 @@ fn main() {
         drop_caches();
         std::thread::sleep(Duration::from_millis(300));
         let before = reg.bytes_served();
-        clip.push(timed(clipctl(tmp.path()).args(["run", "--rm", "--name", &format!("b{round}"), &image, "python3", "-c", PY])));
+        clip.push(timed(clipctl(tmp.path()).args([
+            "run",
+            "--rm",
+            "--name",
+            &format!("b{round}"),
+            &image,
+            "python3",
+            "-c",
+            PY,
+        ])));
         std::thread::sleep(Duration::from_millis(300));
         fetched.push(reg.bytes_served() - before);
 
@@ -119,32 +156,74 @@ fn main() {
         std::fs::create_dir_all(&pull).unwrap();
         drop_caches();
         let t = Instant::now();
-        sh(&format!("skopeo copy --quiet --src-tls-verify=false docker://{image} oci:{}/oci:py", pull.display()));
-        sh(&format!("umoci unpack --image {p}/oci:py {p}/bundle", p = pull.display()));
-        let opts = clip_run::RunOptions { cmd: vec!["python3".into(), "-c".into(), PY.into()], ..Default::default() };
+        sh(&format!(
+            "skopeo copy --quiet --src-tls-verify=false docker://{image} oci:{}/oci:py",
+            pull.display()
+        ));
+        sh(&format!(
+            "umoci unpack --image {p}/oci:py {p}/bundle",
+            p = pull.display()
+        ));
+        let opts = clip_run::RunOptions {
+            cmd: vec!["python3".into(), "-c".into(), PY.into()],
+            ..Default::default()
+        };
         let spec = clip_run::build_spec(&resolved.config, &pull.join("bundle/rootfs"), &opts).unwrap();
         clip_run::write_bundle(&pull.join("bundle"), &spec).unwrap();
         let id = format!("full{round}");
-        timed(Command::new("runc").arg("run").arg("--bundle").arg(pull.join("bundle")).arg(&id));
+        timed(
+            Command::new("runc")
+                .arg("run")
+                .arg("--bundle")
+                .arg(pull.join("bundle"))
+                .arg(&id),
+        );
         full.push(t.elapsed());
 
         // Floor: runc on the unpacked rootfs.
         drop_caches();
-        floor.push(timed(Command::new("runc").arg("run").arg("--bundle").arg(pull.join("bundle")).arg(format!("floor{round}"))));
+        floor.push(timed(
+            Command::new("runc")
+                .arg("run")
+                .arg("--bundle")
+                .arg(pull.join("bundle"))
+                .arg(format!("floor{round}")),
+        ));
     }
     let (c, f, fl) = (median(clip), median(full), median(floor));
     let bytes = fetched.iter().copied().min().unwrap();
-    println!("# clip run benchmark: {} layers, {compressed} compressed bytes (median of 3, page cache dropped)", resolved.layers.len());
+    println!(
+        "# clip run benchmark: {} layers, {compressed} compressed bytes (median of 3, page cache dropped)",
+        resolved.layers.len()
+    );
     println!();
     println!("| path | seconds |");
     println!("|---|---:|");
-    println!("| clip cold (`clipctl run --rm`, index present, empty cache) | {:.2} |", c.as_secs_f64());
-    println!("| full pull (`skopeo copy` + `umoci unpack` + `runc run`) | {:.2} |", f.as_secs_f64());
-    println!("| floor (`runc run` on the unpacked rootfs) | {:.2} |", fl.as_secs_f64());
+    println!(
+        "| clip cold (`clipctl run --rm`, index present, empty cache) | {:.2} |",
+        c.as_secs_f64()
+    );
+    println!(
+        "| full pull (`skopeo copy` + `umoci unpack` + `runc run`) | {:.2} |",
+        f.as_secs_f64()
+    );
+    println!(
+        "| floor (`runc run` on the unpacked rootfs) | {:.2} |",
+        fl.as_secs_f64()
+    );
     println!();
     println!("| ratio | value | goal |");
     println!("|---|---:|---|");
-    println!("| clip ÷ full pull | **{:.2}** | ≤ 0.25 |", c.as_secs_f64() / f.as_secs_f64());
-    println!("| clip ÷ floor | **{:.2}** | ≤ 1.5 |", c.as_secs_f64() / fl.as_secs_f64());
-    println!("| bytes fetched ÷ image bytes | **{:.3}** ({bytes} of {compressed}) | |", bytes as f64 / compressed as f64);
+    println!(
+        "| clip ÷ full pull | **{:.2}** | ≤ 0.25 |",
+        c.as_secs_f64() / f.as_secs_f64()
+    );
+    println!(
+        "| clip ÷ floor | **{:.2}** | ≤ 1.5 |",
+        c.as_secs_f64() / fl.as_secs_f64()
+    );
+    println!(
+        "| bytes fetched ÷ image bytes | **{:.3}** ({bytes} of {compressed}) | |",
+        bytes as f64 / compressed as f64
+    );
 }

@@ -2,12 +2,9 @@
 //! (`clipctl serve`, started by `mount`, one per mount).
 
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clip_format::IndexFile;
-use clip_fs::{ClipFs, DiskCache, ReaderOptions, SpanReader};
 use clip_registry::{ImageRef, Platform, RegistryOptions};
 use clip_rootfs::{OverlayKind, Paths};
 
@@ -61,29 +58,8 @@ pub fn base_dir() -> PathBuf {
     env_path("CLIP_BASE_DIR", "/var/lib/clip")
 }
 
-pub fn cache_dir() -> PathBuf {
-    env_path("CLIP_CACHE_DIR", "/var/cache/clip")
-}
-
 pub fn run_dir() -> PathBuf {
     env_path("CLIP_RUN_DIR", "/run/clip")
-}
-
-/// `CLIP_CACHE_MAX`: bytes, or with a K, M, G or T suffix. Default 10G.
-fn cache_max() -> Result<u64> {
-    let v = std::env::var("CLIP_CACHE_MAX").unwrap_or_else(|_| "10G".into());
-    let (num, mult) = match v.trim().chars().last() {
-        Some('K' | 'k') => (&v[..v.len() - 1], 1u64 << 10),
-        Some('M' | 'm') => (&v[..v.len() - 1], 1 << 20),
-        Some('G' | 'g') => (&v[..v.len() - 1], 1 << 30),
-        Some('T' | 't') => (&v[..v.len() - 1], 1 << 40),
-        _ => (v.as_str(), 1),
-    };
-    let n: u64 = num
-        .trim()
-        .parse()
-        .with_context(|| format!("CLIP_CACHE_MAX={v:?} is not a size"))?;
-    Ok(n * mult)
 }
 
 pub fn paths() -> Result<Paths> {
@@ -105,7 +81,11 @@ pub fn index_for_image(image: &str, platform: &str) -> Result<PathBuf> {
     }
     std::fs::create_dir_all(path.parent().expect("has parent"))?;
     let mut opts = clip_index::Options::default();
-    if let Some(mib) = std::env::var("CLIP_CHECKPOINT_MIB").ok().and_then(|v| v.parse::<u64>().ok()).filter(|m| *m > 0) {
+    if let Some(mib) = std::env::var("CLIP_CHECKPOINT_MIB")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|m| *m > 0)
+    {
         opts.spacing = mib << 20;
     }
     let (file, _) = clip_index::build(source.as_ref(), &reference.canonical(), &resolved, &opts)?;
@@ -145,54 +125,10 @@ pub fn umount(a: UmountArgs) -> Result<()> {
     }
 }
 
-/// Registry settings for serving reads: shorter timeouts than indexing, so
-/// that a read fails with EIO in bounded time rather than hanging.
-fn serve_registry_options() -> RegistryOptions {
-    RegistryOptions {
-        retries: 4,
-        backoff: Duration::from_millis(100),
-        connect_timeout: Duration::from_secs(5),
-        read_timeout: Duration::from_secs(5),
-        deadline: Some(Duration::from_secs(20)),
-        ..RegistryOptions::from_env()
-    }
-}
-
 pub fn serve(a: ServeArgs) -> Result<()> {
-    // SIGTERM and SIGINT unmount cleanly: block them in every thread and
-    // wait for them in one.
-    // SAFETY: plain signal-mask calls before any thread is started.
-    let set = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
+    let opts = clip_fs::serve::ServeOptions {
+        threads: a.threads,
+        ..clip_fs::serve::ServeOptions::from_env()
     };
-    let file = Arc::new(IndexFile::load(&a.index).with_context(|| format!("loading {}", a.index.display()))?);
-    let reference = ImageRef::parse(&file.index.image.reference)?;
-    let source: Arc<dyn clip_registry::ImageSource> =
-        Arc::from(clip_registry::open(&reference, &serve_registry_options())?);
-    let disk = DiskCache::open(&cache_dir(), cache_max()?).ok();
-    if disk.is_none() {
-        tracing::warn!(dir = %cache_dir().display(), "span cache unavailable; serving from memory only");
-    }
-    let reader = SpanReader::new(file, source, disk, ReaderOptions::default());
-    let fs = ClipFs::new(reader);
-    let mut session = fuser::Session::new(fs, &a.dir, &clip_fs::fs::config(a.threads))
-        .with_context(|| format!("mounting {}", a.dir.display()))?;
-    let mut unmounter = session.unmount_callable();
-    let dir = a.dir.clone();
-    std::thread::spawn(move || {
-        let mut sig = 0;
-        // SAFETY: set holds blocked signals.
-        unsafe { libc::sigwait(&set, &mut sig) };
-        tracing::info!(signal = sig, dir = %dir.display(), "unmounting on signal");
-        let _ = unmounter.unmount();
-    });
-    tracing::info!(dir = %a.dir.display(), index = %a.index.display(), "serving");
-    session.run()?;
-    tracing::info!(dir = %a.dir.display(), "unmounted");
-    Ok(())
+    Ok(clip_fs::serve::serve(&a.index, &a.dir, &opts)?)
 }

@@ -9,6 +9,7 @@ pub mod cache;
 pub mod fs;
 pub mod mounts;
 pub mod reader;
+pub mod serve;
 
 pub use cache::DiskCache;
 pub use fs::ClipFs;

@@ -10,6 +10,12 @@
 //!   `fuse-overlayfs` where the kernel's is missing or when asked; upper and
 //!   work directories under `CLIP_BASE_DIR/containers/ID/`.
 //!   [`release`] removes it, and the image mount once no container uses it.
+//!
+//! A program that embeds clip serves its own mounts: call
+//! [`serve_if_requested`] first thing in `main` and pass
+//! `std::env::current_exe()` as [`Paths::server`]; mounts then run as that
+//! program re-executed with `serve --index FILE DIR`. See
+//! `examples/embed.rs` for the whole flow: index, mount, rootfs, release.
 
 mod image_mount;
 mod overlay;
@@ -217,6 +223,24 @@ pub fn release(paths: &Paths, id: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// If this process was started as a mount server (`PROG serve --index FILE
+/// DIR`, as [`mount_image`] starts it), serves that mount and returns the
+/// exit code; otherwise returns None at once.
+pub fn serve_if_requested() -> Option<i32> {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.len() != 5 || args[1] != "serve" || args[2] != "--index" {
+        return None;
+    }
+    let opts = clip_fs::serve::ServeOptions::from_env();
+    match clip_fs::serve::serve(Path::new(&args[3]), Path::new(&args[4]), &opts) {
+        Ok(()) => Some(0),
+        Err(e) => {
+            eprintln!("serve: {e}");
+            Some(1)
+        }
+    }
 }
 
 /// Container ids with state on this host.

@@ -1,0 +1,117 @@
+//! Serving a mount in the foreground: what `clipctl serve` (and any program
+//! that embeds clip, see `clip_rootfs::serve_if_requested`) runs.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clip_format::IndexFile;
+use clip_registry::{ImageRef, RegistryOptions};
+
+use crate::{ClipFs, DiskCache, ReaderOptions, SpanReader};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("loading {0}: {1}")]
+    Index(PathBuf, clip_format::Error),
+    #[error(transparent)]
+    Source(#[from] clip_registry::Error),
+    #[error("mounting {0}: {1}")]
+    Mount(PathBuf, std::io::Error),
+}
+
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub cache_dir: PathBuf,
+    pub cache_max: u64,
+    pub threads: usize,
+}
+
+impl ServeOptions {
+    /// `CLIP_CACHE_DIR` (default `/var/cache/clip`) and `CLIP_CACHE_MAX`
+    /// (bytes, or with a K, M, G or T suffix; default 10G).
+    pub fn from_env() -> Self {
+        let cache_dir = std::env::var_os("CLIP_CACHE_DIR").map_or_else(|| "/var/cache/clip".into(), PathBuf::from);
+        let v = std::env::var("CLIP_CACHE_MAX").unwrap_or_default();
+        Self {
+            cache_dir,
+            cache_max: parse_size(&v).unwrap_or(10 << 30),
+            threads: 8,
+        }
+    }
+}
+
+pub fn parse_size(v: &str) -> Option<u64> {
+    let v = v.trim();
+    let (num, mult) = match v.chars().last()? {
+        'K' | 'k' => (&v[..v.len() - 1], 1u64 << 10),
+        'M' | 'm' => (&v[..v.len() - 1], 1 << 20),
+        'G' | 'g' => (&v[..v.len() - 1], 1 << 30),
+        'T' | 't' => (&v[..v.len() - 1], 1 << 40),
+        _ => (v, 1),
+    };
+    num.trim().parse::<u64>().ok()?.checked_mul(mult)
+}
+
+/// Registry settings for serving reads: shorter timeouts than indexing, so
+/// that a read fails with EIO in bounded time rather than hanging.
+fn registry_options() -> RegistryOptions {
+    RegistryOptions {
+        retries: 4,
+        backoff: Duration::from_millis(100),
+        connect_timeout: Duration::from_secs(5),
+        read_timeout: Duration::from_secs(5),
+        deadline: Some(Duration::from_secs(20)),
+        ..RegistryOptions::from_env()
+    }
+}
+
+/// Mounts `index` at `dir` and serves it until it is unmounted or this
+/// process gets SIGTERM or SIGINT (which unmount cleanly).
+pub fn serve(index: &Path, dir: &Path, opts: &ServeOptions) -> Result<(), ServeError> {
+    // Block the signals in every thread and wait for them in one.
+    // SAFETY: plain signal-mask calls, before this function starts threads.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    let file = Arc::new(IndexFile::load(index).map_err(|e| ServeError::Index(index.into(), e))?);
+    let reference = ImageRef::parse(&file.index.image.reference)?;
+    let source: Arc<dyn clip_registry::ImageSource> = Arc::from(clip_registry::open(&reference, &registry_options())?);
+    let disk = DiskCache::open(&opts.cache_dir, opts.cache_max).ok();
+    if disk.is_none() {
+        tracing::warn!(dir = %opts.cache_dir.display(), "span cache unavailable; serving from memory only");
+    }
+    let reader = SpanReader::new(file, source, disk, ReaderOptions::default());
+    let mut session = fuser::Session::new(ClipFs::new(reader), dir, &crate::fs::config(opts.threads))
+        .map_err(|e| ServeError::Mount(dir.into(), e))?;
+    let mut unmounter = session.unmount_callable();
+    let d = dir.to_path_buf();
+    std::thread::spawn(move || {
+        let mut sig = 0;
+        // SAFETY: set holds blocked signals.
+        unsafe { libc::sigwait(&set, &mut sig) };
+        tracing::info!(signal = sig, dir = %d.display(), "unmounting on signal");
+        let _ = unmounter.unmount();
+    });
+    tracing::info!(dir = %dir.display(), index = %index.display(), "mounted");
+    session.run().map_err(|e| ServeError::Mount(dir.into(), e))?;
+    tracing::info!(dir = %dir.display(), "unmounted");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes() {
+        assert_eq!(super::parse_size("10G"), Some(10 << 30));
+        assert_eq!(super::parse_size("512k"), Some(512 << 10));
+        assert_eq!(super::parse_size("1234"), Some(1234));
+        assert_eq!(super::parse_size("x"), None);
+        assert_eq!(super::parse_size(""), None);
+    }
+}
