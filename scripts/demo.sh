@@ -46,3 +46,10 @@ ls "$WORK/mnt"
 echo "bash: $(sha256sum "$WORK/mnt/usr/bin/bash" | cut -c1-16)...; $(du -sh "$WORK/cache" | cut -f1) fetched into the span cache"
 "$CLIPCTL" umount "$WORK/mnt"
 echo "== unmounted"
+
+echo "== clipctl run --rm $image (runc, overlayfs over the lazy mount)"
+export CLIP_RUN_DIR=$WORK/run
+set +e
+"$CLIPCTL" run --rm "$image" sh -c 'echo "hello from $(. /etc/os-release; echo $PRETTY_NAME) in a container, exiting with 3"; exit 3'
+echo "== container exit code: $?"
+set -e

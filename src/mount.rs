@@ -75,7 +75,16 @@ pub fn index_for_image(image: &str, platform: &str) -> Result<PathBuf> {
         .resolve(&platform)
         .with_context(|| format!("resolving {}", reference.canonical()))?;
     let hex = resolved.manifest_digest.trim_start_matches("sha256:").to_string();
-    let path = base_dir().join("index").join(format!("{hex}.clip"));
+    let source_key: String = {
+        use sha2::Digest;
+        sha2::Sha256::digest(reference.source().as_bytes())
+            .iter()
+            .take(6)
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    // Keyed by source too: the index fetches from the registry it names.
+    let path = base_dir().join("index").join(format!("{hex}-{source_key}.clip"));
     if IndexFile::load(&path).is_ok() {
         return Ok(path);
     }

@@ -218,3 +218,30 @@ fn signals_reach_the_container() {
     assert_eq!(clip_mounts(tmp.path()), (0, 0));
     let _ = Command::new("true").status();
 }
+
+#[test]
+fn the_same_image_from_another_registry_uses_that_registry() {
+    let tmp = tempfile::tempdir().unwrap();
+    let first = registry();
+    let o = clip(
+        tmp.path(),
+        &["run", "--rm", &format!("{}/clip/busybox:latest", first.host()), "true"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    drop(first);
+    // Same manifest digest, same base dir, another registry: the stored
+    // index of the first must not send reads to a registry that is gone.
+    let second = registry();
+    let o = clip(
+        tmp.path(),
+        &[
+            "run",
+            "--rm",
+            &format!("{}/clip/busybox:latest", second.host()),
+            "cat",
+            "/etc/motd",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(stdout(&o), "hello from clip\n");
+}

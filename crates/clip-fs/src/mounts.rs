@@ -57,7 +57,7 @@ pub fn is_clip_mount(m: &MountEntry) -> bool {
     m.fstype == "fuse.clip" || (m.fstype == "fuse" && m.source == "clip")
 }
 
-/// A FUSE mount whose server died answers with ENOTCONN. `statfs` always
+/// A FUSE mount whose server died answers with ENOTCONN (or ECONNABORTED). `statfs` always
 /// reaches the server (a `stat` may be answered from the kernel's cache).
 pub fn is_stale(dir: &Path) -> bool {
     let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
@@ -66,7 +66,12 @@ pub fn is_stale(dir: &Path) -> bool {
     // SAFETY: valid path and out pointer.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     let r = unsafe { libc::statfs(c.as_ptr(), &mut st) };
-    r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOTCONN)
+    // ECONNABORTED is what requests caught by the connection's abort get.
+    r != 0
+        && matches!(
+            std::io::Error::last_os_error().raw_os_error(),
+            Some(libc::ENOTCONN | libc::ECONNABORTED)
+        )
 }
 
 /// Unmounts `dir`; `lazy` detaches it even while busy (for stale mounts).

@@ -92,6 +92,17 @@ impl ImageRef {
         Ok(ImageRef::Registry(r))
     }
 
+    /// Where the image's blobs come from, without tag or digest: the
+    /// registry and repository, or the layout directory. Indexes stored per
+    /// image are keyed by this and the manifest digest, since an index
+    /// fetches from the place it names.
+    pub fn source(&self) -> String {
+        match self {
+            ImageRef::Registry(r) => format!("{}/{}", r.resolve_registry(), r.repository()),
+            ImageRef::Layout { dir, .. } => format!("oci:{}", dir.display()),
+        }
+    }
+
     /// The canonical spelling, e.g. `docker.io/library/alpine:latest`.
     pub fn canonical(&self) -> String {
         match self {

@@ -122,6 +122,26 @@ pub fn validate_id(id: &str) -> Result<()> {
     }
 }
 
+/// The key of an index's image mount: its file name, made safe.
+fn image_key(index: &Path) -> String {
+    use sha2::Digest;
+    let stem = index
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let clean: String = stem
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .take(100)
+        .collect();
+    let path_hash: String = sha2::Sha256::digest(index.as_os_str().as_encoded_bytes())
+        .iter()
+        .take(4)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("{clean}-{path_hash}")
+}
+
 /// Serialises image mount and unmount decisions between processes.
 fn image_lock(paths: &Paths, hex: &str) -> Result<fs::File> {
     let dir = paths.run.join("images");
@@ -152,13 +172,14 @@ fn users(paths: &Paths, hex: &str) -> Vec<String> {
 /// Makes the rootfs of container `id` from the index at `index`.
 pub fn create(paths: &Paths, index: &Path, id: &str, overlay: OverlayKind) -> Result<Rootfs> {
     validate_id(id)?;
-    let file = clip_format::IndexFile::load(index)?;
-    let hex = file
-        .index
-        .image
-        .manifest_digest
-        .trim_start_matches("sha256:")
-        .to_string();
+    clip_format::IndexFile::load(index)?;
+    // One image mount per index file: an index names the source it fetches
+    // from, so the same image from two registries gets two mounts.
+    let index = &std::fs::canonicalize(index).map_err(|source| Error::Io {
+        what: format!("{}", index.display()),
+        source,
+    })?;
+    let hex = image_key(index);
     let cdir = paths.container_dir(id);
     if cdir.exists() {
         return Err(Error::Exists(id.into()));
