@@ -122,6 +122,23 @@ pub fn validate_id(id: &str) -> Result<()> {
     }
 }
 
+/// Upper and work directories hold what containers write: they must not
+/// live in memory (a tmpfs such as /dev/shm).
+fn refuse_tmpfs(base: &Path) -> Result<()> {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    io(format!("creating {}", base.display()), fs::create_dir_all(base))?;
+    let c = std::ffi::CString::new(base.as_os_str().as_encoded_bytes()).map_err(|e| Error::Overlay(e.to_string()))?;
+    // SAFETY: valid path and out pointer.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0 && st.f_type as i64 == TMPFS_MAGIC {
+        return Err(Error::Overlay(format!(
+            "{} is on a tmpfs: container upper and work directories must be on disk (set CLIP_BASE_DIR)",
+            base.display()
+        )));
+    }
+    Ok(())
+}
+
 /// The key of an index's image mount: its file name, made safe.
 fn image_key(index: &Path) -> String {
     use sha2::Digest;
@@ -172,6 +189,7 @@ fn users(paths: &Paths, hex: &str) -> Vec<String> {
 /// Makes the rootfs of container `id` from the index at `index`.
 pub fn create(paths: &Paths, index: &Path, id: &str, overlay: OverlayKind) -> Result<Rootfs> {
     validate_id(id)?;
+    refuse_tmpfs(&paths.base)?;
     clip_format::IndexFile::load(index)?;
     // One image mount per index file: an index names the source it fetches
     // from, so the same image from two registries gets two mounts.
@@ -288,6 +306,28 @@ mod tests {
         for bad in ["", "..", ".", "a/b", "images", "mounts", "sp ace", &"a".repeat(65)] {
             assert!(validate_id(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn upper_dirs_are_never_on_tmpfs() {
+        let t = tempfile::tempdir_in("/dev/shm").unwrap();
+        let p = Paths {
+            base: t.path().into(),
+            run: t.path().join("run"),
+            server: "/bin/false".into(),
+        };
+        let err = create(&p, Path::new("/nonexistent.clip"), "c", OverlayKind::Auto).unwrap_err();
+        assert!(err.to_string().contains("tmpfs"), "{err}");
+        let disk = tempfile::tempdir().unwrap();
+        let p = Paths {
+            base: disk.path().into(),
+            run: disk.path().join("run"),
+            server: "/bin/false".into(),
+        };
+        assert!(!create(&p, Path::new("/nonexistent.clip"), "c", OverlayKind::Auto)
+            .unwrap_err()
+            .to_string()
+            .contains("tmpfs"));
     }
 
     #[test]
