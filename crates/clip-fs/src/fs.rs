@@ -111,6 +111,28 @@ impl ClipFs {
     fn node(&self, ino: INodeNo) -> Option<&Node> {
         self.reader.index().index.node(ino.0)
     }
+
+    /// The directory `ino`, for listing.
+    fn dir(&self, ino: INodeNo) -> Result<&Node, Errno> {
+        self.ops.readdirs.fetch_add(1, Ordering::Relaxed);
+        match self.node(ino) {
+            Some(n) if n.kind == Kind::Dir => Ok(n),
+            Some(_) => Err(Errno::ENOTDIR),
+            None => Err(Errno::ENOENT),
+        }
+    }
+}
+
+/// Slot `i` of a directory listing: `.`, `..`, then the entries in order.
+fn dir_slot(ino: INodeNo, n: &Node, i: u64) -> Option<(u64, &[u8])> {
+    match i {
+        0 => Some((ino.0, b".")),
+        1 => Some((n.parent, b"..")),
+        _ => n
+            .entries
+            .get(usize::try_from(i - 2).ok()?)
+            .map(|e| (e.ino, e.name.as_slice())),
+    }
 }
 
 impl Filesystem for ClipFs {
@@ -240,28 +262,15 @@ impl Filesystem for ClipFs {
 
     /// Offsets are stable: 1 is `.`, 2 is `..`, 2 + i + 1 follows entry i.
     fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        self.ops.readdirs.fetch_add(1, Ordering::Relaxed);
-        let Some(n) = self.node(ino) else {
-            return reply.error(Errno::ENOENT);
+        let n = match self.dir(ino) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
         };
-        if n.kind != Kind::Dir {
-            return reply.error(Errno::ENOTDIR);
-        }
         let index = &self.reader.index().index;
         let mut i = offset;
-        loop {
-            let full = match i {
-                0 => reply.add(ino, 1, FileType::Directory, "."),
-                1 => reply.add(INodeNo(n.parent), 2, FileType::Directory, ".."),
-                _ => {
-                    let Some(e) = n.entries.get((i - 2) as usize) else {
-                        break;
-                    };
-                    let kind = index.node(e.ino).map_or(FileType::RegularFile, |c| file_type(c.kind));
-                    reply.add(INodeNo(e.ino), i + 1, kind, OsStr::from_bytes(&e.name))
-                }
-            };
-            if full {
+        while let Some((child, name)) = dir_slot(ino, n, i) {
+            let kind = index.node(child).map_or(FileType::Directory, |c| file_type(c.kind));
+            if reply.add(INodeNo(child), i + 1, kind, OsStr::from_bytes(name)) {
                 break;
             }
             i += 1;
@@ -277,24 +286,13 @@ impl Filesystem for ClipFs {
         offset: u64,
         mut reply: fuser::ReplyDirectoryPlus,
     ) {
-        self.ops.readdirs.fetch_add(1, Ordering::Relaxed);
-        let Some(n) = self.node(ino) else {
-            return reply.error(Errno::ENOENT);
+        let n = match self.dir(ino) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
         };
-        if n.kind != Kind::Dir {
-            return reply.error(Errno::ENOTDIR);
-        }
         let index = &self.reader.index().index;
         let mut i = offset;
-        loop {
-            let (child, name): (u64, &[u8]) = match i {
-                0 => (ino.0, b"."),
-                1 => (n.parent, b".."),
-                _ => match n.entries.get((i - 2) as usize) {
-                    Some(e) => (e.ino, &e.name),
-                    None => break,
-                },
-            };
+        while let Some((child, name)) = dir_slot(ino, n, i) {
             let Some(c) = index.node(child) else { break };
             if reply.add(
                 INodeNo(child),
