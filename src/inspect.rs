@@ -2,10 +2,11 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use clip_format::{Index, IndexFile, Kind, Node};
-use clip_index::extract::Extractor;
+use clip_format::{IndexFile, Kind, Node};
+use clip_fs::{ReaderOptions, SpanReader};
 use clip_registry::{ImageRef, ImageSource, RegistryOptions};
 use serde_json::{json, Value};
 
@@ -32,9 +33,17 @@ fn load(path: &Path) -> Result<IndexFile> {
     IndexFile::load(path).with_context(|| format!("loading {}", path.display()))
 }
 
-fn open_source(index: &Index) -> Result<Box<dyn ImageSource>> {
-    let r = ImageRef::parse(&index.image.reference)?;
-    Ok(clip_registry::open(&r, &RegistryOptions::from_env())?)
+/// A reader of the image's files through `file`'s checkpoints, fetching
+/// from the source the index names; no disk cache, no read-ahead.
+fn span_reader(file: Arc<IndexFile>) -> Result<Arc<SpanReader>> {
+    let r = ImageRef::parse(&file.index.image.reference)?;
+    let source: Arc<dyn ImageSource> = Arc::from(clip_registry::open(&r, &RegistryOptions::from_env())?);
+    let opts = ReaderOptions {
+        mem_bytes: 64 << 20,
+        readahead_spans: 0,
+        prefetch_threads: 0,
+    };
+    Ok(SpanReader::new(file, source, None, opts))
 }
 
 fn kind_name(k: Kind) -> &'static str {
@@ -141,7 +150,7 @@ fn join(dir: &[u8], name: &[u8]) -> Vec<u8> {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let file = load(&a.file)?;
+    let file = Arc::new(load(&a.file)?);
     let index = &file.index;
     let Some(ls) = &a.ls else {
         return summary(&file, a.json);
@@ -174,9 +183,9 @@ pub fn run(a: Args) -> Result<()> {
     } else {
         listing.push((ls.as_bytes().to_vec(), root));
     }
-    let source = if a.hash { Some(open_source(index)?) } else { None };
+    let reader = if a.hash { Some(span_reader(file.clone())?) } else { None };
     let mut hashes: Vec<Option<String>> = vec![None; listing.len()];
-    if let Some(source) = &source {
+    if let Some(reader) = &reader {
         // Read files in stream order so that each span is inflated once.
         let mut order: Vec<usize> = (0..listing.len())
             .filter(|&i| index.node(listing[i].1).is_some_and(|n| n.kind == Kind::File))
@@ -186,10 +195,10 @@ pub fn run(a: Args) -> Result<()> {
             clip_format::Data::Sparse { layer, segments } => (*layer, segments.first().map_or(0, |s| s.offset)),
             clip_format::Data::None => (0, 0),
         });
-        let mut ex = Extractor::new(&file, source.as_ref());
         for i in order {
             let mut h = HashWriter(sha2::Sha256::default());
-            ex.copy_file(index.node(listing[i].1).expect("valid"), &mut h)
+            reader
+                .copy_file(index.node(listing[i].1).expect("valid"), &mut h)
                 .with_context(|| format!("reading {}", String::from_utf8_lossy(&listing[i].0)))?;
             hashes[i] = Some(hex(&sha2::Digest::finalize(h.0)));
         }
@@ -300,9 +309,10 @@ pub fn cat(index_path: &Path, path: &str) -> Result<()> {
     if node.kind != Kind::File {
         bail!("{path}: not a regular file");
     }
-    let source = open_source(&file.index)?;
+    let node = node.clone();
+    let reader = span_reader(Arc::new(file))?;
     let mut out = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout().lock());
-    Extractor::new(&file, source.as_ref()).copy_file(node, &mut out)?;
+    reader.copy_file(&node, &mut out)?;
     out.flush()?;
     Ok(())
 }

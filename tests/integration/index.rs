@@ -384,7 +384,6 @@ fn missing_image_on_registry_is_a_clear_error() {
         ],
         "manifest",
     );
-    let _ = harness::TAGS;
 }
 
 #[test]

@@ -371,6 +371,20 @@ impl SpanReader {
         Ok(out)
     }
 
+    /// Writes a whole regular file (holes of sparse files as zeros), for
+    /// tools that read outside a mount (`clipctl cat`, `inspect --hash`).
+    pub fn copy_file(&self, node: &Node, out: &mut dyn std::io::Write) -> Result<(), ReadError> {
+        const CHUNK: u32 = 1 << 20;
+        let mut pos = 0;
+        while pos < node.size {
+            let data = self.read(node, pos, CHUNK, false)?;
+            out.write_all(&data)
+                .map_err(|e| ReadError::Index(format!("writing: {e}")))?;
+            pos += data.len() as u64;
+        }
+        Ok(())
+    }
+
     fn copy_stream(&self, layer: usize, mut pos: u64, len: u64, out: &mut Vec<u8>) -> Result<(), ReadError> {
         let info = self
             .layers

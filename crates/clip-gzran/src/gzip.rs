@@ -116,14 +116,6 @@ impl Builder {
         })
     }
 
-    pub(crate) fn consumed_out(&self) -> u64 {
-        self.out_total - (self.wpos - self.rpos) as u64
-    }
-
-    pub(crate) fn compressed_pos(&self) -> u64 {
-        self.hasher.position()
-    }
-
     fn window(&self) -> Vec<u8> {
         let len = (self.out_total.min(WINDOW_SIZE as u64)) as usize;
         let mut w = Vec::with_capacity(len);

@@ -152,24 +152,6 @@ impl<R: Read> IndexingReader<R> {
         Ok(Self { engine, input })
     }
 
-    /// Uncompressed bytes produced so far.
-    pub fn position(&self) -> u64 {
-        match &self.engine {
-            Engine::Gzip(b) => b.consumed_out(),
-            Engine::Zstd(b) => b.consumed_out(),
-            Engine::Plain(b) => b.consumed_out(),
-        }
-    }
-
-    /// Compressed bytes read from the input so far.
-    pub fn compressed_position(&self) -> u64 {
-        match &self.engine {
-            Engine::Gzip(b) => b.compressed_pos(),
-            Engine::Zstd(b) => b.compressed_pos(),
-            Engine::Plain(b) => b.consumed_out(),
-        }
-    }
-
     /// Reads the rest of the stream (checking it to the end) and returns the
     /// layer's map.
     pub fn finish(mut self) -> Result<LayerMap> {

@@ -28,10 +28,6 @@ impl Builder {
         }
     }
 
-    pub(crate) fn consumed_out(&self) -> u64 {
-        self.hasher.position() - (self.end - self.start) as u64
-    }
-
     pub(crate) fn fill_buf<R: Read>(&mut self, input: &mut R) -> Result<&[u8]> {
         if self.start == self.end {
             let pos = self.hasher.position();

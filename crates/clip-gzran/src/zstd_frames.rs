@@ -48,14 +48,6 @@ impl Builder {
         }
     }
 
-    pub(crate) fn consumed_out(&self) -> u64 {
-        self.out_total - (self.wpos - self.rpos) as u64
-    }
-
-    pub(crate) fn compressed_pos(&self) -> u64 {
-        self.hasher.position()
-    }
-
     pub(crate) fn fill_buf<R: Read>(&mut self, input: &mut R) -> Result<&[u8]> {
         loop {
             if self.rpos < self.wpos {

@@ -1,9 +1,9 @@
 //! Builds a clip index: reads each layer of an image once (layers in
 //! parallel), records random-access checkpoints into its compressed stream
 //! and where each file's bytes lie in its tar stream, then merges the layers'
-//! entries into one tree with overlay semantics.
+//! entries into one tree with overlay semantics. Reading files back goes
+//! through `clip_fs::SpanReader`.
 
-pub mod extract;
 pub mod tar;
 pub mod tree;
 
