@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job, end to end on one machine: build a sample image (debootstrap
 # minbase, two layers) into an OCI layout, serve it from a local registry,
-# index it with clipctl, inspect the index and read a file through it.
+# index it with clipctl, inspect the index and read a file through it, mount
+# it lazily, run a container from it, and show the metrics.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
@@ -9,6 +10,9 @@ cargo build --release --bin clipctl
 CLIPCTL=$PWD/target/release/clipctl
 
 WORK=${CLIP_DEMO_DIR:-/var/tmp/clip-demo}
+# The demo's mounts and metrics, apart from the host's /run/clip.
+export CLIP_RUN_DIR=$WORK/run
+rm -rf "$WORK/run/metrics"
 bash tests/fixtures/build-images.sh "$WORK/images"
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
@@ -48,8 +52,10 @@ echo "bash: $(sha256sum "$WORK/mnt/usr/bin/bash" | cut -c1-16)...; $(du -sh "$WO
 echo "== unmounted"
 
 echo "== clipctl run --rm $image (runc, overlayfs over the lazy mount)"
-export CLIP_RUN_DIR=$WORK/run
 set +e
 "$CLIPCTL" run --rm "$image" sh -c 'echo "hello from $(. /etc/os-release; echo $PRETTY_NAME) in a container, exiting with 3"; exit 3'
 echo "== container exit code: $?"
 set -e
+
+echo "== clipctl metrics (range GETs, first exec; all of this host's clip processes)"
+"$CLIPCTL" metrics | grep -E '^clip_(range_get_(requests|bytes)_total|first_exec_seconds_(sum|count)|index_builds_total|mounts) ' || true

@@ -2,6 +2,7 @@
 
 mod index;
 mod inspect;
+mod metrics;
 mod mount;
 mod run;
 
@@ -36,6 +37,9 @@ enum Command {
     Serve(mount::ServeArgs),
     /// Run a container from an image, lazily: index, mount, run.
     Run(run::Args),
+    /// Print the host's clip metrics (every mount, index build and run), or
+    /// serve them for Prometheus.
+    Metrics(metrics::Args),
     /// Print a file of the image, read through the index's checkpoints.
     Cat {
         /// The .clip index.
@@ -45,9 +49,12 @@ enum Command {
     },
 }
 
-fn init_logging() {
+/// Logs go to stderr: warnings by default, more with `CLIP_VERBOSE=1` or
+/// `RUST_LOG`. A mount server (whose stderr is its log file) logs its
+/// events (mount, unmount, retries, evictions) by default.
+fn init_logging(daemon: bool) {
     use tracing_subscriber::EnvFilter;
-    let default = if std::env::var("CLIP_VERBOSE").is_ok_and(|v| v == "1") {
+    let default = if daemon || std::env::var("CLIP_VERBOSE").is_ok_and(|v| v == "1") {
         "info"
     } else {
         "warn"
@@ -56,6 +63,7 @@ fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 
@@ -64,8 +72,13 @@ fn main() {
     // other Unix tools, instead of reporting EPIPE as an error.
     // SAFETY: setting a signal disposition before any thread starts.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
-    init_logging();
     let cli = Cli::parse();
+    init_logging(matches!(cli.command, Command::Serve(_)));
+    // Processes that end on their own leave their counts (index builds,
+    // range reads, container starts) to the host's metrics; servers and
+    // `metrics` itself handle theirs.
+    let persist = !matches!(cli.command, Command::Serve(_) | Command::Metrics(_));
+    let mut code = 0;
     let result: Result<()> = match cli.command {
         Command::Index(a) => index::run(a),
         Command::Inspect(a) => inspect::run(a),
@@ -73,13 +86,17 @@ fn main() {
         Command::Mount(a) => mount::mount(a),
         Command::Umount(a) => mount::umount(a),
         Command::Serve(a) => mount::serve(a),
-        Command::Run(a) => match run::run(a) {
-            Ok(code) => std::process::exit(code),
-            Err(e) => Err(e),
-        },
+        Command::Metrics(a) => metrics::run(a),
+        Command::Run(a) => run::run(a).map(|c| code = c),
     };
+    if persist {
+        if let Err(e) = clip_metrics::host::persist(&clip_metrics::host::dir_from_env()) {
+            tracing::debug!(error = %e, "metrics not kept");
+        }
+    }
     if let Err(e) = result {
         eprintln!("clipctl: {e:#}");
         std::process::exit(1);
     }
+    std::process::exit(code);
 }

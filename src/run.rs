@@ -50,6 +50,7 @@ fn generated_id() -> String {
 
 /// Runs the container and returns its exit code.
 pub fn run(a: Args) -> Result<i32> {
+    let started = clip_run::monotonic_ns();
     let index = crate::mount::index_for_image(&a.image, &a.platform)?;
     let id = a.name.clone().unwrap_or_else(generated_id);
     let paths = crate::mount::paths()?;
@@ -72,9 +73,23 @@ pub fn run(a: Args) -> Result<i32> {
         let spec = clip_run::build_spec(&file.index.image.config, &rootfs.rootfs, &opts)?;
         let bundle = paths.base.join("containers").join(&id).join("bundle");
         clip_run::write_bundle(&bundle, &spec)?;
-        runtime
-            .run(&bundle, &id)
-            .with_context(|| format!("running container {id}"))
+        let name = runtime.name();
+        let label = name.rsplit('/').next().unwrap_or(&name).to_string();
+        let cid = id.clone();
+        // Recorded and kept at once: a long-running container's start
+        // shows in the metrics while it runs.
+        let on_exec = Box::new(move |t: u64| {
+            let secs = t.saturating_sub(started) as f64 / 1e9;
+            clip_metrics::defs::FIRST_EXEC_SECONDS
+                .with(&[("runtime", &label)])
+                .observe(secs);
+            tracing::info!(container = %cid, runtime = %label, seconds = secs, "container process started");
+            let _ = clip_metrics::host::persist(&clip_metrics::host::dir_from_env());
+        });
+        let exit = runtime
+            .run(&bundle, &id, Some(on_exec))
+            .with_context(|| format!("running container {id}"))?;
+        Ok(exit.code)
     })();
     if a.rm {
         runtime.delete(&id);

@@ -74,7 +74,7 @@ pub fn unpacked(tag: &str) -> PathBuf {
     dest.join("rootfs")
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
@@ -152,9 +152,18 @@ impl Registry {
 
     /// Bytes the registry wrote in response bodies, from its access log.
     pub fn bytes_served(&self) -> u64 {
+        self.bytes_served_matching("")
+    }
+
+    /// Bytes the registry wrote in blob responses (whole or ranges).
+    pub fn blob_bytes_served(&self) -> u64 {
+        self.bytes_served_matching("/blobs/")
+    }
+
+    fn bytes_served_matching(&self, uri_part: &str) -> u64 {
         let log = std::fs::read_to_string(&self.log).unwrap_or_default();
         log.lines()
-            .filter(|l| l.contains("response completed"))
+            .filter(|l| l.contains("response completed") && l.contains(uri_part))
             .filter_map(|l| l.split("http.response.written=").nth(1))
             .filter_map(|v| v.split_whitespace().next()?.parse::<u64>().ok())
             .sum()
@@ -195,7 +204,10 @@ pub fn registry() -> Registry {
 pub fn clipctl() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_clipctl"));
     c.env_remove("CLIP_CHECKPOINT_MIB")
-        .env("DOCKER_CONFIG", "/nonexistent-clip-test");
+        .env("DOCKER_CONFIG", "/nonexistent-clip-test")
+        // Keep tests' metrics and mounts out of the host's /run/clip (tests
+        // that need their own set it again).
+        .env("CLIP_RUN_DIR", fixtures_dir().join("run"));
     c.stdin(Stdio::null());
     c
 }

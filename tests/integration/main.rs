@@ -3,6 +3,7 @@
 
 mod harness;
 mod index;
+mod metrics;
 mod mount;
 mod proxy;
 mod run;

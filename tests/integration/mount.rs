@@ -38,6 +38,7 @@ impl Mounted {
         let index = tmp.path().join("image.clip");
         let mut c = clipctl();
         c.args(["index", "--image", image, "--out"]).arg(&index);
+        env(&mut c, tmp.path());
         ok(c);
         Self::of_index(index, tmp)
     }

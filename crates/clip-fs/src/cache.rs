@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
+use clip_metrics::defs;
 use sha2::{Digest, Sha256};
 
 const MAGIC: &[u8; 8] = b"CLIPSPN1";
@@ -41,9 +42,16 @@ fn dir_size(root: &Path) -> u64 {
     total
 }
 
+/// Bytes in the span cache under `cache_dir` (as given to [`DiskCache::open`]).
+pub fn usage(cache_dir: &Path) -> u64 {
+    dir_size(&cache_dir.join(SUBDIR))
+}
+
+const SUBDIR: &str = "spans-v1";
+
 impl DiskCache {
     pub fn open(root: &Path, max_bytes: u64) -> std::io::Result<Self> {
-        let root = root.join("spans-v1");
+        let root = root.join(SUBDIR);
         fs::create_dir_all(&root)?;
         let size = dir_size(&root);
         Ok(Self {
@@ -110,6 +118,7 @@ impl DiskCache {
             let _ = fs::remove_file(&tmp);
             return;
         }
+        defs::CACHE_WRITTEN_BYTES.get().inc_by(data.len() as u64);
         let size = self.size.fetch_add((HEADER + data.len()) as u64, Ordering::Relaxed) + (HEADER + data.len()) as u64;
         if size > self.max_bytes {
             self.evict();
@@ -131,6 +140,7 @@ impl DiskCache {
         let mut total: u64 = files.iter().map(|f| f.1).sum();
         files.sort();
         let target = self.max_bytes / 10 * 9;
+        let (mut evicted, mut evicted_bytes) = (0u64, 0u64);
         for (_, len, path) in files {
             if total <= target {
                 break;
@@ -138,8 +148,18 @@ impl DiskCache {
             if fs::remove_file(&path).is_ok() {
                 total -= len;
                 self.evictions.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(path = %path.display(), bytes = len, "evicted cached span");
+                evicted += 1;
+                evicted_bytes += len;
             }
+        }
+        if evicted > 0 {
+            defs::CACHE_EVICTIONS.get().inc_by(evicted);
+            tracing::info!(
+                files = evicted,
+                bytes = evicted_bytes,
+                left = total,
+                "evicted cached spans"
+            );
         }
         self.size.store(total, Ordering::Relaxed);
     }

@@ -12,9 +12,10 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clip_format::{Kind, Node};
+use clip_metrics::{defs, Counter, Histogram};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner,
     OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr,
@@ -32,18 +33,76 @@ pub struct ClipFs {
     /// Per open file: where the last read ended, to spot sequential reads.
     handles: Mutex<HashMap<u64, u64>>,
     next_fh: AtomicU64,
-    pub ops: Arc<OpCounters>,
+    metrics: OpMetrics,
 }
 
-/// FUSE operation counts.
-#[derive(Debug, Default)]
-pub struct OpCounters {
-    pub lookups: AtomicU64,
-    pub getattrs: AtomicU64,
-    pub reads: AtomicU64,
-    pub read_bytes: AtomicU64,
-    pub read_errors: AtomicU64,
-    pub readdirs: AtomicU64,
+/// The FUSE operations clip answers, for metrics.
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Lookup,
+    Getattr,
+    Readlink,
+    Open,
+    Read,
+    Release,
+    Opendir,
+    Readdir,
+    Readdirplus,
+    Statfs,
+    Getxattr,
+    Listxattr,
+    Access,
+}
+
+const OP_NAMES: [&str; 13] = [
+    "lookup",
+    "getattr",
+    "readlink",
+    "open",
+    "read",
+    "release",
+    "opendir",
+    "readdir",
+    "readdirplus",
+    "statfs",
+    "getxattr",
+    "listxattr",
+    "access",
+];
+
+/// Per-operation series in the process's metrics, looked up once.
+struct OpMetrics {
+    ops: Vec<(Arc<Counter>, Arc<Histogram>)>,
+    read_bytes: Arc<Counter>,
+    read_errors: Arc<Counter>,
+}
+
+impl OpMetrics {
+    fn new() -> Self {
+        Self {
+            ops: OP_NAMES
+                .iter()
+                .map(|op| {
+                    (
+                        defs::FUSE_OPS.with(&[("op", op)]),
+                        defs::FUSE_SECONDS.with(&[("op", op)]),
+                    )
+                })
+                .collect(),
+            read_bytes: defs::FUSE_BYTES.with(&[("op", "read")]),
+            read_errors: defs::FUSE_ERRORS.with(&[("op", "read")]),
+        }
+    }
+}
+
+/// Counts an operation and its time when dropped.
+struct Timed<'a>(&'a (Arc<Counter>, Arc<Histogram>), Instant);
+
+impl Drop for Timed<'_> {
+    fn drop(&mut self) {
+        self.0 .0.inc();
+        self.0 .1.observe_duration(self.1.elapsed());
+    }
 }
 
 fn time(secs: i64, nsec: u32) -> SystemTime {
@@ -104,8 +163,12 @@ impl ClipFs {
             reader,
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
-            ops: Arc::default(),
+            metrics: OpMetrics::new(),
         }
+    }
+
+    fn timed(&self, op: Op) -> Timed<'_> {
+        Timed(&self.metrics.ops[op as usize], Instant::now())
     }
 
     fn node(&self, ino: INodeNo) -> Option<&Node> {
@@ -114,7 +177,6 @@ impl ClipFs {
 
     /// The directory `ino`, for listing.
     fn dir(&self, ino: INodeNo) -> Result<&Node, Errno> {
-        self.ops.readdirs.fetch_add(1, Ordering::Relaxed);
         match self.node(ino) {
             Some(n) if n.kind == Kind::Dir => Ok(n),
             Some(_) => Err(Errno::ENOTDIR),
@@ -149,7 +211,7 @@ impl Filesystem for ClipFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        self.ops.lookups.fetch_add(1, Ordering::Relaxed);
+        let _t = self.timed(Op::Lookup);
         let index = &self.reader.index().index;
         match self.node(parent) {
             Some(p) if p.kind == Kind::Dir => match index.lookup(parent.0, name.as_bytes()) {
@@ -172,7 +234,7 @@ impl Filesystem for ClipFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        self.ops.getattrs.fetch_add(1, Ordering::Relaxed);
+        let _t = self.timed(Op::Getattr);
         match self.node(ino) {
             Some(n) => reply.attr(&TTL, &attr(ino.0, n)),
             None => reply.error(Errno::ENOENT),
@@ -180,6 +242,7 @@ impl Filesystem for ClipFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _t = self.timed(Op::Readlink);
         match self.node(ino) {
             Some(n) if n.kind == Kind::Symlink => reply.data(&n.target),
             Some(_) => reply.error(Errno::EINVAL),
@@ -188,6 +251,7 @@ impl Filesystem for ClipFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _t = self.timed(Op::Open);
         match self.node(ino) {
             Some(n) if n.kind == Kind::Dir => reply.error(Errno::EISDIR),
             Some(_) => {
@@ -210,7 +274,7 @@ impl Filesystem for ClipFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.ops.reads.fetch_add(1, Ordering::Relaxed);
+        let _t = self.timed(Op::Read);
         let Some(n) = self.node(ino) else {
             return reply.error(Errno::ENOENT);
         };
@@ -224,11 +288,11 @@ impl Filesystem for ClipFs {
         };
         match self.reader.read(n, offset, size, sequential) {
             Ok(data) => {
-                self.ops.read_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                self.metrics.read_bytes.inc_by(data.len() as u64);
                 reply.data(&data)
             }
             Err(e) => {
-                self.ops.read_errors.fetch_add(1, Ordering::Relaxed);
+                self.metrics.read_errors.inc();
                 tracing::error!(ino = ino.0, offset, size, error = %e, "read failed");
                 reply.error(Errno::EIO)
             }
@@ -245,11 +309,13 @@ impl Filesystem for ClipFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let _t = self.timed(Op::Release);
         self.handles.lock().expect("not poisoned").remove(&fh.0);
         reply.ok();
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _t = self.timed(Op::Opendir);
         match self.node(ino) {
             Some(n) if n.kind == Kind::Dir => reply.opened(
                 FileHandle(0),
@@ -262,6 +328,7 @@ impl Filesystem for ClipFs {
 
     /// Offsets are stable: 1 is `.`, 2 is `..`, 2 + i + 1 follows entry i.
     fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let _t = self.timed(Op::Readdir);
         let n = match self.dir(ino) {
             Ok(n) => n,
             Err(e) => return reply.error(e),
@@ -286,6 +353,7 @@ impl Filesystem for ClipFs {
         offset: u64,
         mut reply: fuser::ReplyDirectoryPlus,
     ) {
+        let _t = self.timed(Op::Readdirplus);
         let n = match self.dir(ino) {
             Ok(n) => n,
             Err(e) => return reply.error(e),
@@ -310,12 +378,14 @@ impl Filesystem for ClipFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let _t = self.timed(Op::Statfs);
         let index = &self.reader.index().index;
         let bytes: u64 = index.nodes.iter().map(|n| n.size).sum();
         reply.statfs(bytes.div_ceil(4096), 0, 0, index.nodes.len() as u64, 0, 4096, 255, 4096);
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let _t = self.timed(Op::Getxattr);
         let Some(n) = self.node(ino) else {
             return reply.error(Errno::ENOENT);
         };
@@ -328,6 +398,7 @@ impl Filesystem for ClipFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let _t = self.timed(Op::Listxattr);
         let Some(n) = self.node(ino) else {
             return reply.error(Errno::ENOENT);
         };
@@ -346,6 +417,7 @@ impl Filesystem for ClipFs {
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        let _t = self.timed(Op::Access);
         // default_permissions: the kernel checks modes itself.
         match self.node(ino) {
             Some(_) => reply.ok(),

@@ -6,12 +6,12 @@
 //! fetched ahead.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Condvar, Mutex};
 
 use clip_format::{Compression, Data, IndexFile, Node};
 use clip_gzran::{Checkpoint, Layout};
+use clip_metrics::{defs, Counter};
 use clip_registry::{Descriptor, ImageSource};
 
 use crate::cache::DiskCache;
@@ -26,16 +26,27 @@ pub enum ReadError {
     Index(String),
 }
 
-/// Counters, for logs, tests and metrics.
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub fetches: AtomicU64,
-    pub fetched_bytes: AtomicU64,
-    pub inflated_bytes: AtomicU64,
-    pub mem_hits: AtomicU64,
-    pub disk_hits: AtomicU64,
-    pub verify_failures: AtomicU64,
-    pub prefetches: AtomicU64,
+/// This reader's series in the process's metrics, looked up once.
+struct Metrics {
+    mem_hits: Arc<Counter>,
+    mem_hit_bytes: Arc<Counter>,
+    disk_hits: Arc<Counter>,
+    disk_hit_bytes: Arc<Counter>,
+    misses: Arc<Counter>,
+    prefetches: Arc<Counter>,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        Self {
+            mem_hits: defs::CACHE_HITS.with(&[("tier", "memory")]),
+            mem_hit_bytes: defs::CACHE_HIT_BYTES.with(&[("tier", "memory")]),
+            disk_hits: defs::CACHE_HITS.with(&[("tier", "disk")]),
+            disk_hit_bytes: defs::CACHE_HIT_BYTES.with(&[("tier", "disk")]),
+            misses: defs::CACHE_MISSES.get(),
+            prefetches: defs::PREFETCHES.get(),
+        }
+    }
 }
 
 struct LayerInfo {
@@ -44,6 +55,9 @@ struct LayerInfo {
     hex: String,
     compression: clip_gzran::Compression,
     uncompressed: u64,
+    inflate_cpu: Arc<Counter>,
+    inflate_bytes: Arc<Counter>,
+    verify_failures: Arc<Counter>,
 }
 
 impl LayerInfo {
@@ -133,7 +147,7 @@ pub struct SpanReader {
     disk: Option<DiskCache>,
     prefetch: Mutex<Option<SyncSender<(usize, usize)>>>,
     readahead_spans: usize,
-    pub stats: Stats,
+    metrics: Metrics,
 }
 
 impl SpanReader {
@@ -168,6 +182,9 @@ impl SpanReader {
                     Compression::None => clip_gzran::Compression::None,
                 },
                 uncompressed: l.uncompressed_size,
+                inflate_cpu: defs::INFLATE_SECONDS.with(&[("layer", &l.digest)]),
+                inflate_bytes: defs::INFLATE_BYTES.with(&[("layer", &l.digest)]),
+                verify_failures: defs::VERIFY_FAILURES.with(&[("layer", &l.digest)]),
             })
             .collect();
         let reader = Arc::new(Self {
@@ -185,7 +202,7 @@ impl SpanReader {
             disk,
             prefetch: Mutex::new(None),
             readahead_spans: opts.readahead_spans,
-            stats: Stats::default(),
+            metrics: Metrics::new(),
         });
         if opts.prefetch_threads > 0 && opts.readahead_spans > 0 {
             let (tx, rx) = sync_channel::<(usize, usize)>(64);
@@ -199,7 +216,7 @@ impl SpanReader {
                             return;
                         };
                         let Some(reader) = weak.upgrade() else { return };
-                        reader.stats.prefetches.fetch_add(1, Ordering::Relaxed);
+                        reader.metrics.prefetches.inc();
                         let _ = reader.span(layer, span);
                     })
                     .expect("spawn prefetch thread");
@@ -221,7 +238,8 @@ impl SpanReader {
     pub fn span(&self, layer: usize, k: usize) -> SpanResult {
         let key = (layer, k);
         if let Some(v) = self.mem.lock().expect("not poisoned").get(key) {
-            self.stats.mem_hits.fetch_add(1, Ordering::Relaxed);
+            self.metrics.mem_hits.inc();
+            self.metrics.mem_hit_bytes.inc_by(v.len() as u64);
             return Ok(v);
         }
         if let Some((when, e)) = self.failed.lock().expect("not poisoned").get(&key) {
@@ -280,7 +298,8 @@ impl SpanReader {
         let (out_start, out_end) = layout.span_out(k);
         if let Some(disk) = &self.disk {
             if let Some(v) = disk.get(&info.hex, out_start, out_end - out_start) {
-                self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
+                self.metrics.disk_hits.inc();
+                self.metrics.disk_hit_bytes.inc_by(v.len() as u64);
                 return Ok(v);
             }
         }
@@ -291,6 +310,7 @@ impl SpanReader {
             .window(layer, k)
             .map_err(|e| ReadError::Index(e.to_string()))?;
         let digest = self.index.index.layers[layer].span_digests[k];
+        self.metrics.misses.inc();
         let mut last = String::new();
         // A span that fails its digest is fetched once more: a flipped bit
         // in flight should not fail a read, a bad registry must.
@@ -303,20 +323,19 @@ impl SpanReader {
                     span: k,
                     msg: e.to_string(),
                 })?;
-            self.stats.fetches.fetch_add(1, Ordering::Relaxed);
-            self.stats
-                .fetched_bytes
-                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-            match clip_gzran::decompress_span(&layout, k, &window, &digest, &bytes) {
+            let inflated = defs::with_cpu_time(&info.inflate_cpu, || {
+                clip_gzran::decompress_span(&layout, k, &window, &digest, &bytes)
+            });
+            match inflated {
                 Ok(out) => {
-                    self.stats.inflated_bytes.fetch_add(out.len() as u64, Ordering::Relaxed);
+                    info.inflate_bytes.inc_by(out.len() as u64);
                     if let Some(disk) = &self.disk {
                         disk.put(&info.hex, out_start, &out);
                     }
                     return Ok(out);
                 }
                 Err(e) => {
-                    self.stats.verify_failures.fetch_add(1, Ordering::Relaxed);
+                    info.verify_failures.inc();
                     tracing::warn!(layer = %info.desc.digest, span = k, attempt, error = %e, "span failed verification");
                     last = e.to_string();
                 }

@@ -25,6 +25,9 @@ pub struct ServeOptions {
     pub cache_dir: PathBuf,
     pub cache_max: u64,
     pub threads: usize,
+    /// Where this server answers metrics requests and leaves its counts
+    /// when it stops (see `clip_metrics::host`); None for no metrics.
+    pub metrics_dir: Option<PathBuf>,
 }
 
 impl ServeOptions {
@@ -37,6 +40,7 @@ impl ServeOptions {
             cache_dir,
             cache_max: parse_size(&v).unwrap_or(10 << 30),
             threads: 8,
+            metrics_dir: Some(clip_metrics::host::dir_from_env()),
         }
     }
 }
@@ -98,10 +102,20 @@ pub fn serve(index: &Path, dir: &Path, opts: &ServeOptions) -> Result<(), ServeE
         tracing::info!(signal = sig, dir = %d.display(), "unmounting on signal");
         let _ = unmounter.unmount();
     });
-    tracing::info!(dir = %dir.display(), index = %index.display(), "mounted");
-    session.run().map_err(|e| ServeError::Mount(dir.into(), e))?;
+    let exporter = opts.metrics_dir.as_deref().and_then(|d| {
+        clip_metrics::host::Exporter::start(d)
+            .map_err(|e| tracing::warn!(error = %e, "serving without metrics"))
+            .ok()
+    });
+    tracing::info!(dir = %dir.display(), index = %index.display(), image = %reference.canonical(), "mounted");
+    let result = session.run().map_err(|e| ServeError::Mount(dir.into(), e));
     tracing::info!(dir = %dir.display(), "unmounted");
-    Ok(())
+    if let Some(e) = exporter {
+        if let Err(e) = e.finish() {
+            tracing::warn!(error = %e, "cannot keep this mount's metrics");
+        }
+    }
+    result
 }
 
 #[cfg(test)]

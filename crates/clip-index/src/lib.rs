@@ -14,6 +14,7 @@ use std::time::Instant;
 
 use clip_format::{Checkpoint, Compression, Image, Index, IndexFile, Kind, Layer, WindowWriter};
 use clip_gzran::{IndexingReader, LayerMap};
+use clip_metrics::defs;
 use clip_registry::{Descriptor, ImageSource, ResolvedImage};
 
 pub use tree::Skipped;
@@ -188,6 +189,29 @@ fn index_one(
 
 /// Indexes a resolved image: every layer read once, in parallel.
 pub fn build(
+    source: &dyn ImageSource,
+    reference: &str,
+    image: &ResolvedImage,
+    opts: &Options,
+) -> Result<(IndexFile, Stats)> {
+    let started = Instant::now();
+    let result = build_image(source, reference, image, opts);
+    defs::INDEX_BUILDS
+        .with(&[("result", if result.is_ok() { "ok" } else { "error" })])
+        .inc();
+    defs::INDEX_BUILD_SECONDS.get().observe_duration(started.elapsed());
+    if let Ok((_, stats)) = &result {
+        defs::INDEX_BUILD_BYTES
+            .with(&[("kind", "compressed")])
+            .inc_by(stats.compressed_bytes);
+        defs::INDEX_BUILD_BYTES
+            .with(&[("kind", "uncompressed")])
+            .inc_by(stats.uncompressed_bytes);
+    }
+    result
+}
+
+fn build_image(
     source: &dyn ImageSource,
     reference: &str,
     image: &ResolvedImage,

@@ -5,6 +5,7 @@ use std::io::{self, Read};
 use std::time::Duration;
 
 use bytes::Bytes;
+use clip_metrics::defs;
 use futures_util::StreamExt;
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::OciDistributionError;
@@ -111,6 +112,15 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// The HTTP status of a failed request, when one arrived.
+fn http_status(e: &OciDistributionError) -> Option<u16> {
+    match e {
+        OciDistributionError::ServerError { code, .. } => Some(*code),
+        OciDistributionError::RequestError(e) => e.status().map(|s| s.as_u16()),
+        _ => None,
+    }
+}
+
 fn transient(e: &OciDistributionError) -> bool {
     match e {
         OciDistributionError::RequestError(e) => e.status().is_none_or(|s| s.is_server_error() || s.as_u16() == 429),
@@ -195,6 +205,7 @@ impl RegistrySource {
                             return Err(self.err(format!("{what}: {} (deadline reached)", chain(&e))));
                         }
                         tracing::info!(what, attempt, error = %chain(&e), "retrying registry request");
+                        defs::REGISTRY_RETRIES.with(&[("op", what)]).inc();
                         tokio::time::sleep(pause).await;
                     }
                     Err(e) => return Err(self.err(format!("{what}: {}", chain(&e)))),
@@ -210,6 +221,46 @@ impl RegistrySource {
             size: desc.size as i64,
             ..Default::default()
         }
+    }
+
+    /// One range GET: the bytes and the HTTP status. `received` counts what
+    /// arrived, a broken response included.
+    async fn range_attempt(
+        &self,
+        od: &OciDescriptor,
+        offset: u64,
+        len: u64,
+        received: &mut u64,
+    ) -> std::result::Result<(Vec<u8>, u16), OciDistributionError> {
+        let resp = self
+            .client
+            .pull_blob_stream_partial(&self.reference, od, offset, Some(len))
+            .await?;
+        let (mut stream, skip, code) = match resp {
+            oci_client::client::BlobResponse::Partial(s) => (s.stream, 0, 206),
+            // A registry that ignores Range sends the whole blob.
+            oci_client::client::BlobResponse::Full(s) => (s.stream, offset, 200),
+        };
+        let mut out = Vec::with_capacity(len as usize);
+        let mut seen = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            let start = skip.saturating_sub(seen).min(chunk.len() as u64) as usize;
+            seen += chunk.len() as u64;
+            *received += chunk.len() as u64;
+            let want = (len as usize - out.len()).min(chunk.len() - start);
+            out.extend_from_slice(&chunk[start..start + want]);
+            if out.len() as u64 == len {
+                break;
+            }
+        }
+        if (out.len() as u64) < len {
+            return Err(OciDistributionError::IoError(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("range response ended after {} of {len} bytes", out.len()),
+            )));
+        }
+        Ok((out, code))
     }
 
     fn fetch_manifest(&self, reference: &Reference) -> Result<Fetched> {
@@ -277,34 +328,20 @@ impl ImageSource for RegistrySource {
         }
         let od = Self::oci_desc(desc);
         let bytes = self.retry("blob range", || async {
-            let resp = self
-                .client
-                .pull_blob_stream_partial(&self.reference, &od, offset, Some(len))
-                .await?;
-            let (mut stream, skip) = match resp {
-                oci_client::client::BlobResponse::Partial(s) => (s.stream, 0),
-                // A registry that ignores Range sends the whole blob.
-                oci_client::client::BlobResponse::Full(s) => (s.stream, offset),
+            let started = std::time::Instant::now();
+            let mut received = 0u64;
+            let result = self.range_attempt(&od, offset, len, &mut received).await;
+            let status = match &result {
+                Ok((_, code)) => code.to_string(),
+                Err(e) => http_status(e).map_or_else(|| "error".to_string(), |c| c.to_string()),
             };
-            let mut out = Vec::with_capacity(len as usize);
-            let mut seen = 0u64;
-            while let Some(chunk) = stream.next().await {
-                let chunk = chunk?;
-                let start = skip.saturating_sub(seen).min(chunk.len() as u64) as usize;
-                seen += chunk.len() as u64;
-                let want = (len as usize - out.len()).min(chunk.len() - start);
-                out.extend_from_slice(&chunk[start..start + want]);
-                if out.len() as u64 == len {
-                    break;
-                }
-            }
-            if (out.len() as u64) < len {
-                return Err(OciDistributionError::IoError(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("range response ended after {} of {len} bytes", out.len()),
-                )));
-            }
-            Ok(out)
+            let labels = [("layer", desc.digest.as_str()), ("status", status.as_str())];
+            defs::RANGE_GET_REQUESTS.with(&labels).inc();
+            defs::RANGE_GET_BYTES.with(&labels).inc_by(received);
+            defs::RANGE_GET_SECONDS
+                .with(&labels)
+                .observe_duration(started.elapsed());
+            result.map(|(bytes, _)| bytes)
         })?;
         Ok(bytes)
     }
@@ -386,6 +423,7 @@ impl BlobStream {
                 return;
             }
             tracing::info!(digest = %self.desc.digest, offset, attempt, error = %failure, "resuming blob stream");
+            defs::REGISTRY_RETRIES.with(&[("op", "blob stream")]).inc();
             tokio::time::sleep(self.opts.backoff * 2u32.pow(attempt - 1)).await;
         }
     }

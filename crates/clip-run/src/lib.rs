@@ -8,6 +8,10 @@
 //! /etc/group. [`Runtime::run`] runs a bundle in the foreground with stdio
 //! and signals passed through, and returns the container's exit code.
 
+mod exec_watch;
+
+pub use exec_watch::monotonic_ns;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -206,6 +210,17 @@ fn hybrid_cgroups() -> bool {
     })
 }
 
+/// How a container run ended.
+#[derive(Debug, Clone, Copy)]
+pub struct Exit {
+    /// The exit code; 128 + N for death by signal N.
+    pub code: i32,
+    /// When the container's process first exec'd (CLOCK_MONOTONIC ns, see
+    /// [`monotonic_ns`]); None when not seen (not root, or runsc, whose
+    /// process lives inside its sandbox).
+    pub first_exec_ns: Option<u64>,
+}
+
 impl Runtime {
     fn command(&self) -> Command {
         match self {
@@ -221,7 +236,7 @@ impl Runtime {
         }
     }
 
-    fn name(&self) -> String {
+    pub fn name(&self) -> String {
         match self {
             Runtime::Runc => "runc".into(),
             Runtime::Crun => "crun".into(),
@@ -233,12 +248,21 @@ impl Runtime {
     /// Runs the bundle in the foreground (`RUNTIME run --bundle DIR ID`)
     /// with this process's stdio, forwarding SIGINT, SIGTERM, SIGHUP,
     /// SIGQUIT, SIGUSR1 and SIGUSR2 to it (runc and crun pass them on to the
-    /// container). Returns the exit code, 128 + N for death by signal N.
-    pub fn run(&self, bundle: &Path, id: &str) -> Result<i32> {
+    /// container). Returns the exit code, 128 + N for death by signal N,
+    /// and when the container's process first exec'd, if that was seen.
+    /// `on_first_exec` is called (from another thread) as soon as that is.
+    pub fn run(&self, bundle: &Path, id: &str, on_first_exec: Option<Box<dyn FnOnce(u64) + Send>>) -> Result<Exit> {
         use std::os::unix::process::CommandExt;
         use std::os::unix::process::ExitStatusExt;
+        let pid_file = bundle.join("init.pid");
+        let _ = std::fs::remove_file(&pid_file);
         let mut cmd = self.command();
-        cmd.arg("run").arg("--bundle").arg(bundle).arg(id);
+        cmd.arg("run")
+            .arg("--bundle")
+            .arg(bundle)
+            .arg("--pid-file")
+            .arg(&pid_file)
+            .arg(id);
         let crun_fix = *self == Runtime::Crun && hybrid_cgroups();
         const FORWARD: [i32; 6] = [
             libc::SIGINT,
@@ -281,9 +305,16 @@ impl Runtime {
                 Ok(())
             });
         }
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watch = match exec_watch::ExecWatch::open() {
+            Ok(w) => Some(w.first_exec(pid_file, done.clone(), on_first_exec)),
+            Err(e) => {
+                tracing::debug!(error = %e, "not timing the first exec (process events need root)");
+                None
+            }
+        };
         let mut child = cmd.spawn().map_err(|e| Error::Runtime(self.name(), e))?;
         let pid = child.id() as i32;
-        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let d = done.clone();
         std::thread::spawn(move || {
             // Wakes up to check `done`: sigtimedwait with a short timeout.
@@ -300,9 +331,14 @@ impl Runtime {
                 }
             }
         });
-        let status = child.wait().map_err(|e| Error::Runtime(self.name(), e))?;
+        let status = child.wait();
         done.store(true, std::sync::atomic::Ordering::Relaxed);
-        Ok(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+        let first_exec_ns = watch.and_then(|h| h.join().ok().flatten());
+        let status = status.map_err(|e| Error::Runtime(self.name(), e))?;
+        Ok(Exit {
+            code: status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)),
+            first_exec_ns,
+        })
     }
 
     /// Removes the runtime's state of container `id`, if any is left.
