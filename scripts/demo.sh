@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
-cargo build --release --bin clipctl
+cargo build --release --bin clipctl --bin clip-runtime
 CLIPCTL=$PWD/target/release/clipctl
 
 WORK=${CLIP_DEMO_DIR:-/var/tmp/clip-demo}
@@ -51,7 +51,7 @@ echo "bash: $(sha256sum "$WORK/mnt/usr/bin/bash" | cut -c1-16)...; $(du -sh "$WO
 "$CLIPCTL" umount "$WORK/mnt"
 echo "== unmounted"
 
-echo "== clipctl run --rm $image (runc, overlayfs over the lazy mount)"
+echo "== clipctl run --rm $image (clip-runtime, overlayfs over the lazy mount)"
 set +e
 "$CLIPCTL" run --rm "$image" sh -c 'echo "hello from $(. /etc/os-release; echo $PRETTY_NAME) in a container, exiting with 3"; exit 3'
 echo "== container exit code: $?"

@@ -7,8 +7,9 @@ use clip_run::{RunOptions, Runtime};
 #[derive(clap::Args)]
 #[command(trailing_var_arg = true)]
 pub struct Args {
-    /// runc, crun, runsc, or the path of a runc-compatible binary.
-    #[arg(long, default_value = "runc")]
+    /// clip (clip-runtime, the default), runc, crun, runsc, or the path of a
+    /// runc-compatible binary.
+    #[arg(long, default_value = "clip")]
     runtime: String,
     /// Remove the container's rootfs and state when it exits.
     #[arg(long)]

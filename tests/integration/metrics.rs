@@ -207,7 +207,7 @@ fn first_exec_latency_is_recorded_per_runtime() {
     let text = String::from_utf8(out.stdout).unwrap();
     let e = openmetrics_parser::openmetrics::parse_openmetrics(&text).unwrap();
     assert_eq!(
-        total(&e, "clip_first_exec_seconds", Some(("runtime", "runc"))),
+        total(&e, "clip_first_exec_seconds", Some(("runtime", "clip-runtime"))),
         1.0,
         "{text}"
     );

@@ -71,6 +71,11 @@ fn run_on(runtime: &str) {
 }
 
 #[test]
+fn clip_runtime_runs_the_image_config() {
+    run_on("clip");
+}
+
+#[test]
 fn runc_runs_the_image_config() {
     run_on("runc");
 }

@@ -183,6 +183,9 @@ pub fn write_bundle(bundle: &Path, spec: &Spec) -> Result<()> {
 /// An OCI runtime with runc's command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Runtime {
+    /// clip's own runtime (`clip-runtime`, next to the running binary or
+    /// on PATH).
+    Clip,
     Runc,
     Crun,
     Runsc,
@@ -193,12 +196,23 @@ impl std::str::FromStr for Runtime {
     type Err = std::convert::Infallible;
     fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
         Ok(match s {
+            "clip" | "clip-runtime" => Runtime::Clip,
             "runc" => Runtime::Runc,
             "crun" => Runtime::Crun,
             "runsc" => Runtime::Runsc,
             other => Runtime::Path(other.into()),
         })
     }
+}
+
+/// `clip-runtime` beside the running executable (as cargo and packages
+/// install them), else whatever PATH finds.
+pub fn clip_runtime_path() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("clip-runtime")))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("clip-runtime"))
 }
 
 /// This host mounts cgroup v1 controllers with a cgroup2 hierarchy beside
@@ -224,6 +238,7 @@ pub struct Exit {
 impl Runtime {
     fn command(&self) -> Command {
         match self {
+            Runtime::Clip => Command::new(clip_runtime_path()),
             Runtime::Runc => Command::new("runc"),
             Runtime::Crun => Command::new("crun"),
             Runtime::Runsc => {
@@ -238,6 +253,7 @@ impl Runtime {
 
     pub fn name(&self) -> String {
         match self {
+            Runtime::Clip => "clip-runtime".into(),
             Runtime::Runc => "runc".into(),
             Runtime::Crun => "crun".into(),
             Runtime::Runsc => "runsc".into(),

@@ -1,0 +1,402 @@
+//! clip-runtime: an OCI runtime with runc's command line, built on youki's
+//! `libcontainer`, which does the work (namespaces, mounts, cgroups,
+//! capabilities, seccomp, hooks). This crate adds the command line, state
+//! output in the runtime spec's format, and one fix of its own:
+//! [`readonly_cgroups`] makes the cgroup mounts read-only when config.json
+//! says `ro` (libcontainer mounts cgroup v1 controllers read-write, which
+//! lets a container raise its own limits).
+//!
+//! libcontainer clones the calling process and keeps running Rust in the
+//! child, so the binary that calls this must be single-threaded.
+
+pub mod readonly_cgroups;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::container::{Container, ContainerStatus};
+use libcontainer::syscall::syscall::SyscallType;
+use oci_spec::runtime::{ContainerState, Spec};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("container {0} does not exist")]
+    NotFound(String),
+    #[error("container {0} already exists")]
+    Exists(String),
+    #[error("container {id} is {status}: {what}")]
+    State {
+        id: String,
+        status: String,
+        what: &'static str,
+    },
+    #[error("invalid signal {0}")]
+    Signal(String),
+    #[error(transparent)]
+    Container(#[from] libcontainer::error::LibcontainerError),
+    #[error("bundle {0}: {1}")]
+    Spec(PathBuf, String),
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Io { what, source }
+}
+
+/// Where containers' state lives (`--root`).
+#[derive(Debug, Clone)]
+pub struct Root(pub PathBuf);
+
+impl Root {
+    fn dir(&self, id: &str) -> PathBuf {
+        self.0.join(id)
+    }
+
+    /// Loads a container and refreshes its status from the process table.
+    pub fn load(&self, id: &str) -> Result<Container> {
+        let dir = self.dir(id);
+        if id.is_empty() || id.contains('/') || !dir.join("state.json").exists() {
+            return Err(Error::NotFound(id.into()));
+        }
+        let mut c = Container::load(dir)?;
+        c.refresh_status()?;
+        Ok(c)
+    }
+
+    /// Ids of the containers under this root.
+    pub fn ids(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&self.0)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().join("state.json").exists())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+/// What `create` and `run` take.
+#[derive(Debug, Clone, Default)]
+pub struct CreateOptions {
+    pub bundle: PathBuf,
+    pub console_socket: Option<PathBuf>,
+    pub pid_file: Option<PathBuf>,
+    pub preserve_fds: i32,
+    pub no_pivot: bool,
+}
+
+fn load_spec(bundle: &Path) -> Result<Spec> {
+    Spec::load(bundle.join("config.json")).map_err(|e| Error::Spec(bundle.to_path_buf(), e.to_string()))
+}
+
+fn builder(root: &Root, id: &str, console: Option<&Path>, pid_file: Option<&Path>) -> Result<ContainerBuilder> {
+    std::fs::create_dir_all(&root.0).map_err(io(format!("creating {}", root.0.display())))?;
+    let mut b = ContainerBuilder::new(id.to_string(), SyscallType::default()).with_root_path(&root.0)?;
+    if let Some(p) = pid_file {
+        b = b.with_pid_file(Some(p))?;
+    }
+    if let Some(s) = console {
+        b = b.with_console_socket(Some(s));
+    }
+    Ok(b.validate_id()?)
+}
+
+/// `create`: the container's processes are set up and wait for `start`.
+/// A failed create leaves nothing behind.
+pub fn create(root: &Root, id: &str, o: &CreateOptions, detach: bool) -> Result<Container> {
+    if root.dir(id).exists() {
+        return Err(Error::Exists(id.into()));
+    }
+    let spec = load_spec(&o.bundle)?;
+    let built = builder(root, id, o.console_socket.as_deref(), o.pid_file.as_deref())?
+        .with_preserved_fds(o.preserve_fds)
+        .as_init(&o.bundle)
+        .with_systemd(false)
+        .with_no_pivot(o.no_pivot)
+        .with_detach(detach)
+        .build();
+    let mut container = match built {
+        Ok(c) => c,
+        Err(e) => {
+            cleanup_failed(root, id);
+            return Err(e.into());
+        }
+    };
+    if let Err(e) = readonly_cgroups::enforce(&container, &spec) {
+        let _ = container.delete(true);
+        cleanup_failed(root, id);
+        return Err(e);
+    }
+    Ok(container)
+}
+
+/// Removes what a failed create may have left (libcontainer cleans up
+/// most of it itself).
+fn cleanup_failed(root: &Root, id: &str) {
+    let dir = root.dir(id);
+    if let Ok(mut c) = Container::load(dir.clone()) {
+        let _ = c.delete(true);
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+pub fn start(root: &Root, id: &str) -> Result<()> {
+    let mut c = root.load(id)?;
+    if c.status() != ContainerStatus::Created {
+        return Err(state_error(&c, "only a created container can be started"));
+    }
+    Ok(c.start()?)
+}
+
+fn status_name(s: ContainerStatus) -> &'static str {
+    match s {
+        ContainerStatus::Creating => "creating",
+        ContainerStatus::Created => "created",
+        ContainerStatus::Running => "running",
+        ContainerStatus::Stopped => "stopped",
+        ContainerStatus::Paused => "paused",
+    }
+}
+
+fn state_error(c: &Container, what: &'static str) -> Error {
+    Error::State {
+        id: c.id().to_string(),
+        status: status_name(c.status()).to_string(),
+        what,
+    }
+}
+
+/// The runtime spec's state of a container.
+pub fn state(root: &Root, id: &str) -> Result<oci_spec::runtime::State> {
+    let c = root.load(id)?;
+    let status = match c.status() {
+        ContainerStatus::Creating => ContainerState::Creating,
+        ContainerStatus::Created => ContainerState::Created,
+        ContainerStatus::Running | ContainerStatus::Paused => ContainerState::Running,
+        ContainerStatus::Stopped => ContainerState::Stopped,
+    };
+    let mut s = oci_spec::runtime::State::default();
+    s.set_version(oci_spec::runtime::VERSION.to_string())
+        .set_id(id.to_string())
+        .set_status(status)
+        .set_pid(
+            c.pid()
+                .map(|p| p.as_raw())
+                .filter(|_| status != ContainerState::Stopped),
+        )
+        .set_bundle(c.bundle().clone())
+        .set_annotations(c.state.annotations.clone());
+    Ok(s)
+}
+
+pub fn kill(root: &Root, id: &str, signal: &str, all: bool) -> Result<()> {
+    let mut c = root.load(id)?;
+    let sig = libcontainer::signal::Signal::try_from(signal).map_err(|_| Error::Signal(signal.into()))?;
+    let signallable = match c.status() {
+        ContainerStatus::Created | ContainerStatus::Running | ContainerStatus::Paused => true,
+        ContainerStatus::Stopped => all,
+        ContainerStatus::Creating => false,
+    };
+    if !signallable {
+        return Err(state_error(&c, "only a created or running container can be signalled"));
+    }
+    Ok(c.kill(sig, all)?)
+}
+
+/// `delete`: a stopped container's resources go (with `force`, a running
+/// one is killed first).
+pub fn delete(root: &Root, id: &str, force: bool) -> Result<()> {
+    let mut c = root.load(id)?;
+    if !force && !matches!(c.status(), ContainerStatus::Stopped | ContainerStatus::Created) {
+        return Err(state_error(&c, "stop it first or use --force"));
+    }
+    match c.delete(true) {
+        // The spec: a failing poststop hook is logged and the lifecycle
+        // goes on. libcontainer stops before removing the state; finish.
+        Err(libcontainer::error::LibcontainerError::Hook(e)) => {
+            tracing::warn!(error = %e, container = id, "poststop hook failed");
+            std::fs::remove_dir_all(&c.root).map_err(io(format!("removing {}", c.root.display())))
+        }
+        r => Ok(r?),
+    }
+}
+
+/// Pids of every process in the container's cgroup.
+pub fn pids(root: &Root, id: &str) -> Result<Vec<i32>> {
+    use libcgroups::common::CgroupManager;
+    let c = root.load(id)?;
+    let config = c.spec()?;
+    let manager = libcgroups::common::create_cgroup_manager(libcgroups::common::CgroupConfig {
+        cgroup_path: config.cgroup_path.clone(),
+        systemd_cgroup: false,
+        container_name: id.to_string(),
+    })
+    .map_err(|e| Error::Spec(c.bundle().clone(), format!("cgroup: {e}")))?;
+    let mut pids: Vec<i32> = manager
+        .get_all_pids()
+        .map_err(|e| Error::Spec(c.bundle().clone(), format!("cgroup pids: {e}")))?
+        .into_iter()
+        .map(|p| p.as_raw())
+        .collect();
+    pids.sort();
+    Ok(pids)
+}
+
+/// One row of `list`.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    pub id: String,
+    pub pid: i32,
+    pub status: &'static str,
+    pub bundle: PathBuf,
+    pub created: String,
+    pub owner: String,
+}
+
+pub fn list(root: &Root) -> Vec<Listed> {
+    root.ids()
+        .into_iter()
+        .filter_map(|id| {
+            let c = root.load(&id).ok()?;
+            Some(Listed {
+                pid: c
+                    .pid()
+                    .map(|p| p.as_raw())
+                    .filter(|_| c.status() != ContainerStatus::Stopped)
+                    .unwrap_or(0),
+                status: status_name(c.status()),
+                bundle: c.bundle().clone(),
+                created: c.created().map(|t| t.to_rfc3339()).unwrap_or_default(),
+                owner: c
+                    .creator()
+                    .map(|o| o.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                id,
+            })
+        })
+        .collect()
+}
+
+/// What `exec` takes.
+#[derive(Debug, Clone, Default)]
+pub struct ExecOptions {
+    pub process: Option<PathBuf>,
+    pub args: Vec<String>,
+    pub env: HashMap<String, String>,
+    pub cwd: Option<PathBuf>,
+    pub user: Option<(u32, Option<u32>)>,
+    pub additional_gids: Vec<u32>,
+    pub no_new_privs: bool,
+    pub caps: Vec<String>,
+    pub console_socket: Option<PathBuf>,
+    pub pid_file: Option<PathBuf>,
+    pub detach: bool,
+}
+
+/// Starts another process in a running container; returns its pid.
+pub fn exec(root: &Root, id: &str, o: &ExecOptions) -> Result<i32> {
+    let c = root.load(id)?;
+    if c.status() != ContainerStatus::Running {
+        return Err(state_error(&c, "exec needs a running container"));
+    }
+    let mut b = builder(root, id, o.console_socket.as_deref(), o.pid_file.as_deref())?
+        .as_tenant()
+        .with_detach(o.detach)
+        .with_env(o.env.clone())
+        .with_cwd(o.cwd.clone())
+        .with_container_args(o.args.clone())
+        .with_process(o.process.clone())
+        .with_capabilities(o.caps.clone())
+        .with_additional_gids(o.additional_gids.clone());
+    if o.no_new_privs {
+        b = b.with_no_new_privs(true);
+    }
+    if let Some((uid, gid)) = o.user {
+        b = b.with_user(Some(uid)).with_group(gid);
+    }
+    Ok(b.build()?.as_raw())
+}
+
+/// Waits for a child process; its exit code, or 128 + signal.
+pub fn wait(pid: i32) -> Result<i32> {
+    let mut status = 0;
+    loop {
+        // SAFETY: waiting for a pid with a status slot we own.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r == pid {
+            break;
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(io(format!("waiting for {pid}"))(e));
+        }
+    }
+    Ok(if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        128 + libc::WTERMSIG(status)
+    })
+}
+
+/// Waits in the foreground for `pid` (a child of this process: libcontainer
+/// clones the container's init and exec'd processes as siblings of its
+/// helper, so they are ours) while passing the usual signals on to it, as
+/// runc does. Returns its exit code, or 128 + signal.
+pub fn foreground(pid: i32) -> Result<i32> {
+    const FORWARD: [i32; 7] = [
+        libc::SIGINT,
+        libc::SIGTERM,
+        libc::SIGHUP,
+        libc::SIGQUIT,
+        libc::SIGUSR1,
+        libc::SIGUSR2,
+        libc::SIGWINCH,
+    ];
+    // SAFETY: signal-mask calls on a set we own; single-threaded process.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in FORWARD {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::sigaddset(&mut set, libc::SIGCHLD);
+        libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    loop {
+        // Reap whatever has exited; stop when the container's process has.
+        loop {
+            let mut status = 0;
+            // SAFETY: non-blocking wait with a status slot we own.
+            let r = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+            if r == pid {
+                return Ok(if libc::WIFEXITED(status) {
+                    libc::WEXITSTATUS(status)
+                } else {
+                    128 + libc::WTERMSIG(status)
+                });
+            }
+            if r <= 0 {
+                if r < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ECHILD) {
+                    return Err(io(format!("waiting for {pid}"))(std::io::Error::from_raw_os_error(
+                        libc::ECHILD,
+                    )));
+                }
+                break;
+            }
+        }
+        // SAFETY: waiting for a blocked signal of our set.
+        let sig = unsafe { libc::sigwaitinfo(&set, std::ptr::null_mut()) };
+        if sig > 0 && sig != libc::SIGCHLD {
+            // SAFETY: signalling the container's process.
+            unsafe { libc::kill(pid, sig) };
+        }
+    }
+}
