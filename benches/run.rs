@@ -116,6 +116,9 @@ fn main() {
             times.push(timed(clipctl(t.path()).args([
                 "run",
                 "--rm",
+                // The baselines below use runc: so does this.
+                "--runtime",
+                "runc",
                 "--name",
                 &format!("s{mib}-{round}"),
                 &image,
@@ -141,6 +144,8 @@ fn main() {
         clip.push(timed(clipctl(tmp.path()).args([
             "run",
             "--rm",
+            "--runtime",
+            "runc",
             "--name",
             &format!("b{round}"),
             &image,

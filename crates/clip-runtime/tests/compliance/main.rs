@@ -121,7 +121,12 @@ fn list_ps_and_exec() {
 
     let list = String::from_utf8(rt.ok(&["list", "--format", "json"]).unwrap().stdout).unwrap();
     let list: serde_json::Value = serde_json::from_str(&list).unwrap();
-    let me = list.as_array().unwrap().iter().find(|c| c["id"] == id.as_str()).expect("listed");
+    let me = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == id.as_str())
+        .expect("listed");
     assert_eq!(me["status"], "running");
     assert_eq!(me["pid"], pid);
     let quiet = String::from_utf8(rt.ok(&["list", "-q"]).unwrap().stdout).unwrap();
@@ -130,10 +135,23 @@ fn list_ps_and_exec() {
     let pids: Vec<i64> = serde_json::from_slice(&rt.ok(&["ps", "--format", "json", &id]).unwrap().stdout).unwrap();
     assert!(pids.contains(&pid), "{pids:?} lacks {pid}");
     let table = String::from_utf8(rt.ok(&["ps", &id]).unwrap().stdout).unwrap();
-    assert!(table.lines().next().unwrap().contains("PID") && table.contains("sleep 60"), "{table}");
+    assert!(
+        table.lines().next().unwrap().contains("PID") && table.contains("sleep 60"),
+        "{table}"
+    );
 
     // exec: args, env, cwd, exit code; it runs in the container's namespaces.
-    let o = rt.out(&["exec", "-e", "A=b", "--cwd", "/etc", &id, "sh", "-c", "echo $A $(pwd) $$; exit 3"]);
+    let o = rt.out(&[
+        "exec",
+        "-e",
+        "A=b",
+        "--cwd",
+        "/etc",
+        &id,
+        "sh",
+        "-c",
+        "echo $A $(pwd) $$; exit 3",
+    ]);
     assert_eq!(o.status.code(), Some(3), "{}", String::from_utf8_lossy(&o.stderr));
     let out = String::from_utf8(o.stdout).unwrap();
     let f: Vec<&str> = out.split_whitespace().collect();
@@ -142,7 +160,8 @@ fn list_ps_and_exec() {
     let o = rt.out(&["exec", "--user", "1000:1000", &id, "id", "-u"]);
     assert_eq!(String::from_utf8_lossy(&o.stdout), "1000\n");
     // Detached: returns at once, the process runs on in the container.
-    rt.ok(&["exec", "--detach", &id, "sh", "-c", "echo detached > /out/d"]).unwrap();
+    rt.ok(&["exec", "--detach", &id, "sh", "-c", "echo detached > /out/d"])
+        .unwrap();
     for _ in 0..100 {
         if b.out_file("d") == "detached\n" {
             break;
