@@ -320,8 +320,19 @@ fn run(cli: Cli) -> Result<i32> {
     Ok(0)
 }
 
+/// libcontainer clones this process and runs Rust in the child: with other
+/// threads holding locks, the child could deadlock. Nothing here starts a
+/// thread; this makes sure of it.
+fn single_threaded() -> bool {
+    std::fs::read_dir("/proc/self/task").map_or(true, |d| d.count() == 1)
+}
+
 fn main() {
     let cli = Cli::parse();
+    if !single_threaded() {
+        eprintln!("clip-runtime: refusing to run multi-threaded (libcontainer clones this process)");
+        std::process::exit(1);
+    }
     if let Err(e) = init_logging(&cli) {
         eprintln!("clip-runtime: {e:#}");
         std::process::exit(1);
