@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
-cargo build --release --bin clipctl --bin clip-runtime
+cargo build --release -p clipctl -p clip-runtime
 CLIPCTL=$PWD/target/release/clipctl
 
 WORK=${CLIP_DEMO_DIR:-/var/tmp/clip-demo}

@@ -32,57 +32,33 @@ pub struct MountPoint {
     pub flags: libc::c_ulong,
 }
 
-/// Mount points at or under one of `dests` that are not read-only yet,
-/// from a mountinfo table (paths as the container sees them).
-pub fn writable_under(mountinfo: &str, dests: &[PathBuf]) -> Vec<MountPoint> {
-    let mut out = Vec::new();
-    for line in mountinfo.lines() {
-        let f: Vec<&str> = line.split(' ').collect();
-        let (Some(point), Some(opts)) = (f.get(4), f.get(5)) else {
-            continue;
-        };
-        let path = PathBuf::from(unescape(point));
-        if !dests.iter().any(|d| path.starts_with(d)) {
-            continue;
-        }
-        let mut flags = 0;
-        let mut ro = false;
-        for o in opts.split(',') {
-            flags |= match o {
-                "ro" => {
-                    ro = true;
-                    libc::MS_RDONLY
-                }
-                "nosuid" => libc::MS_NOSUID,
-                "nodev" => libc::MS_NODEV,
-                "noexec" => libc::MS_NOEXEC,
-                "noatime" => libc::MS_NOATIME,
-                "nodiratime" => libc::MS_NODIRATIME,
-                "relatime" => libc::MS_RELATIME,
-                _ => 0,
-            };
-        }
-        if !ro {
-            out.push(MountPoint { path, flags });
-        }
-    }
-    out
-}
-
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+/// Mount points at or under one of `dests` that are not read-only yet
+/// (paths as the container sees them).
+pub fn writable_under(mounts: &[procfs::process::MountInfo], dests: &[PathBuf]) -> Vec<MountPoint> {
+    mounts
+        .iter()
+        .filter(|m| dests.iter().any(|d| m.mount_point.starts_with(d)))
+        .filter(|m| !m.mount_options.contains_key("ro"))
+        .map(|m| {
+            let flags = m
+                .mount_options
+                .keys()
+                .map(|o| match o.as_str() {
+                    "nosuid" => libc::MS_NOSUID,
+                    "nodev" => libc::MS_NODEV,
+                    "noexec" => libc::MS_NOEXEC,
+                    "noatime" => libc::MS_NOATIME,
+                    "nodiratime" => libc::MS_NODIRATIME,
+                    "relatime" => libc::MS_RELATIME,
+                    _ => 0,
+                })
+                .fold(0, |a, b| a | b);
+            MountPoint {
+                path: m.mount_point.clone(),
+                flags,
+            }
+        })
+        .collect()
 }
 
 /// Makes the container's cgroup mounts read-only if config.json says so.
@@ -93,8 +69,10 @@ pub fn enforce(container: &Container, spec: &Spec) -> Result<()> {
     }
     let Some(pid) = container.pid() else { return Ok(()) };
     let pid = pid.as_raw();
-    let info = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).map_err(io("reading container mounts"))?;
-    let points = writable_under(&info, &dests);
+    let mounts = procfs::process::Process::new(pid)
+        .and_then(|p| p.mountinfo())
+        .map_err(|e| io("reading the container's mounts")(std::io::Error::other(e)))?;
+    let points = writable_under(&mounts.0, &dests);
     if points.is_empty() {
         return Ok(());
     }
@@ -158,7 +136,9 @@ mod tests {
 
     #[test]
     fn finds_writable_cgroup_mounts_only() {
-        let p = writable_under(INFO, &[PathBuf::from("/sys/fs/cgroup")]);
+        use procfs::FromBufRead;
+        let mounts = procfs::process::MountInfos::from_buf_read(INFO.as_bytes()).unwrap();
+        let p = writable_under(&mounts.0, &[PathBuf::from("/sys/fs/cgroup")]);
         let paths: Vec<_> = p.iter().map(|m| m.path.display().to_string()).collect();
         assert_eq!(paths, ["/sys/fs/cgroup", "/sys/fs/cgroup/pids"]);
         assert_eq!(

@@ -63,6 +63,34 @@ impl Drop for Created<'_> {
     }
 }
 
+/// `BUNDLE/src` with a tmpfs mounted at `src/sub`, unmounted on drop: a
+/// bind-mount source with a submount.
+struct Submount(std::path::PathBuf);
+
+impl Submount {
+    fn new(b: &Bundle) -> Result<Submount, String> {
+        let sub = b.dir.path().join("src/sub");
+        std::fs::create_dir_all(&sub).unwrap();
+        let m = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "tmpfs"])
+            .arg(&sub)
+            .status()
+            .unwrap();
+        ensure!(m.success(), "mount tmpfs");
+        Ok(Submount(sub))
+    }
+
+    fn source(&self) -> std::path::PathBuf {
+        self.0.parent().unwrap().to_path_buf()
+    }
+}
+
+impl Drop for Submount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
 fn sleeper() -> Bundle {
     let mut b = Bundle::new();
     b.set("/process/args", json!(["sleep", "60"]));
@@ -621,20 +649,12 @@ pub fn all() -> Vec<Clause> {
             by: LC,
             check: |rt| {
                 let mut b = Bundle::new();
-                let src = b.dir.path().join("src");
-                let sub = src.join("sub");
-                std::fs::create_dir_all(&sub).unwrap();
-                let m = std::process::Command::new("mount")
-                    .args(["-t", "tmpfs", "tmpfs"])
-                    .arg(&sub)
-                    .status()
-                    .unwrap();
-                ensure!(m.success(), "mount tmpfs");
-                std::fs::write(sub.join("f"), "in submount").unwrap();
-                b.add_mount(json!({"destination": "/rb", "type": "bind", "source": src, "options": ["rbind"]}));
-                let r = rt.sh(&mut b, "cat /rb/sub/f");
-                let _ = std::process::Command::new("umount").arg(&sub).status();
-                let out = r?;
+                let sub = Submount::new(&b)?;
+                std::fs::write(sub.0.join("f"), "in submount").unwrap();
+                b.add_mount(
+                    json!({"destination": "/rb", "type": "bind", "source": sub.source(), "options": ["rbind"]}),
+                );
+                let out = rt.sh(&mut b, "cat /rb/sub/f")?;
                 ensure!(out == "in submount", "got {out:?}");
                 Ok(())
             },
@@ -646,19 +666,11 @@ pub fn all() -> Vec<Clause> {
             by: LC,
             check: |rt| {
                 let mut b = Bundle::new();
-                let src = b.dir.path().join("src");
-                let sub = src.join("sub");
-                std::fs::create_dir_all(&sub).unwrap();
-                let m = std::process::Command::new("mount")
-                    .args(["-t", "tmpfs", "tmpfs"])
-                    .arg(&sub)
-                    .status()
-                    .unwrap();
-                ensure!(m.success(), "mount tmpfs");
-                b.add_mount(json!({"destination": "/rb", "type": "bind", "source": src, "options": ["rbind", "rro"]}));
-                let r = rt.sh(&mut b, "touch /rb/sub/x 2>/dev/null && echo rw || echo ro");
-                let _ = std::process::Command::new("umount").arg(&sub).status();
-                let out = r?;
+                let sub = Submount::new(&b)?;
+                b.add_mount(
+                    json!({"destination": "/rb", "type": "bind", "source": sub.source(), "options": ["rbind", "rro"]}),
+                );
+                let out = rt.sh(&mut b, "touch /rb/sub/x 2>/dev/null && echo rw || echo ro")?;
                 ensure!(out == "ro\n", "submount {out:?}");
                 Ok(())
             },
