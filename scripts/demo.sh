@@ -58,4 +58,4 @@ echo "== container exit code: $?"
 set -e
 
 echo "== clipctl metrics (range GETs, first exec; all of this host's clip processes)"
-"$CLIPCTL" metrics | grep -E '^clip_(range_get_(requests|bytes)_total|first_exec_seconds_(sum|count)|index_builds_total|mounts) ' || true
+"$CLIPCTL" metrics | grep -E '^clip_(range_get_(requests|bytes)_total|first_exec_seconds_(sum|count)|index_builds_total|mounts)[{ ]' | sed -E 's/layer="sha256:([0-9a-f]{12})[0-9a-f]*"/layer="sha256:\1..."/'

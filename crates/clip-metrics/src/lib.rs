@@ -238,5 +238,8 @@ mod tests {
         );
         assert!(text.contains("test_seconds_count{op=\"read\"} 2\n"), "{text}");
         assert!(text.ends_with("# EOF\n"));
+        let mut g = Snapshot::default();
+        g.set_gauge("test_gauge", "A gauge.", 2.0);
+        assert!(g.encode_text().contains("\ntest_gauge 2\n"), "{}", g.encode_text());
     }
 }

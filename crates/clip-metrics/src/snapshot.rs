@@ -267,10 +267,17 @@ impl prometheus_client::collector::Collector for Collector {
                 Kind::Histogram => MetricType::Histogram,
             };
             let mut family = encoder.encode_descriptor(name, &f.help, None, kind)?;
-            for s in &f.samples {
-                let labels: Vec<(&str, &str)> = s.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-                let series = family.encode_family(&labels)?;
-                Encoded(f.kind, &s.value).encode(series)?;
+            match f.samples.as_slice() {
+                // A family without labels has one series: no `{}`.
+                [s] if s.labels.is_empty() => Encoded(f.kind, &s.value).encode(family)?,
+                samples => {
+                    for s in samples {
+                        let labels: Vec<(&str, &str)> =
+                            s.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                        let series = family.encode_family(&labels)?;
+                        Encoded(f.kind, &s.value).encode(series)?;
+                    }
+                }
             }
         }
         Ok(())
