@@ -91,6 +91,17 @@ impl Drop for Submount {
     }
 }
 
+/// Runs `script` in a bundle with `sets` applied; its stdout must be `want`.
+pub fn expect(rt: &Rt, sets: &[(&str, serde_json::Value)], script: &str, want: &str) -> Result<(), String> {
+    let mut b = Bundle::new();
+    for (pointer, v) in sets {
+        b.set(pointer, v.clone());
+    }
+    let out = rt.sh(&mut b, script)?;
+    ensure!(out == want, "got {out:?}, want {want:?}");
+    Ok(())
+}
+
 fn sleeper() -> Bundle {
     let mut b = Bundle::new();
     b.set("/process/args", json!(["sleep", "60"]));
@@ -472,13 +483,7 @@ pub fn all() -> Vec<Clause> {
             section: "config.md#process",
             text: "cwd is the working directory",
             by: LC,
-            check: |rt| {
-                let mut b = Bundle::new();
-                b.set("/process/cwd", json!("/etc"));
-                let out = rt.sh(&mut b, "pwd")?;
-                ensure!(out == "/etc\n", "pwd {out:?}");
-                Ok(())
-            },
+            check: |rt| expect(rt, &[("/process/cwd", json!("/etc"))], "pwd", "/etc\n"),
         },
         Clause {
             group: "process",
@@ -574,11 +579,12 @@ pub fn all() -> Vec<Clause> {
             text: "oomScoreAdj is set",
             by: LC,
             check: |rt| {
-                let mut b = Bundle::new();
-                b.set("/process/oomScoreAdj", json!(123));
-                let out = rt.sh(&mut b, "cat /proc/self/oom_score_adj")?;
-                ensure!(out == "123\n", "got {out:?}");
-                Ok(())
+                expect(
+                    rt,
+                    &[("/process/oomScoreAdj", json!(123))],
+                    "cat /proc/self/oom_score_adj",
+                    "123\n",
+                )
             },
         },
         // --- filesystem
@@ -588,11 +594,12 @@ pub fn all() -> Vec<Clause> {
             text: "root.readonly makes the root filesystem read-only",
             by: LC,
             check: |rt| {
-                let mut b = Bundle::new();
-                b.set("/root/readonly", json!(true));
-                let out = rt.sh(&mut b, "touch /rootfile 2>/dev/null && echo writable || echo readonly")?;
-                ensure!(out == "readonly\n", "got {out:?}");
-                Ok(())
+                expect(
+                    rt,
+                    &[("/root/readonly", json!(true))],
+                    "touch /rootfile 2>/dev/null && echo writable || echo readonly",
+                    "readonly\n",
+                )
             },
         },
         Clause {

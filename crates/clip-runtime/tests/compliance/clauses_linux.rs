@@ -5,7 +5,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 
 use serde_json::json;
 
-use crate::clauses::Clause;
+use crate::clauses::{expect, Clause};
 use crate::ensure;
 use crate::harness::{new_id, Bundle, Rt};
 
@@ -424,11 +424,12 @@ pub fn all() -> Vec<Clause> {
             text: "sysctl values are set in the container",
             by: LC,
             check: |rt| {
-                let mut b = Bundle::new();
-                b.set("/linux/sysctl", json!({"net.ipv4.ip_forward": "1"}));
-                let out = rt.sh(&mut b, "cat /proc/sys/net/ipv4/ip_forward")?;
-                ensure!(out == "1\n", "got {out:?}");
-                Ok(())
+                expect(
+                    rt,
+                    &[("/linux/sysctl", json!({"net.ipv4.ip_forward": "1"}))],
+                    "cat /proc/sys/net/ipv4/ip_forward",
+                    "1\n",
+                )
             },
         },
         Clause {
@@ -436,13 +437,7 @@ pub fn all() -> Vec<Clause> {
             section: "config.md#hostname",
             text: "hostname is set in the uts namespace",
             by: LC,
-            check: |rt| {
-                let mut b = Bundle::new();
-                b.set("/hostname", json!("cc-host"));
-                let out = rt.sh(&mut b, "hostname")?;
-                ensure!(out == "cc-host\n", "got {out:?}");
-                Ok(())
-            },
+            check: |rt| expect(rt, &[("/hostname", json!("cc-host"))], "hostname", "cc-host\n"),
         },
         Clause {
             group: "misc",
@@ -450,11 +445,12 @@ pub fn all() -> Vec<Clause> {
             text: "domainname is set in the uts namespace",
             by: LC,
             check: |rt| {
-                let mut b = Bundle::new();
-                b.set("/domainname", json!("cc-domain"));
-                let out = rt.sh(&mut b, "cat /proc/sys/kernel/domainname")?;
-                ensure!(out == "cc-domain\n", "got {out:?}");
-                Ok(())
+                expect(
+                    rt,
+                    &[("/domainname", json!("cc-domain"))],
+                    "cat /proc/sys/kernel/domainname",
+                    "cc-domain\n",
+                )
             },
         },
         Clause {
