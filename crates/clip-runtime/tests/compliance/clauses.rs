@@ -39,6 +39,14 @@ impl<'a> Created<'a> {
         Ok(Created { rt, id })
     }
 
+    /// Created and started, and seen running.
+    fn running(rt: &'a Rt, b: &Bundle) -> Result<Created<'a>, String> {
+        let c = Created::new(rt, b)?;
+        rt.ok(&["start", &c.id])?;
+        c.wait_status("running")?;
+        Ok(c)
+    }
+
     fn status(&self) -> String {
         self.rt
             .state(&self.id)
@@ -189,9 +197,7 @@ pub fn all() -> Vec<Clause> {
             by: CLI,
             check: |rt| {
                 let b = sleeper();
-                let c = Created::new(rt, &b)?;
-                rt.ok(&["start", &c.id])?;
-                c.wait_status("running")?;
+                let c = Created::running(rt, &b)?;
                 ensure!(
                     !rt.out(&["start", &c.id]).status.success(),
                     "start of running succeeded"
@@ -212,9 +218,7 @@ pub fn all() -> Vec<Clause> {
             by: LC,
             check: |rt| {
                 let b = sleeper();
-                let c = Created::new(rt, &b)?;
-                rt.ok(&["start", &c.id])?;
-                c.wait_status("running")?;
+                let c = Created::running(rt, &b)?;
                 rt.ok(&["kill", &c.id, "SIGKILL"])?;
                 c.wait_status("stopped")
             },
@@ -241,9 +245,7 @@ pub fn all() -> Vec<Clause> {
             by: CLI,
             check: |rt| {
                 let b = sleeper();
-                let c = Created::new(rt, &b)?;
-                rt.ok(&["start", &c.id])?;
-                c.wait_status("running")?;
+                let c = Created::running(rt, &b)?;
                 ensure!(!rt.out(&["delete", &c.id]).status.success(), "delete succeeded");
                 ensure!(c.status() == "running", "now {}", c.status());
                 Ok(())
