@@ -11,6 +11,15 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub const TAGS: [&str; 4] = ["busybox", "debian", "edge", "edge-zstd"];
+/// The image-semantics fixtures (tests/fixtures/build-semantics.sh).
+pub const SEMANTICS: [&str; 6] = [
+    "neg-mtime",
+    "symlink-mode",
+    "symlink-parent",
+    "link-whiteout",
+    "implicit-dir",
+    "bad-diffid",
+];
 
 /// Where fixtures live: shared by every test process of this target dir.
 pub fn fixtures_dir() -> PathBuf {
@@ -185,7 +194,7 @@ pub fn registry() -> Registry {
     once_on_disk("push", || {
         let _ = std::fs::remove_dir_all(&storage);
         let reg = Registry::start(&storage);
-        for tag in TAGS.iter().chain(&["multi", "debian-base", "app"]) {
+        for tag in TAGS.iter().chain(&["multi", "debian-base", "app"]).chain(&SEMANTICS) {
             run(Command::new("skopeo")
                 .args([
                     "copy",
@@ -225,4 +234,39 @@ pub fn process_running(pid: i32) -> bool {
                 .next()
                 .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
         })
+}
+
+/// The manifest of `tag` in an OCI layout: its blob path and JSON.
+pub fn manifest_of(layout: &Path, tag: &str) -> (PathBuf, serde_json::Value) {
+    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let m = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
+        .unwrap_or_else(|| panic!("no {tag} in {}", layout.display()));
+    let path = layout
+        .join("blobs/sha256")
+        .join(m["digest"].as_str().unwrap().trim_start_matches("sha256:"));
+    let v = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    (path, v)
+}
+
+/// The blob of layer `i` of `tag` in the test layout.
+pub fn layer_blob(tag: &str, i: usize) -> PathBuf {
+    let lay = layout();
+    let (_, m) = manifest_of(&lay, tag);
+    lay.join("blobs/sha256")
+        .join(m["layers"][i]["digest"].as_str().unwrap().trim_start_matches("sha256:"))
+}
+
+/// Asserts that an error message says each thing once: no part of it
+/// (split at ": ") is repeated.
+pub fn assert_says_once(msg: &str) {
+    let parts: Vec<&str> = msg.trim().split(": ").map(str::trim).filter(|p| p.len() >= 8).collect();
+    for (i, p) in parts.iter().enumerate() {
+        for q in &parts[i + 1..] {
+            assert!(!q.contains(p) && !p.contains(q), "the message repeats {q:?}: {msg}");
+        }
+    }
 }

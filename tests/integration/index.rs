@@ -4,7 +4,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::harness::{self, clipctl, clipctl_ok, layout, registry, unpacked};
+use crate::harness::{self, clipctl, clipctl_ok, layout, manifest_of, registry, unpacked};
 use crate::tree;
 
 fn index_to(image: &str, out: &Path, extra: &[&str]) -> Value {
@@ -254,21 +254,6 @@ fn scratch_layout(dir: &Path) -> std::path::PathBuf {
         .unwrap();
     assert!(st.success());
     dst
-}
-
-fn manifest_of(layout: &Path, tag: &str) -> (std::path::PathBuf, Value) {
-    let index: Value = serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
-    let m = index["manifests"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
-        .unwrap();
-    let path = layout
-        .join("blobs/sha256")
-        .join(m["digest"].as_str().unwrap().trim_start_matches("sha256:"));
-    let v = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-    (path, v)
 }
 
 #[test]

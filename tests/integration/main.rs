@@ -7,4 +7,5 @@ mod metrics;
 mod mount;
 mod proxy;
 mod run;
+mod semantics;
 mod tree;

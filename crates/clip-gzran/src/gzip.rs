@@ -213,6 +213,11 @@ impl Builder {
         }
     }
 
+    /// Output produced but not yet consumed.
+    pub(crate) fn pending(&self) -> &[u8] {
+        &self.ring[self.rpos..self.wpos]
+    }
+
     pub(crate) fn consume(&mut self, amt: usize) {
         self.rpos = (self.rpos + amt).min(self.wpos);
     }
@@ -229,6 +234,7 @@ impl Builder {
             checkpoints: self.checkpoints,
             span_digests,
             digest,
+            uncompressed_digest: [0; 32],
         })
     }
 }

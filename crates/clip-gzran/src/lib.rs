@@ -76,6 +76,9 @@ pub struct LayerMap {
     /// SHA-256 of the whole compressed stream, to compare with the layer's
     /// descriptor digest.
     pub digest: [u8; 32],
+    /// SHA-256 of the whole uncompressed stream, to compare with the image
+    /// config's `rootfs.diff_ids`.
+    pub uncompressed_digest: [u8; 32],
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -138,6 +141,8 @@ enum Engine {
 pub struct IndexingReader<R: Read> {
     engine: Engine,
     input: R,
+    /// Hashes the uncompressed bytes as they are consumed.
+    out_hash: sha2::Sha256,
 }
 
 impl<R: Read> IndexingReader<R> {
@@ -149,18 +154,24 @@ impl<R: Read> IndexingReader<R> {
             Compression::Zstd => Engine::Zstd(Box::new(zstd_frames::Builder::new(spacing))),
             Compression::None => Engine::Plain(Box::new(plain::Builder::new(spacing))),
         };
-        Ok(Self { engine, input })
+        Ok(Self {
+            engine,
+            input,
+            out_hash: sha2::Digest::new(),
+        })
     }
 
     /// Reads the rest of the stream (checking it to the end) and returns the
     /// layer's map.
     pub fn finish(mut self) -> Result<LayerMap> {
         io::copy(&mut self, &mut io::sink()).map_err(unwrap_io)?;
-        match self.engine {
+        let mut map = match self.engine {
             Engine::Gzip(b) => b.finish(&mut self.input),
             Engine::Zstd(b) => b.finish(&mut self.input),
             Engine::Plain(b) => b.finish(),
-        }
+        }?;
+        map.uncompressed_digest = sha2::Digest::finalize(self.out_hash).into();
+        Ok(map)
     }
 }
 
@@ -175,6 +186,12 @@ impl<R: Read> BufRead for IndexingReader<R> {
     }
 
     fn consume(&mut self, amt: usize) {
+        let pending = match &self.engine {
+            Engine::Gzip(b) => b.pending(),
+            Engine::Zstd(b) => b.pending(),
+            Engine::Plain(b) => b.pending(),
+        };
+        sha2::Digest::update(&mut self.out_hash, &pending[..amt.min(pending.len())]);
         match &mut self.engine {
             Engine::Gzip(b) => b.consume(amt),
             Engine::Zstd(b) => b.consume(amt),

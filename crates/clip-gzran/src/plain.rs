@@ -56,6 +56,11 @@ impl Builder {
         Ok(&self.buf[self.start..self.end])
     }
 
+    /// Output produced but not yet consumed.
+    pub(crate) fn pending(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
     pub(crate) fn consume(&mut self, amt: usize) {
         self.start = (self.start + amt).min(self.end);
     }
@@ -77,6 +82,7 @@ impl Builder {
             checkpoints: self.checkpoints,
             span_digests,
             digest,
+            uncompressed_digest: [0; 32],
         })
     }
 }

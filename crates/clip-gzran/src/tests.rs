@@ -98,6 +98,11 @@ fn index(compressed: &[u8], compression: Compression, spacing: u64) -> (Vec<u8>,
 fn check_random_access(original: &[u8], compressed: &[u8], map: &LayerMap) {
     assert_eq!(map.uncompressed_size, original.len() as u64);
     assert_eq!(map.compressed_size, compressed.len() as u64);
+    let diff_id: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(original).into();
+    assert_eq!(
+        map.uncompressed_digest, diff_id,
+        "the uncompressed stream's digest (diff_id)"
+    );
     let points: Vec<Checkpoint> = map.checkpoints.iter().map(|c| c.point).collect();
     assert_eq!(map.span_digests.len(), points.len());
     for (k, cp) in map.checkpoints.iter().enumerate() {

@@ -109,6 +109,11 @@ impl Builder {
         }
     }
 
+    /// Output produced but not yet consumed.
+    pub(crate) fn pending(&self) -> &[u8] {
+        &self.outbuf[self.rpos..self.wpos]
+    }
+
     pub(crate) fn consume(&mut self, amt: usize) {
         self.rpos = (self.rpos + amt).min(self.wpos);
     }
@@ -125,6 +130,7 @@ impl Builder {
             checkpoints: self.checkpoints,
             span_digests,
             digest,
+            uncompressed_digest: [0; 32],
         })
     }
 }

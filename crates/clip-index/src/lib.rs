@@ -30,13 +30,32 @@ pub enum Error {
         digest: String,
         media_type: String,
     },
-    #[error("layer {index} ({digest}): {source}")]
+    #[error("layer {index} ({digest})")]
     Layer {
         index: usize,
         digest: String,
         #[source]
         source: LayerError,
     },
+    #[error("layer {index} ({digest}): merging it into the tree")]
+    Tree {
+        index: usize,
+        digest: String,
+        #[source]
+        source: tree::TreeError,
+    },
+    #[error(
+        "layer {index} ({digest}): its uncompressed content has digest {actual}, but the image config's \
+         rootfs.diff_ids names {expected}: the config does not describe this image"
+    )]
+    DiffId {
+        index: usize,
+        digest: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("the image config lists {diff_ids} rootfs.diff_ids for {layers} layers")]
+    DiffIdCount { diff_ids: usize, layers: usize },
     #[error(transparent)]
     Source(#[from] clip_registry::Error),
     #[error(transparent)]
@@ -187,6 +206,18 @@ fn index_one(
     Ok((entries, map))
 }
 
+/// The config's `rootfs.diff_ids`.
+fn diff_ids(config: &[u8]) -> Result<Vec<String>> {
+    let v: serde_json::Value = serde_json::from_slice(config).map_err(|e| clip_registry::Error::Manifest {
+        digest: "config".into(),
+        msg: e.to_string(),
+    })?;
+    Ok(v["rootfs"]["diff_ids"]
+        .as_array()
+        .map(|a| a.iter().map(|d| d.as_str().unwrap_or_default().to_string()).collect())
+        .unwrap_or_default())
+}
+
 /// Indexes a resolved image: every layer read once, in parallel.
 pub fn build(
     source: &dyn ImageSource,
@@ -228,6 +259,13 @@ fn build_image(
         compressions.push(c);
     }
     let n = image.layers.len();
+    let diff_ids = diff_ids(&image.config)?;
+    if diff_ids.len() != n {
+        return Err(Error::DiffIdCount {
+            diff_ids: diff_ids.len(),
+            layers: n,
+        });
+    }
     let results: Vec<std::sync::Mutex<Option<Result<_, LayerError>>>> = (0..n).map(|_| Default::default()).collect();
     let next = AtomicUsize::new(0);
     std::thread::scope(|s| {
@@ -265,7 +303,23 @@ fn build_image(
             Some(r) => r.map_err(layer_err)?,
             None => continue, // not started because another layer failed; that error is reported
         };
-        tree.apply_layer(i as u32, &entries);
+        // An index may only describe the image its config names (as umoci
+        // checks when unpacking): each layer's uncompressed stream must
+        // have the config's diff_id.
+        let actual = format!("sha256:{}", hex::encode(map.uncompressed_digest));
+        if actual != diff_ids[i] {
+            return Err(Error::DiffId {
+                index: i,
+                digest: desc.digest.clone(),
+                expected: diff_ids[i].clone(),
+                actual,
+            });
+        }
+        tree.apply_layer(i as u32, &entries).map_err(|source| Error::Tree {
+            index: i,
+            digest: desc.digest.clone(),
+            source,
+        })?;
         let mut checkpoints = Vec::with_capacity(map.checkpoints.len());
         for c in &map.checkpoints {
             let (window_offset, window_len) = windows.add(&c.window)?;

@@ -260,7 +260,10 @@ impl<R: BufRead> Walker<R> {
             let gid = to_u32(pending.gid.map_or_else(|| num(116..124, "gid"), Ok)?, "gid")?;
             let (mtime, mtime_nsec) = match pending.mtime {
                 Some(t) => t,
-                None => (num(136..148, "mtime")? as i64, 0),
+                None => (
+                    parse_signed(&h[136..148]).map_err(|m| self.header_err(at, format!("mtime: {m}")))?,
+                    0,
+                ),
             };
             let mode = (num(100..108, "mode")? & 0o7777) as u32;
             let (dev_major, dev_minor) = if matches!(kind, EntryKind::CharDev | EntryKind::BlockDev) {
@@ -465,28 +468,62 @@ fn verify_checksum(h: &[u8; BLOCK]) -> std::result::Result<(), String> {
     }
 }
 
-/// Octal ASCII (space or NUL terminated) or GNU base-256.
+/// A non-negative numeric field (sizes, ids, device numbers, the checksum).
 fn parse_numeric(field: &[u8]) -> std::result::Result<u64, String> {
+    let v = parse_signed(field)?;
+    u64::try_from(v).map_err(|_| format!("negative number {v}"))
+}
+
+/// A numeric field as Go's `archive/tar` reads it (the reader behind
+/// containerd and umoci): GNU base-256 (two's complement, big-endian, so
+/// negative values such as pre-1970 mtimes are allowed), or octal ASCII
+/// with leading and trailing spaces or NULs, cut at the first NUL.
+fn parse_signed(field: &[u8]) -> std::result::Result<i64, String> {
     if field.first().is_some_and(|&b| b & 0x80 != 0) {
-        if field[0] == 0xff {
-            return Err("negative number".into());
+        // -a-1 == !a: invert a negative number's bytes and read it unsigned.
+        let inv = if field[0] & 0x40 != 0 { 0xff } else { 0 };
+        let mut x: u64 = 0;
+        for (i, &b) in field.iter().enumerate() {
+            let mut c = b ^ inv;
+            if i == 0 {
+                c &= 0x7f;
+            }
+            if x >> 56 != 0 {
+                return Err("base-256 number too large".into());
+            }
+            x = (x << 8) | u64::from(c);
         }
-        let mut v: u64 = u64::from(field[0] & 0x7f);
-        for &b in &field[1..] {
-            v = v.checked_mul(256).ok_or("number too large")? | u64::from(b);
+        if x >> 63 != 0 {
+            return Err("base-256 number too large".into());
         }
-        return Ok(v);
+        let x = x as i64;
+        return Ok(if inv == 0xff { !x } else { x });
     }
-    let s = field.iter().skip_while(|&&b| b == b' ' || b == 0);
+    let trimmed = {
+        let start = field.iter().position(|&b| b != b' ' && b != 0).unwrap_or(field.len());
+        let end = field
+            .iter()
+            .rposition(|&b| b != b' ' && b != 0)
+            .map_or(start, |e| e + 1);
+        &field[start..end.max(start)]
+    };
+    let digits = cstr(trimmed);
+    if digits.is_empty() {
+        return Ok(0);
+    }
     let mut v: u64 = 0;
-    for &b in s {
+    for &b in digits {
         match b {
-            b'0'..=b'7' => v = v.checked_mul(8).ok_or("number too large")? + u64::from(b - b'0'),
-            b' ' | 0 => break,
+            b'0'..=b'7' => {
+                v = v
+                    .checked_mul(8)
+                    .and_then(|v| v.checked_add(u64::from(b - b'0')))
+                    .ok_or("octal number too large")?;
+            }
             _ => return Err(format!("invalid octal digit {b:#04x}")),
         }
     }
-    Ok(v)
+    i64::try_from(v).map_err(|_| "octal number too large".into())
 }
 
 fn parse_decimal(v: &[u8]) -> std::result::Result<u64, String> {
@@ -599,6 +636,21 @@ mod tests {
         assert!(parse_numeric(b"0009").is_err());
         assert!(parse_numeric(&[0xff; 12]).is_err());
         assert!(parse_numeric(&[0x80, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]).is_err());
+        // GNU tar's base-256 for dates before 1970: two's complement.
+        let mut neg = [0xffu8; 12];
+        neg[11] = 0xfe; // -2
+        assert_eq!(parse_signed(&neg).unwrap(), -2);
+        let mut neg = [0xffu8; 12];
+        neg[8..].copy_from_slice(&(-86_400i64 * 365).to_be_bytes()[4..]);
+        assert_eq!(parse_signed(&neg).unwrap(), -86_400 * 365);
+        assert_eq!(parse_signed(&[0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7]).unwrap(), 7);
+        assert!(parse_numeric(&neg).is_err(), "sizes and ids are never negative");
+        // Octal as writers emit it: zero-padded, space- or NUL-terminated,
+        // leading spaces (old tars), or all NULs.
+        for f in [&b"00000000017\0"[..], b"          17", b"17 \0\0\0", b" 17\0 "] {
+            assert_eq!(parse_signed(f).unwrap(), 0o17, "{f:?}");
+        }
+        assert!(parse_signed(b"1 7").is_err());
         assert_eq!(parse_pax_time(b"1700000000.5").unwrap(), (1_700_000_000, 500_000_000));
         assert_eq!(parse_pax_time(b"-1.25").unwrap(), (-2, 750_000_000));
         assert_eq!(parse_pax_time(b"12").unwrap(), (12, 0));

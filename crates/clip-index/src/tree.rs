@@ -26,10 +26,12 @@ struct MNode {
     xattrs: Vec<(Vec<u8>, Vec<u8>)>,
     data: Data,
     children: BTreeMap<Vec<u8>, usize>,
+    /// The layer that created this directory without an entry of its own.
+    implicit: Option<u32>,
 }
 
 impl MNode {
-    fn implicit_dir(mtime: i64) -> Self {
+    fn implicit_dir(mtime: i64, layer: u32) -> Self {
         MNode {
             kind: Kind::Dir,
             mode: 0o755,
@@ -43,6 +45,7 @@ impl MNode {
             xattrs: Vec::new(),
             data: Data::None,
             children: BTreeMap::new(),
+            implicit: Some(layer),
         }
     }
 }
@@ -58,6 +61,16 @@ pub struct Skipped {
     /// at their path.
     pub replaced_by_dir: u64,
 }
+
+#[derive(Debug, thiserror::Error)]
+pub enum TreeError {
+    #[error("resolving {path:?}: more than {MAX_HOPS} symbolic links (a loop)")]
+    SymlinkLoop { path: String },
+}
+
+/// As Linux's MAXSYMLINKS: more links than this while resolving one path
+/// is a loop.
+const MAX_HOPS: usize = 40;
 
 pub struct TreeBuilder {
     arena: Vec<MNode>,
@@ -92,45 +105,114 @@ impl Default for TreeBuilder {
     }
 }
 
+/// A resolved directory: it and its ancestors, from the root.
+type Chain = Vec<usize>;
+
+/// Whether a parent walk may create what it needs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Walk {
+    /// Missing directories are created, non-directories in the way are
+    /// replaced by directories (an entry's parent).
+    Create { layer: u32, mtime: i64 },
+    /// Nothing is changed; a missing or non-directory component fails.
+    Lookup,
+}
+
 impl TreeBuilder {
     pub fn new() -> Self {
+        // The root without a "./" entry of any layer has mtime 0, as umoci
+        // unpacks it; other implicit directories follow the rule in walk().
+        let mut root = MNode::implicit_dir(0, 0);
+        root.implicit = None;
         Self {
-            arena: vec![MNode::implicit_dir(0)],
+            arena: vec![root],
             skipped: Skipped::default(),
         }
     }
 
-    fn lookup(&self, comps: &[&[u8]]) -> Option<usize> {
-        let mut cur = 0;
-        for c in comps {
-            let n = &self.arena[cur];
-            if n.kind != Kind::Dir {
-                return None;
+    /// Resolves the directory `comps` inside the image root, as containerd's
+    /// `fs.RootPath` and umoci's securejoin resolve an entry's parent:
+    /// symlinks are followed (absolute targets from the image root, `..`
+    /// stopping at the root), so a later layer's `a/b` under a symlink `a`
+    /// lands where `a` points. Returns the chain of directories from the
+    /// root, or None when it runs into /proc, /sys or
+    /// /dev (never indexed) or, in Lookup mode, into a missing component or
+    /// a non-directory.
+    fn walk(&mut self, comps: &[&[u8]], mode: Walk) -> Result<Option<Chain>, TreeError> {
+        let mut todo: std::collections::VecDeque<Vec<u8>> = comps.iter().map(|c| c.to_vec()).collect();
+        let mut chain: Chain = vec![0];
+        let mut hops = 0;
+        while let Some(c) = todo.pop_front() {
+            match c.as_slice() {
+                b"" | b"." => continue,
+                b".." => {
+                    if chain.len() > 1 {
+                        chain.pop();
+                    }
+                    continue;
+                }
+                _ => {}
             }
-            cur = *n.children.get(*c)?;
+            if chain.len() == 1 && EXCLUDED.contains(&c.as_slice()) {
+                return Ok(None);
+            }
+            let cur = *chain.last().expect("root");
+            let existing = self.arena[cur].children.get(&c).copied();
+            let next = match existing.map(|id| (id, self.arena[id].kind)) {
+                Some((id, Kind::Dir)) => id,
+                Some((id, Kind::Symlink)) => {
+                    hops += 1;
+                    if hops > MAX_HOPS {
+                        let path = comps.join(&b'/');
+                        return Err(TreeError::SymlinkLoop {
+                            path: String::from_utf8_lossy(&path).into_owned(),
+                        });
+                    }
+                    let target = self.arena[id].target.clone();
+                    if target.first() == Some(&b'/') {
+                        chain.truncate(1);
+                    }
+                    for t in target.split(|&b| b == b'/').rev() {
+                        todo.push_front(t.to_vec());
+                    }
+                    continue;
+                }
+                other => match mode {
+                    Walk::Lookup => return Ok(None),
+                    Walk::Create { layer, mtime } => {
+                        if other.is_some() {
+                            self.skipped.replaced_by_dir += 1;
+                        }
+                        let id = self.arena.len();
+                        self.arena.push(MNode::implicit_dir(mtime, layer));
+                        self.arena[cur].children.insert(c.clone(), id);
+                        id
+                    }
+                },
+            };
+            chain.push(next);
         }
-        Some(cur)
+        if let Walk::Create { layer, mtime } = mode {
+            // An implicit directory's mtime is the newest mtime of what its
+            // layer put beneath it: deterministic, whatever the tar order.
+            for &id in &chain {
+                let n = &mut self.arena[id];
+                if n.implicit == Some(layer) && mtime > n.mtime {
+                    n.mtime = mtime;
+                }
+            }
+        }
+        Ok(Some(chain))
     }
 
-    /// Walks to the directory `comps`, creating missing directories.
-    fn ensure_dir(&mut self, comps: &[&[u8]], mtime: i64) -> usize {
-        let mut cur = 0;
-        for c in comps {
-            let next = match self.arena[cur].children.get(*c) {
-                Some(&id) if self.arena[id].kind == Kind::Dir => id,
-                existing => {
-                    if existing.is_some() {
-                        self.skipped.replaced_by_dir += 1;
-                    }
-                    let id = self.arena.len();
-                    self.arena.push(MNode::implicit_dir(mtime));
-                    self.arena[cur].children.insert(c.to_vec(), id);
-                    id
-                }
-            };
-            cur = next;
-        }
-        cur
+    /// The node at `comps` (its last component not followed), or None.
+    fn lookup(&mut self, comps: &[&[u8]]) -> Result<Option<usize>, TreeError> {
+        let Some((name, dir)) = comps.split_last() else {
+            return Ok(Some(0));
+        };
+        Ok(self
+            .walk(dir, Walk::Lookup)?
+            .and_then(|chain| self.arena[*chain.last().expect("root")].children.get(*name).copied()))
     }
 
     fn node_from(entry: &Entry, layer: u32) -> MNode {
@@ -155,7 +237,9 @@ impl TreeBuilder {
         };
         MNode {
             kind,
-            mode: entry.mode,
+            // A symlink's own mode means nothing on Linux: every
+            // filesystem, and umoci's unpack, shows 0777.
+            mode: if kind == Kind::Symlink { 0o777 } else { entry.mode },
             uid: entry.uid,
             gid: entry.gid,
             mtime: entry.mtime,
@@ -170,19 +254,49 @@ impl TreeBuilder {
             xattrs: entry.xattrs.clone(),
             data,
             children: BTreeMap::new(),
+            implicit: None,
         }
     }
 
-    /// Applies one layer's entries on top of the tree.
-    pub fn apply_layer(&mut self, layer: u32, entries: &[Entry]) {
-        let mut items = Vec::with_capacity(entries.len());
-        for e in entries {
-            let comps = normalize(&e.path);
-            if comps.first().is_some_and(|c| EXCLUDED.contains(c)) {
-                self.skipped.excluded += 1;
-                continue;
+    /// Resolves (creating as needed) the parent of an entry named `name`
+    /// under `dir`; None when the entry is one of the paths the runtime
+    /// mounts over.
+    fn parent_for(&mut self, dir: &[&[u8]], name: &[u8], layer: u32, mtime: i64) -> Result<Option<usize>, TreeError> {
+        let Some(chain) = self.walk(dir, Walk::Create { layer, mtime })? else {
+            self.skipped.excluded += 1;
+            return Ok(None);
+        };
+        if chain.len() == 1 && EXCLUDED.contains(&name) {
+            self.skipped.excluded += 1;
+            return Ok(None);
+        }
+        Ok(chain.last().copied())
+    }
+
+    /// Applies one layer's entries on top of the tree, as containerd's and
+    /// umoci's unpackers would.
+    pub fn apply_layer(&mut self, layer: u32, entries: &[Entry]) -> Result<(), TreeError> {
+        let items: Vec<(Vec<&[u8]>, &Entry)> = entries.iter().map(|e| (normalize(&e.path), e)).collect();
+        // A hardlink may name a lower-layer file that this layer then
+        // whites out: the link keeps that file (its inode lives on), so
+        // resolve such targets before the whiteouts. Targets that this
+        // layer itself writes are resolved after its entries.
+        let written: std::collections::HashSet<Vec<u8>> = items
+            .iter()
+            .filter(|(c, _)| c.last().is_some_and(|n| !n.starts_with(WHITEOUT)))
+            .map(|(c, _)| c.join(&b'/'))
+            .collect();
+        let mut links = Vec::new();
+        for (comps, e) in &items {
+            if e.kind == EntryKind::Hardlink {
+                let target = normalize(&e.link);
+                let lower = if written.contains(&target.join(&b'/')) || target.is_empty() {
+                    None
+                } else {
+                    self.lookup(&target)?
+                };
+                links.push((comps.clone(), *e, lower));
             }
-            items.push((comps, e));
         }
         // Whiteouts hide only lower layers, whatever their place in this
         // layer's tar: apply them all first.
@@ -190,21 +304,23 @@ impl TreeBuilder {
             let Some((name, dir)) = comps.split_last() else {
                 continue;
             };
-            if *name == OPAQUE {
-                if let Some(d) = self.lookup(dir) {
-                    if self.arena[d].kind == Kind::Dir {
-                        self.arena[d].children.clear();
-                    }
-                }
-            } else if let Some(target) = name.strip_prefix(WHITEOUT) {
-                if !target.starts_with(WHITEOUT) {
-                    if let Some(d) = self.lookup(dir) {
-                        self.arena[d].children.remove(target);
-                    }
-                }
+            let is_opaque = *name == OPAQUE;
+            let Some(target) = name.strip_prefix(WHITEOUT) else {
+                continue;
+            };
+            if !is_opaque && target.starts_with(WHITEOUT) {
+                continue; // other .wh..wh. markers (hardlink dirs): nothing to hide
+            }
+            let Some(chain) = self.walk(dir, Walk::Lookup)? else {
+                continue;
+            };
+            let d = *chain.last().expect("root");
+            if is_opaque {
+                self.arena[d].children.clear();
+            } else {
+                self.arena[d].children.remove(target);
             }
         }
-        let mut links = Vec::new();
         for (comps, e) in &items {
             let Some((name, dir)) = comps.split_last() else {
                 // The root itself ("./"): take its metadata.
@@ -217,14 +333,12 @@ impl TreeBuilder {
                 }
                 continue;
             };
-            if name.starts_with(WHITEOUT) {
+            if name.starts_with(WHITEOUT) || e.kind == EntryKind::Hardlink {
                 continue;
             }
-            if e.kind == EntryKind::Hardlink {
-                links.push((comps, *e));
+            let Some(parent) = self.parent_for(dir, name, layer, e.mtime)? else {
                 continue;
-            }
-            let parent = self.ensure_dir(dir, e.mtime);
+            };
             let new = Self::node_from(e, layer);
             match self.arena[parent].children.get(*name).copied() {
                 // A directory over a directory merges: new metadata, the
@@ -241,23 +355,33 @@ impl TreeBuilder {
             }
         }
         // Hardlinks last, so a link may come before or after its target in
-        // the tar; chains resolve over several rounds.
+        // the tar; chains within the layer resolve over several rounds.
         while !links.is_empty() {
             let before = links.len();
-            links.retain(|(comps, e)| {
+            let mut left = Vec::new();
+            for (comps, e, lower) in std::mem::take(&mut links) {
                 let target = normalize(&e.link);
-                match self.lookup(&target) {
-                    Some(t) if self.arena[t].kind != Kind::Dir && !target.is_empty() => {
-                        let (name, dir) = comps.split_last().expect("non-empty");
-                        let parent = self.ensure_dir(dir, e.mtime);
-                        self.arena[parent].children.insert(name.to_vec(), t);
-                        false
-                    }
-                    _ => true,
-                }
-            });
+                let found = match lower {
+                    Some(t) => Some(t),
+                    None if target.is_empty() => None,
+                    None => self.lookup(&target)?,
+                };
+                let Some(t) = found.filter(|&t| self.arena[t].kind != Kind::Dir) else {
+                    left.push((comps, e, lower));
+                    continue;
+                };
+                let Some((name, dir)) = comps.split_last() else {
+                    self.skipped.bad_hardlinks += 1;
+                    continue;
+                };
+                let Some(parent) = self.parent_for(dir, name, layer, e.mtime)? else {
+                    continue;
+                };
+                self.arena[parent].children.insert(name.to_vec(), t);
+            }
+            links = left;
             if links.len() == before {
-                for (_, e) in &links {
+                for (_, e, _) in &links {
                     tracing::warn!(
                         path = %String::from_utf8_lossy(&e.path),
                         target = %String::from_utf8_lossy(&e.link),
@@ -268,6 +392,7 @@ impl TreeBuilder {
                 break;
             }
         }
+        Ok(())
     }
 
     /// Numbers the reachable nodes breadth-first in name order (so the same
@@ -362,10 +487,21 @@ mod tests {
         }
     }
 
+    fn sym(path: &str, target: &str) -> Entry {
+        Entry {
+            link: target.as_bytes().to_vec(),
+            ..e(path, EntryKind::Symlink)
+        }
+    }
+
+    fn at(nodes: &[Node], path: &str) -> Node {
+        nodes[resolve(nodes, path).unwrap_or_else(|| panic!("{path} missing")) as usize - 1].clone()
+    }
+
     fn build(layers: &[Vec<Entry>]) -> (Vec<Node>, Skipped) {
         let mut t = TreeBuilder::new();
         for (i, l) in layers.iter().enumerate() {
-            t.apply_layer(i as u32, l);
+            t.apply_layer(i as u32, l).unwrap();
         }
         let skipped = t.skipped;
         (t.finish(), skipped)
@@ -497,5 +633,115 @@ mod tests {
             let parent = &nodes[n.parent as usize - 1];
             assert!(parent.entries.iter().any(|d| d.ino == i as u64 + 1));
         }
+    }
+
+    #[test]
+    fn later_entries_under_a_lower_symlink_land_where_it_points() {
+        let (nodes, _) = build(&[
+            vec![
+                e("real/", EntryKind::Dir),
+                e("usr/lib/", EntryKind::Dir),
+                sym("rel", "real"),
+                sym("abs", "/real"),
+                sym("climb", "../../../real"),
+                sym("lib", "usr/lib"),
+                sym("chain", "rel"),
+                sym("dangling", "nowhere/deeper"),
+                sym("up", "usr/lib/../.."),
+            ],
+            vec![
+                e("rel/a", EntryKind::File),
+                e("abs/b", EntryKind::File),
+                e("climb/c", EntryKind::File),
+                e("lib/x/y", EntryKind::File),
+                e("chain/d", EntryKind::File),
+                e("dangling/e", EntryKind::File),
+                e("up/f", EntryKind::File),
+            ],
+        ]);
+        for (link, target) in [
+            ("rel", "real"),
+            ("abs", "/real"),
+            ("climb", "../../../real"),
+            ("lib", "usr/lib"),
+        ] {
+            let n = at(&nodes, link);
+            assert_eq!(n.kind, Kind::Symlink, "{link} stays a symlink");
+            assert_eq!(n.target, target.as_bytes());
+            assert_eq!(n.mode, 0o777, "symlinks are 0777 whatever their header says");
+        }
+        for f in [
+            "real/a",
+            "real/b",
+            "real/c",
+            "usr/lib/x/y",
+            "real/d",
+            "nowhere/deeper/e",
+            "f",
+        ] {
+            assert!(resolve(&nodes, f).is_some(), "{f} missing");
+        }
+        // A missing target is created where it points, as securejoin does.
+        assert_eq!(at(&nodes, "nowhere").kind, Kind::Dir);
+    }
+
+    #[test]
+    fn a_symlink_loop_is_an_error() {
+        let mut t = TreeBuilder::new();
+        t.apply_layer(0, &[sym("a", "b"), sym("b", "a")]).unwrap();
+        let err = t.apply_layer(1, &[e("a/x", EntryKind::File)]).unwrap_err();
+        assert!(err.to_string().contains("loop"), "{err}");
+        // Symlinks into /proc, /sys or /dev lead nowhere the index keeps.
+        let mut t = TreeBuilder::new();
+        t.apply_layer(0, &[sym("p", "/proc/self")]).unwrap();
+        t.apply_layer(1, &[e("p/x", EntryKind::File)]).unwrap();
+        assert_eq!(t.skipped.excluded, 1);
+        assert!(resolve(&t.finish(), "proc").is_none());
+    }
+
+    #[test]
+    fn a_hardlink_keeps_a_lower_file_its_layer_whites_out() {
+        let (nodes, skipped) = build(&[
+            vec![Entry {
+                size: 3,
+                ..e("f", EntryKind::File)
+            }],
+            vec![link("g", "f"), e(".wh.f", EntryKind::File)],
+            vec![e(".wh.h", EntryKind::File), link("h2", "h")],
+        ]);
+        assert!(resolve(&nodes, "f").is_none());
+        let g = at(&nodes, "g");
+        assert_eq!(g.kind, Kind::File);
+        assert_eq!(g.data, Data::Contiguous { layer: 0, offset: 512 }, "g has f's content");
+        assert_eq!(g.nlink, 1);
+        assert_eq!(skipped.bad_hardlinks, 1, "a link to nothing is still skipped");
+    }
+
+    #[test]
+    fn implicit_directories_take_the_newest_mtime_beneath_them() {
+        let mut deep = e("a/b/c", EntryKind::File);
+        deep.mtime = 30;
+        let mut other = e("a/x", EntryKind::File);
+        other.mtime = 20;
+        let mut late_dir = e("d/", EntryKind::Dir);
+        late_dir.mtime = 5;
+        let mut in_d = e("d/y", EntryKind::File);
+        in_d.mtime = 99;
+        let layer = vec![other, deep, in_d, late_dir];
+        let (nodes, _) = build(std::slice::from_ref(&layer));
+        assert_eq!(at(&nodes, "a").mtime, 30);
+        assert_eq!(at(&nodes, "a/b").mtime, 30);
+        assert_eq!(at(&nodes, "d").mtime, 5, "an explicit entry's own mtime wins");
+        assert_eq!(nodes[0].mtime, 0, "a root without an entry of its own: the epoch");
+        // The same in any tar order.
+        let mut reversed = layer.clone();
+        reversed.reverse();
+        let (again, _) = build(&[reversed]);
+        assert_eq!(at(&again, "a").mtime, 30);
+        // A later layer's entries do not touch an earlier implicit dir.
+        let mut newer = e("a/z", EntryKind::File);
+        newer.mtime = 1000;
+        let (nodes, _) = build(&[layer, vec![newer]]);
+        assert_eq!(at(&nodes, "a").mtime, 30);
     }
 }
