@@ -19,7 +19,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clip_format::{Data, DirEntry, Image, Index, IndexFile, Kind, Node, WindowWriter};
-use clip_registry::{ImageRef, Platform, RegistryOptions};
+use clip_registry::{ImageRef, Platform, Registries, RegistryOptions};
 
 fn best_of<T>(n: usize, mut f: impl FnMut() -> T) -> (Duration, T) {
     let mut best = Duration::MAX;
@@ -136,6 +136,7 @@ fn synthetic_index(files: usize) -> Vec<u8> {
             window_len: 0,
         }],
         span_digests: vec![[0; 32]],
+        pieces: Vec::new(),
     };
     IndexFile::new(
         Index {
@@ -152,7 +153,13 @@ fn synthetic_index(files: usize) -> Vec<u8> {
 fn main() {
     let layout = fixtures();
     let reference = ImageRef::parse(&format!("oci:{}:debian", layout.display())).unwrap();
-    let source = clip_registry::open(&reference, &RegistryOptions::default()).unwrap();
+    let registries = Registries::new(RegistryOptions::default()).unwrap();
+    let source = clip_registry::open(
+        &reference,
+        &registries,
+        std::sync::Arc::new(clip_registry::auth::Anonymous),
+    )
+    .unwrap();
     let image = source.resolve(&Platform::default()).unwrap();
     let blob = |d: &str| layout.join("blobs/sha256").join(d.trim_start_matches("sha256:"));
     let compressed: u64 = image.layers.iter().map(|l| l.size).sum();

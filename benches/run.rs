@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use clip_registry::{ImageRef, Platform, RegistryOptions};
+use clip_registry::{ImageRef, Platform, Registries, RegistryOptions};
 
 const PY: &str = "import numpy, pandas, scipy.linalg; print(numpy.__version__, pandas.__version__)";
 
@@ -79,7 +79,8 @@ fn main() {
     ));
     let local = clip_registry::open(
         &ImageRef::parse(&format!("oci:{}:py", layout.display())).unwrap(),
-        &RegistryOptions::default(),
+        &Registries::new(RegistryOptions::default()).unwrap(),
+        std::sync::Arc::new(clip_registry::auth::Anonymous),
     )
     .unwrap();
     let resolved = local.resolve(&Platform::default()).unwrap();

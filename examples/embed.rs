@@ -7,7 +7,7 @@
 
 use std::error::Error;
 
-use clip_registry::{ImageRef, Platform, RegistryOptions};
+use clip_registry::{ImageRef, Platform, Registries, RegistryOptions};
 use clip_rootfs::{OverlayKind, Paths};
 
 fn main() -> Result<(), Box<dyn Error>> {
@@ -20,7 +20,11 @@ fn main() -> Result<(), Box<dyn Error>> {
 
     // 1. Index the image (once per image; a scheduler would keep it).
     let reference = ImageRef::parse(&image)?;
-    let source = clip_registry::open(&reference, &RegistryOptions::from_env())?;
+    let registries = Registries::new(RegistryOptions::from_env())?;
+    let creds = clip_registry::auth::DockerConfig::from_env()
+        .map(|c| std::sync::Arc::new(c) as std::sync::Arc<dyn clip_registry::CredentialSource>)
+        .unwrap_or_else(|| std::sync::Arc::new(clip_registry::auth::Anonymous));
+    let source = clip_registry::open(&reference, &registries, creds)?;
     let resolved = source.resolve(&Platform::default())?;
     let (file, stats) = clip_index::build(source.as_ref(), &reference.canonical(), &resolved, &Default::default())?;
     let index = paths.base.join("index").join(format!(

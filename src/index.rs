@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clip_index::Options;
-use clip_registry::{ImageRef, Platform, RegistryOptions};
+use clip_registry::{ImageRef, Platform};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -60,7 +60,7 @@ pub fn run(a: Args) -> Result<()> {
     let started = Instant::now();
     let reference = ImageRef::parse(&a.image)?;
     let platform: Platform = a.platform.parse()?;
-    let source = clip_registry::open(&reference, &RegistryOptions::from_env())?;
+    let source = crate::source::open(&reference)?;
     let image = source
         .resolve(&platform)
         .with_context(|| format!("resolving {}", reference.canonical()))?;

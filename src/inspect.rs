@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clip_format::{IndexFile, Kind, Node};
-use clip_fs::{ReaderOptions, SpanReader};
-use clip_registry::{ImageRef, ImageSource, RegistryOptions};
+use clip_fs::ImageView;
+use clip_registry::{ImageRef, ImageSource};
+use clip_store::{LayerStore, StoreOptions};
 use serde_json::{json, Value};
 
 #[derive(clap::Args)]
@@ -34,16 +35,16 @@ fn load(path: &Path) -> Result<IndexFile> {
 }
 
 /// A reader of the image's files through `file`'s checkpoints, fetching
-/// from the source the index names; no disk cache, no read-ahead.
-fn span_reader(file: Arc<IndexFile>) -> Result<Arc<SpanReader>> {
+/// from the source the index names; no disk cache, no prefetch.
+fn span_reader(file: Arc<IndexFile>) -> Result<Arc<ImageView>> {
     let r = ImageRef::parse(&file.index.image.reference)?;
-    let source: Arc<dyn ImageSource> = Arc::from(clip_registry::open(&r, &RegistryOptions::from_env())?);
-    let opts = ReaderOptions {
+    let source: Arc<dyn ImageSource> = Arc::from(crate::source::open(&r)?);
+    let store = LayerStore::new(StoreOptions {
         mem_bytes: 64 << 20,
-        readahead_spans: 0,
-        prefetch_threads: 0,
-    };
-    Ok(SpanReader::new(file, source, None, opts))
+        prefetch_workers: 0,
+        ..StoreOptions::default()
+    })?;
+    Ok(ImageView::new(file, store, source)?)
 }
 
 fn kind_name(k: Kind) -> &'static str {

@@ -5,6 +5,7 @@ mod inspect;
 mod metrics;
 mod mount;
 mod run;
+mod source;
 
 use std::path::PathBuf;
 
@@ -73,6 +74,11 @@ fn main() {
     // SAFETY: setting a signal disposition before any thread starts.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Run(_)) {
+        // Before any thread exists: every thread then keeps them blocked
+        // and the runtime's forwarder gets them.
+        clip_run::block_forwarded_signals();
+    }
     init_logging(matches!(cli.command, Command::Serve(_)));
     // Processes that end on their own leave their counts (index builds,
     // range reads, container starts) to the host's metrics; servers and

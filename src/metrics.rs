@@ -31,7 +31,7 @@ const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=
 fn collect() -> Result<clip_metrics::Snapshot> {
     let cache = clip_fs::serve::ServeOptions::from_env().cache_dir;
     let dir = clip_metrics::host::dir_from_env();
-    clip_metrics::host::collect(&dir, Some(clip_fs::cache::usage(&cache))).context("collecting metrics")
+    clip_metrics::host::collect(&dir, Some(clip_store::usage(&cache))).context("collecting metrics")
 }
 
 fn render(format: Format) -> Result<(String, &'static str)> {

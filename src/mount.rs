@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clip_format::IndexFile;
-use clip_registry::{ImageRef, Platform, RegistryOptions};
+use clip_registry::{ImageRef, Platform};
 use clip_rootfs::{OverlayKind, Paths};
 
 #[derive(clap::Args)]
@@ -70,7 +70,7 @@ pub fn paths() -> Result<Paths> {
 pub fn index_for_image(image: &str, platform: &str) -> Result<PathBuf> {
     let reference = ImageRef::parse(image)?;
     let platform: Platform = platform.parse()?;
-    let source = clip_registry::open(&reference, &RegistryOptions::from_env())?;
+    let source = crate::source::open(&reference)?;
     let resolved = source
         .resolve(&platform)
         .with_context(|| format!("resolving {}", reference.canonical()))?;

@@ -142,7 +142,8 @@ fn scraped_range_get_bytes_equal_what_the_registry_served() {
         assert!(labels["layer"].starts_with("sha256:"), "{labels:?}");
     }
     // Every fetched span was inflated, served bytes came through FUSE reads.
-    assert_eq!(total(&e, "clip_cache_misses", None), requests - base_requests);
+    // A coalesced request carries several units.
+    assert!(total(&e, "clip_cache_misses", None) >= requests - base_requests);
     assert!(total(&e, "clip_inflate_bytes", None) >= read as f64);
     assert!(total(&e, "clip_inflate_cpu_seconds", None) > 0.0);
     assert!(total(&e, "clip_fuse_bytes", Some(("op", "read"))) >= read as f64);

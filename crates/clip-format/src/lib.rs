@@ -27,7 +27,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub const MAGIC: [u8; 8] = *b"CLIPIDX\0";
-pub const VERSION: u32 = 1;
+/// 2: layers carry pieces of long zstd spans.
+pub const VERSION: u32 = 2;
 const HEADER_LEN: usize = 72;
 /// The largest metadata section we will decompress: far above any real
 /// image, low enough that a hostile header cannot exhaust memory.
@@ -39,7 +40,7 @@ pub const ROOT_INO: u64 = 1;
 pub enum Error {
     #[error("not a clip index (bad magic)")]
     BadMagic,
-    #[error("clip index version {0} is not supported (this build reads version {VERSION})")]
+    #[error("clip index version {0} is not supported (this build reads version {VERSION}): index the image again")]
     Version(u32),
     #[error("clip index is truncated: {expected} bytes expected, {got} present")]
     Truncated { expected: u64, got: u64 },
@@ -57,7 +58,7 @@ pub enum Error {
         checkpoint: usize,
         msg: String,
     },
-    #[error("i/o: {0}")]
+    #[error("reading the index")]
     Io(#[from] std::io::Error),
 }
 
@@ -106,6 +107,19 @@ pub struct Layer {
     pub checkpoints: Vec<Checkpoint>,
     /// SHA-256 of each span's compressed bytes.
     pub span_digests: Vec<[u8; 32]>,
+    /// Pieces of long zstd spans, by span then offset (see
+    /// `clip_gzran::Piece`): such a span is read as a stream, each piece
+    /// checked by the SHA-256 of its uncompressed bytes.
+    pub pieces: Vec<Piece>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Piece {
+    pub span: u32,
+    /// First uncompressed byte; the piece ends at the next piece of its
+    /// span or with the span.
+    pub out: u64,
+    pub digest: [u8; 32],
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -275,6 +289,28 @@ impl Index {
                 }
                 prev = Some(c);
             }
+            let span_out = |k: usize| {
+                let end = l.checkpoints.get(k + 1).map_or(l.uncompressed_size, |c| c.out);
+                (l.checkpoints[k].out, end)
+            };
+            let mut prev: Option<&Piece> = None;
+            for p in &l.pieces {
+                let k = p.span as usize;
+                let ok = k < l.checkpoints.len() && {
+                    let (start, end) = span_out(k);
+                    let first_of_span = prev.is_none_or(|q| q.span != p.span);
+                    p.out < end
+                        && if first_of_span {
+                            p.out == start && prev.is_none_or(|q| q.span < p.span)
+                        } else {
+                            prev.is_some_and(|q| q.out < p.out)
+                        }
+                };
+                if !ok {
+                    return bad(format!("layer {li}: pieces out of order or out of range"));
+                }
+                prev = Some(p);
+            }
         }
         for (i, node) in self.nodes.iter().enumerate() {
             let ino = i as u64 + 1;
@@ -438,6 +474,14 @@ impl IndexFile {
 
     pub fn load(path: &std::path::Path) -> Result<Self> {
         Self::decode(&std::fs::read(path)?)
+    }
+
+    /// The stored (compressed) window frame of checkpoint `k` of layer
+    /// `layer`: what identifies the window without decompressing it.
+    pub fn window_frame(&self, layer: usize, k: usize) -> Option<&[u8]> {
+        let cp = self.index.layers.get(layer)?.checkpoints.get(k)?;
+        let start = cp.window_offset as usize;
+        self.windows.get(start..start + cp.window_len as usize)
     }
 
     /// The decompressed window of checkpoint `k` of layer `layer`.

@@ -24,6 +24,18 @@ fn sample(files: usize) -> IndexFile {
             },
         ],
         span_digests: vec![[1; 32], [2; 32]],
+        pieces: vec![
+            Piece {
+                span: 1,
+                out: 1 << 20,
+                digest: [3; 32],
+            },
+            Piece {
+                span: 1,
+                out: 3 << 20,
+                digest: [4; 32],
+            },
+        ],
     };
     let dir = |entries| Node {
         kind: Kind::Dir,
@@ -150,9 +162,9 @@ fn truncation_and_trailing_data_are_caught() {
     let mut long = bytes.clone();
     long.push(0);
     assert!(matches!(IndexFile::decode(&long), Err(Error::TrailingData { .. })));
-    let mut v2 = bytes.clone();
-    v2[8] = 2;
-    assert!(matches!(IndexFile::decode(&v2), Err(Error::Version(2))));
+    let mut v1 = bytes.clone();
+    v1[8] = 1;
+    assert!(matches!(IndexFile::decode(&v1), Err(Error::Version(1))));
 }
 
 #[test]
@@ -174,6 +186,21 @@ fn inconsistent_metadata_is_rejected_even_with_a_valid_checksum() {
     ));
     let mut f = sample(3);
     f.index.layers[0].checkpoints[1].window_len = 1 << 30;
+    assert!(matches!(
+        IndexFile::decode(&f.encode().unwrap()),
+        Err(Error::Invalid(_))
+    ));
+    // Pieces must start their span, stay inside it and go forward.
+    for (i, out) in [(0, 2 << 20), (1, 1 << 20), (1, 1 << 30)] {
+        let mut f = sample(1);
+        f.index.layers[0].pieces[i].out = out;
+        assert!(
+            matches!(IndexFile::decode(&f.encode().unwrap()), Err(Error::Invalid(_))),
+            "piece {i} at {out}"
+        );
+    }
+    let mut f = sample(1);
+    f.index.layers[0].pieces[1].span = 0;
     assert!(matches!(
         IndexFile::decode(&f.encode().unwrap()),
         Err(Error::Invalid(_))

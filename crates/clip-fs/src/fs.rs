@@ -22,14 +22,14 @@ use fuser::{
     Request,
 };
 
-use crate::reader::SpanReader;
+use crate::view::ImageView;
 
 /// How long the kernel may cache entries and attributes: the tree is
 /// immutable, so as long as it likes.
 const TTL: Duration = Duration::from_secs(24 * 3600);
 
 pub struct ClipFs {
-    reader: Arc<SpanReader>,
+    view: Arc<ImageView>,
     /// Per open file: where the last read ended, to spot sequential reads.
     handles: Mutex<HashMap<u64, u64>>,
     next_fh: AtomicU64,
@@ -158,9 +158,9 @@ pub fn attr(ino: u64, n: &Node) -> FileAttr {
 }
 
 impl ClipFs {
-    pub fn new(reader: Arc<SpanReader>) -> Self {
+    pub fn new(view: Arc<ImageView>) -> Self {
         Self {
-            reader,
+            view,
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             metrics: OpMetrics::new(),
@@ -172,7 +172,7 @@ impl ClipFs {
     }
 
     fn node(&self, ino: INodeNo) -> Option<&Node> {
-        self.reader.index().index.node(ino.0)
+        self.view.index().index.node(ino.0)
     }
 
     /// The directory `ino`, for listing.
@@ -212,7 +212,7 @@ impl Filesystem for ClipFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let _t = self.timed(Op::Lookup);
-        let index = &self.reader.index().index;
+        let index = &self.view.index().index;
         match self.node(parent) {
             Some(p) if p.kind == Kind::Dir => match index.lookup(parent.0, name.as_bytes()) {
                 Some(ino) => {
@@ -286,7 +286,7 @@ impl Filesystem for ClipFs {
             let last = h.insert(fh.0, offset + u64::from(size));
             last == Some(offset) && offset > 0
         };
-        match self.reader.read(n, offset, size, sequential) {
+        match self.view.read(n, offset, size, sequential) {
             Ok(data) => {
                 self.metrics.read_bytes.inc_by(data.len() as u64);
                 reply.data(&data)
@@ -333,7 +333,7 @@ impl Filesystem for ClipFs {
             Ok(n) => n,
             Err(e) => return reply.error(e),
         };
-        let index = &self.reader.index().index;
+        let index = &self.view.index().index;
         let mut i = offset;
         while let Some((child, name)) = dir_slot(ino, n, i) {
             let kind = index.node(child).map_or(FileType::Directory, |c| file_type(c.kind));
@@ -358,7 +358,7 @@ impl Filesystem for ClipFs {
             Ok(n) => n,
             Err(e) => return reply.error(e),
         };
-        let index = &self.reader.index().index;
+        let index = &self.view.index().index;
         let mut i = offset;
         while let Some((child, name)) = dir_slot(ino, n, i) {
             let Some(c) = index.node(child) else { break };
@@ -379,7 +379,7 @@ impl Filesystem for ClipFs {
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let _t = self.timed(Op::Statfs);
-        let index = &self.reader.index().index;
+        let index = &self.view.index().index;
         let bytes: u64 = index.nodes.iter().map(|n| n.size).sum();
         reply.statfs(bytes.div_ceil(4096), 0, 0, index.nodes.len() as u64, 0, 4096, 255, 4096);
     }

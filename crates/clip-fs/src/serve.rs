@@ -3,21 +3,23 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use clip_format::IndexFile;
-use clip_registry::{ImageRef, RegistryOptions};
+use clip_registry::{ImageRef, Registries, RegistryOptions};
+use clip_store::{LayerStore, StoreOptions};
 
-use crate::{ClipFs, DiskCache, ReaderOptions, SpanReader};
+use crate::{ClipFs, ImageView};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("loading {0}: {1}")]
-    Index(PathBuf, clip_format::Error),
+    #[error("loading {0}")]
+    Index(PathBuf, #[source] clip_format::Error),
     #[error(transparent)]
     Source(#[from] clip_registry::Error),
-    #[error("mounting {0}: {1}")]
-    Mount(PathBuf, std::io::Error),
+    #[error(transparent)]
+    View(#[from] clip_store::ReadError),
+    #[error("mounting {0}")]
+    Mount(PathBuf, #[source] std::io::Error),
 }
 
 #[derive(Debug, Clone)]
@@ -57,19 +59,6 @@ pub fn parse_size(v: &str) -> Option<u64> {
     num.trim().parse::<u64>().ok()?.checked_mul(mult)
 }
 
-/// Registry settings for serving reads: shorter timeouts than indexing, so
-/// that a read fails with EIO in bounded time rather than hanging.
-fn registry_options() -> RegistryOptions {
-    RegistryOptions {
-        retries: 4,
-        backoff: Duration::from_millis(100),
-        connect_timeout: Duration::from_secs(5),
-        read_timeout: Duration::from_secs(5),
-        deadline: Some(Duration::from_secs(20)),
-        ..RegistryOptions::from_env()
-    }
-}
-
 /// Mounts `index` at `dir` and serves it until it is unmounted or this
 /// process gets SIGTERM or SIGINT (which unmount cleanly).
 pub fn serve(index: &Path, dir: &Path, opts: &ServeOptions) -> Result<(), ServeError> {
@@ -85,13 +74,25 @@ pub fn serve(index: &Path, dir: &Path, opts: &ServeOptions) -> Result<(), ServeE
     };
     let file = Arc::new(IndexFile::load(index).map_err(|e| ServeError::Index(index.into(), e))?);
     let reference = ImageRef::parse(&file.index.image.reference)?;
-    let source: Arc<dyn clip_registry::ImageSource> = Arc::from(clip_registry::open(&reference, &registry_options())?);
-    let disk = DiskCache::open(&opts.cache_dir, opts.cache_max).ok();
-    if disk.is_none() {
-        tracing::warn!(dir = %opts.cache_dir.display(), "span cache unavailable; serving from memory only");
-    }
-    let reader = SpanReader::new(file, source, disk, ReaderOptions::default());
-    let mut session = fuser::Session::new(ClipFs::new(reader), dir, &crate::fs::config(opts.threads))
+    let registries =
+        Registries::new(RegistryOptions::from_env().for_reads()).map_err(|e| ServeError::Mount(dir.into(), e))?;
+    let creds: Arc<dyn clip_registry::CredentialSource> = match clip_registry::auth::DockerConfig::from_env() {
+        Some(c) => Arc::new(c),
+        None => Arc::new(clip_registry::auth::Anonymous),
+    };
+    let source: Arc<dyn clip_registry::ImageSource> = Arc::from(clip_registry::open(&reference, &registries, creds)?);
+    let store = LayerStore::new(StoreOptions {
+        cache_dir: Some(opts.cache_dir.clone()),
+        cache_max: opts.cache_max,
+        ..StoreOptions::default()
+    })
+    .or_else(|e| {
+        tracing::warn!(dir = %opts.cache_dir.display(), error = %e, "span cache unavailable; serving from memory only");
+        LayerStore::new(StoreOptions::default())
+    })
+    .map_err(|e| ServeError::Mount(dir.into(), e))?;
+    let view = ImageView::new(file, store, source)?;
+    let mut session = fuser::Session::new(ClipFs::new(view), dir, &crate::fs::config(opts.threads))
         .map_err(|e| ServeError::Mount(dir.into(), e))?;
     let mut unmounter = session.unmount_callable();
     let d = dir.to_path_buf();

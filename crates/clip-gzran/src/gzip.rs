@@ -233,6 +233,7 @@ impl Builder {
             uncompressed_size: self.out_total,
             checkpoints: self.checkpoints,
             span_digests,
+            pieces: Vec::new(),
             digest,
             uncompressed_digest: [0; 32],
         })

@@ -23,6 +23,8 @@ mod plain;
 mod span;
 mod zstd_frames;
 
+pub use zstd_frames::PieceDecoder;
+
 use std::io::{self, BufRead, Read};
 
 pub use span::span_range;
@@ -64,6 +66,20 @@ pub struct BuiltCheckpoint {
     pub window: Vec<u8>,
 }
 
+/// A piece of a long zstd span: decoding one means decoding its frame from
+/// the start, so pieces are not resume points, but each is checked on its
+/// own (SHA-256 of its uncompressed bytes) as a stream of the frame passes,
+/// so a read need neither hold nor wait for the whole frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Piece {
+    /// The span (checkpoint) it belongs to.
+    pub span: usize,
+    /// Its first uncompressed byte; it ends where the next piece of its
+    /// span starts, or with the span.
+    pub out: u64,
+    pub digest: [u8; 32],
+}
+
 /// Everything learnt about one layer by reading it once.
 #[derive(Debug, Clone)]
 pub struct LayerMap {
@@ -73,6 +89,9 @@ pub struct LayerMap {
     pub checkpoints: Vec<BuiltCheckpoint>,
     /// SHA-256 of each span's compressed bytes, see [`span_range`].
     pub span_digests: Vec<[u8; 32]>,
+    /// Pieces of the spans longer than twice the spacing (zstd frames too
+    /// long to decode whole for every read), in order.
+    pub pieces: Vec<Piece>,
     /// SHA-256 of the whole compressed stream, to compare with the layer's
     /// descriptor digest.
     pub digest: [u8; 32],
@@ -83,7 +102,7 @@ pub struct LayerMap {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("reading compressed stream: {0}")]
+    #[error("reading the compressed stream")]
     Io(#[from] io::Error),
     #[error("corrupt gzip stream near compressed byte {offset}: {msg}")]
     Gzip { offset: u64, msg: String },
@@ -99,6 +118,8 @@ pub enum Error {
     SpanLength { span: usize, expected: u64, got: u64 },
     #[error("span {span}: compressed bytes do not match the recorded digest")]
     SpanDigest { span: usize },
+    #[error("span {span} piece {piece}: decompressed bytes do not match the recorded digest")]
+    PieceDigest { span: usize, piece: usize },
     #[error("span {span}: decompressed to {got} bytes, expected {expected}")]
     SpanOutput { span: usize, expected: u64, got: u64 },
     #[error("zlib: {0}")]

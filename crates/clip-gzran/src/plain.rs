@@ -81,6 +81,7 @@ impl Builder {
             uncompressed_size: size,
             checkpoints: self.checkpoints,
             span_digests,
+            pieces: Vec::new(),
             digest,
             uncompressed_digest: [0; 32],
         })

@@ -247,6 +247,7 @@ fn zstd_multi_frame_has_a_checkpoint_per_spacing() {
     }
     let (out, map) = index(&zst, Compression::Zstd, 64 * 1024);
     assert!(out == data);
+    assert!(map.pieces.is_empty(), "spans of short frames need no pieces");
     assert_eq!(map.checkpoints.len(), frame_starts.len());
     for (cp, start) in map.checkpoints.iter().zip(&frame_starts) {
         assert_eq!(cp.point.in_bits, start * 8);
@@ -278,4 +279,41 @@ fn plain_tar_checkpoints_every_spacing() {
         .iter()
         .all(|c| c.point.out % 65536 == 0 && c.point.in_bits == c.point.out * 8));
     check_random_access(&data, &data, &map);
+}
+
+#[test]
+fn a_long_zstd_frame_is_decoded_piece_by_piece() {
+    let data = sample(1 << 20, 7);
+    let zst = zstd::bulk::compress(&data, 3).unwrap();
+    let spacing = 64 * 1024;
+    let (_, map) = index(&zst, Compression::Zstd, spacing);
+    assert_eq!(map.checkpoints.len(), 1);
+    assert_eq!(map.pieces.len(), 16);
+    for (i, p) in map.pieces.iter().enumerate() {
+        assert_eq!((p.span, p.out), (0, i as u64 * spacing));
+    }
+    let mut dec = PieceDecoder::new(&zst[..], 0).unwrap();
+    let mut whole = Vec::new();
+    for p in &map.pieces {
+        whole.extend(dec.next_piece(spacing, &p.digest).unwrap());
+    }
+    assert!(whole == data);
+    // A piece that does not match its digest is never handed out.
+    let mut dec = PieceDecoder::new(&zst[..], 0).unwrap();
+    dec.next_piece(spacing, &map.pieces[0].digest).unwrap();
+    let err = dec.next_piece(spacing, &map.pieces[0].digest).unwrap_err();
+    assert!(matches!(err, Error::PieceDigest { span: 0, piece: 1 }), "{err}");
+    // Nor are the bytes of a damaged stream.
+    let mut bad = zst.clone();
+    let n = bad.len();
+    bad[n / 2] ^= 0x55;
+    let mut dec = PieceDecoder::new(&bad[..], 0).unwrap();
+    let mut failed = false;
+    for p in &map.pieces {
+        if dec.next_piece(spacing, &p.digest).is_err() {
+            failed = true;
+            break;
+        }
+    }
+    assert!(failed);
 }

@@ -5,9 +5,11 @@ use std::io::Read;
 
 use zstd::zstd_safe::{get_error_name, DCtx, InBuffer, OutBuffer};
 
+use sha2::{Digest, Sha256};
+
 use crate::gzip::read_some;
 use crate::span::SpanHasher;
-use crate::{BuiltCheckpoint, Checkpoint, Compression, Error, LayerMap, Result};
+use crate::{BuiltCheckpoint, Checkpoint, Compression, Error, LayerMap, Piece, Result};
 
 const IN_BUF: usize = 128 * 1024;
 const OUT_BUF: usize = 256 * 1024;
@@ -27,6 +29,50 @@ pub(crate) struct Builder {
     /// Between two frames (or before the first).
     at_boundary: bool,
     eof: bool,
+    pieces: PieceHasher,
+}
+
+/// Cuts each span's output into pieces of `spacing` bytes with their
+/// digests; keeps them only for spans longer than twice the spacing.
+struct PieceHasher {
+    spacing: u64,
+    span_start: u64,
+    piece_start: u64,
+    pos: u64,
+    hash: Sha256,
+    current: Vec<(u64, [u8; 32])>,
+    kept: Vec<Piece>,
+}
+
+impl PieceHasher {
+    fn feed(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            let boundary = self.piece_start + self.spacing;
+            let n = ((boundary - self.pos) as usize).min(data.len());
+            self.hash.update(&data[..n]);
+            self.pos += n as u64;
+            data = &data[n..];
+            if self.pos == boundary {
+                self.current.push((self.piece_start, self.hash.finalize_reset().into()));
+                self.piece_start = self.pos;
+            }
+        }
+    }
+
+    /// Ends the current span (its index `span`) at the current position.
+    fn close_span(&mut self, span: usize) {
+        if self.pos > self.piece_start {
+            self.current.push((self.piece_start, self.hash.finalize_reset().into()));
+        }
+        if self.pos - self.span_start > 2 * self.spacing {
+            self.kept
+                .extend(self.current.iter().map(|&(out, digest)| Piece { span, out, digest }));
+        }
+        self.current.clear();
+        self.hash = Sha256::new();
+        self.span_start = self.pos;
+        self.piece_start = self.pos;
+    }
 }
 
 impl Builder {
@@ -45,6 +91,15 @@ impl Builder {
             checkpoints: Vec::new(),
             at_boundary: true,
             eof: false,
+            pieces: PieceHasher {
+                spacing,
+                span_start: 0,
+                piece_start: 0,
+                pos: 0,
+                hash: Sha256::new(),
+                current: Vec::new(),
+                kept: Vec::new(),
+            },
         }
     }
 
@@ -76,6 +131,9 @@ impl Builder {
                     Some(last) => self.out_total - last.point.out >= self.spacing,
                 };
                 if due {
+                    if let Some(span) = self.checkpoints.len().checked_sub(1) {
+                        self.pieces.close_span(span);
+                    }
                     let pos = self.hasher.position();
                     self.hasher
                         .split(pos * 8)
@@ -99,6 +157,7 @@ impl Builder {
                 msg: get_error_name(code).to_string(),
             })?;
             self.hasher.feed(&self.inbuf[self.in_start..self.in_start + consumed]);
+            self.pieces.feed(&self.outbuf[..produced]);
             self.in_start += consumed;
             self.wpos = produced;
             self.out_total += produced as u64;
@@ -118,9 +177,12 @@ impl Builder {
         self.rpos = (self.rpos + amt).min(self.wpos);
     }
 
-    pub(crate) fn finish<R: Read>(self, _input: &mut R) -> Result<LayerMap> {
+    pub(crate) fn finish<R: Read>(mut self, _input: &mut R) -> Result<LayerMap> {
         if !self.eof {
             return Err(Error::Truncated(self.hasher.position()));
+        }
+        if let Some(span) = self.checkpoints.len().checked_sub(1) {
+            self.pieces.close_span(span);
         }
         let (span_digests, digest, size) = self.hasher.finish();
         Ok(LayerMap {
@@ -129,6 +191,7 @@ impl Builder {
             uncompressed_size: self.out_total,
             checkpoints: self.checkpoints,
             span_digests,
+            pieces: self.pieces.kept,
             digest,
             uncompressed_digest: [0; 32],
         })
@@ -164,4 +227,43 @@ pub(crate) fn resume(cp: Checkpoint, compressed: &[u8], skip: u64, len: u64, out
         }
     }
     Ok(())
+}
+
+/// Decodes a long zstd span from a stream of its compressed bytes (which
+/// start at the span's checkpoint), piece by piece, each checked against
+/// its digest before it is handed out: memory stays bounded by one piece
+/// and the decoder's window, whatever the frame's size.
+pub struct PieceDecoder<R: Read> {
+    decoder: zstd::stream::read::Decoder<'static, std::io::BufReader<R>>,
+    span: usize,
+    next: usize,
+}
+
+impl<R: Read> PieceDecoder<R> {
+    pub fn new(input: R, span: usize) -> Result<Self> {
+        Ok(Self {
+            decoder: zstd::stream::read::Decoder::new(input)?,
+            span,
+            next: 0,
+        })
+    }
+
+    /// The next piece's bytes: `len` of them, which must have `digest`.
+    pub fn next_piece(&mut self, len: u64, digest: &[u8; 32]) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; len as usize];
+        self.decoder.read_exact(&mut out)?;
+        if Sha256::digest(&out).as_slice() != digest {
+            return Err(Error::PieceDigest {
+                span: self.span,
+                piece: self.next,
+            });
+        }
+        self.next += 1;
+        Ok(out)
+    }
+
+    /// The input, with whatever the decoder did not read of it.
+    pub fn into_inner(self) -> R {
+        self.decoder.finish().into_inner()
+    }
 }

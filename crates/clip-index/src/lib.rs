@@ -35,7 +35,7 @@ pub enum Error {
         index: usize,
         digest: String,
         #[source]
-        source: LayerError,
+        source: Box<LayerError>,
     },
     #[error("layer {index} ({digest}): merging it into the tree")]
     Tree {
@@ -297,7 +297,7 @@ fn build_image(
         let layer_err = |source| Error::Layer {
             index: i,
             digest: desc.digest.clone(),
-            source,
+            source: Box::new(source),
         };
         let (entries, map) = match slot.into_inner().expect("not poisoned") {
             Some(r) => r.map_err(layer_err)?,
@@ -341,6 +341,15 @@ fn build_image(
             uncompressed_size: map.uncompressed_size,
             checkpoints,
             span_digests: map.span_digests,
+            pieces: map
+                .pieces
+                .iter()
+                .map(|p| clip_format::Piece {
+                    span: p.span as u32,
+                    out: p.out,
+                    digest: p.digest,
+                })
+                .collect(),
         });
     }
     stats.skipped = tree.skipped;

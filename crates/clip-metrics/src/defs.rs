@@ -127,7 +127,10 @@ pub const CACHE_HIT_BYTES: CounterDef = counter(
     "clip_cache_hit_bytes",
     "Uncompressed bytes served from a cache, by tier.",
 );
-pub const CACHE_MISSES: CounterDef = counter("clip_cache_misses", "Span reads that had to fetch from the registry.");
+pub const CACHE_MISSES: CounterDef = counter(
+    "clip_cache_misses",
+    "Units (spans, or pieces of long spans) fetched because neither cache had them.",
+);
 pub const CACHE_WRITTEN_BYTES: CounterDef = counter(
     "clip_cache_written_bytes",
     "Uncompressed bytes written to the disk cache.",

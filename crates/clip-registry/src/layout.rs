@@ -33,7 +33,10 @@ impl LayoutSource {
     fn open(&self, desc: &Descriptor) -> Result<File> {
         let path = self.blob_path(&desc.digest)?;
         let f = File::open(&path).map_err(|e| self.err(format!("blob {}: {e}", desc.digest)))?;
-        let len = f.metadata()?.len();
+        let len = f
+            .metadata()
+            .map_err(|e| self.err(format!("blob {}: {e}", desc.digest)))?
+            .len();
         if len != desc.size {
             return Err(Error::SizeMismatch {
                 digest: desc.digest.clone(),
@@ -49,7 +52,9 @@ impl LayoutSource {
             return Err(self.err(format!("{} is implausibly large", desc.digest)));
         }
         let mut buf = Vec::new();
-        self.open(desc)?.read_to_end(&mut buf)?;
+        self.open(desc)?
+            .read_to_end(&mut buf)
+            .map_err(|e| self.err(format!("blob {}: {e}", desc.digest)))?;
         Ok(buf)
     }
 }
@@ -103,21 +108,40 @@ impl ImageSource for LayoutSource {
         manifest::resolve(self, platform)
     }
 
-    fn open_blob(&self, desc: &Descriptor) -> Result<Box<dyn Read + Send>> {
-        Ok(Box::new(std::io::BufReader::with_capacity(
-            256 * 1024,
-            self.open(desc)?,
-        )))
+    fn open_range(&self, desc: &Descriptor, offset: u64, len: Option<u64>) -> Result<Box<dyn Read + Send>> {
+        let mut f = self.open(desc)?;
+        let len = len.unwrap_or(desc.size.saturating_sub(offset));
+        if offset.checked_add(len).is_none_or(|end| end > desc.size) {
+            return Err(Error::Range {
+                digest: desc.digest.clone(),
+                offset,
+                len,
+                size: desc.size,
+            });
+        }
+        f.seek(SeekFrom::Start(offset))
+            .map_err(|e| self.err(format!("blob {}: {e}", desc.digest)))?;
+        Ok(Box::new(std::io::BufReader::with_capacity(256 * 1024, f.take(len))))
+    }
+
+    fn describe(&self) -> String {
+        format!("oci:{}", self.dir.display())
     }
 
     fn read_range(&self, desc: &Descriptor, offset: u64, len: u64) -> Result<Vec<u8>> {
         let mut f = self.open(desc)?;
         if offset.checked_add(len).is_none_or(|end| end > desc.size) {
-            return Err(self.err(format!("range {offset}+{len} is outside blob {}", desc.digest)));
+            return Err(Error::Range {
+                digest: desc.digest.clone(),
+                offset,
+                len,
+                size: desc.size,
+            });
         }
-        f.seek(SeekFrom::Start(offset))?;
         let mut buf = vec![0; len as usize];
-        f.read_exact(&mut buf)?;
+        f.seek(SeekFrom::Start(offset))
+            .and_then(|_| f.read_exact(&mut buf))
+            .map_err(|e| self.err(format!("blob {} bytes {offset}+{len}: {e}", desc.digest)))?;
         Ok(buf)
     }
 }

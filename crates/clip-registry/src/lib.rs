@@ -1,21 +1,28 @@
 //! Where images come from: image references, manifests and blobs, from an
-//! OCI registry (with `~/.docker/config.json` credentials and the token
-//! flow) or from a local OCI image layout (`oci:DIR[:TAG]`).
+//! OCI registry (the distribution protocol over `reqwest`, with Docker
+//! config credentials, helpers and the token flow) or from a local OCI
+//! image layout (`oci:DIR[:TAG]`).
 //!
 //! Everything a caller needs goes through [`ImageSource`]: resolve a
 //! reference to one platform's manifest and config, stream a blob from its
 //! start, or read a byte range of it.
 
+pub mod auth;
+mod client;
 mod layout;
 mod manifest;
 mod registry;
 
 use std::io::Read;
 use std::path::PathBuf;
+use std::sync::Arc;
 
+pub use auth::{Credential, CredentialSource};
+pub use client::{is_loopback, HttpError, Registries, RegistryOptions};
 pub use layout::LayoutSource;
 pub use manifest::{Platform, ResolvedImage};
-pub use registry::{RegistryOptions, RegistrySource};
+pub use oci_spec::distribution::Reference;
+pub use registry::RegistrySource;
 
 /// A blob the image refers to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,8 +42,12 @@ pub enum Error {
     Manifest { digest: String, msg: String },
     #[error("unsupported manifest media type {0:?}")]
     ManifestType(String),
-    #[error("image index {digest} has no manifest for {platform}")]
-    NoPlatform { digest: String, platform: String },
+    #[error("image index {digest} has no manifest for {platform} (it has {available})")]
+    NoPlatform {
+        digest: String,
+        platform: String,
+        available: String,
+    },
     #[error("{what} {expected}: content has digest {actual}")]
     DigestMismatch {
         what: &'static str,
@@ -45,14 +56,66 @@ pub enum Error {
     },
     #[error("blob {digest} is {actual} bytes, its descriptor says {expected}")]
     SizeMismatch { digest: String, expected: u64, actual: u64 },
+    #[error("bytes {offset}+{len} are outside blob {digest} ({size} bytes)")]
+    Range {
+        digest: String,
+        offset: u64,
+        len: u64,
+        size: u64,
+    },
     #[error("unsupported or malformed digest {0:?}")]
     BadDigest(String),
     #[error("OCI layout {dir}: {msg}")]
     Layout { dir: PathBuf, msg: String },
-    #[error("registry {registry}: {msg}")]
-    Registry { registry: String, msg: String },
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
+    #[error("registry {registry}: {what}")]
+    Registry {
+        registry: String,
+        what: String,
+        #[source]
+        source: HttpError,
+    },
+    #[error("reading {what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// The registry failure underneath, if any.
+    pub fn http(&self) -> Option<&HttpError> {
+        match self {
+            Error::Registry { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+
+    /// The registry answered a range request with the whole blob.
+    pub fn is_range_ignored(&self) -> bool {
+        matches!(self.http(), Some(HttpError::RangeIgnored { .. }))
+    }
+
+    /// Worth another attempt later (the source already retried).
+    pub fn is_transient(&self) -> bool {
+        self.http().is_some_and(HttpError::is_transient)
+    }
+}
+
+/// Recovers a registry error that went through `io::Error` (the `Read` of
+/// a blob stream).
+pub fn from_io(e: std::io::Error) -> Error {
+    if e.get_ref().is_some_and(|inner| inner.is::<Error>()) {
+        *e.into_inner()
+            .expect("checked above")
+            .downcast::<Error>()
+            .expect("checked above")
+    } else {
+        Error::Io {
+            what: "a blob stream".into(),
+            source: e,
+        }
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -61,7 +124,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ImageRef {
     /// `host[:port]/repo[:tag][@digest]`, or Docker Hub shorthand.
-    Registry(oci_client::Reference),
+    Registry(Reference),
     /// `oci:DIR[:TAG]`, the convention of skopeo, umoci and buildah.
     Layout { dir: PathBuf, tag: Option<String> },
 }
@@ -85,10 +148,12 @@ impl ImageRef {
             let dir = std::path::absolute(dir).unwrap_or_else(|_| PathBuf::from(dir));
             return Ok(ImageRef::Layout { dir, tag });
         }
-        let r: oci_client::Reference = s.parse().map_err(|e: oci_client::ParseError| Error::Reference {
-            reference: s.into(),
-            msg: e.to_string(),
-        })?;
+        let r: Reference = s
+            .parse()
+            .map_err(|e: oci_spec::distribution::ParseError| Error::Reference {
+                reference: s.into(),
+                msg: e.to_string(),
+            })?;
         Ok(ImageRef::Registry(r))
     }
 
@@ -98,7 +163,7 @@ impl ImageRef {
     /// fetches from the place it names.
     pub fn source(&self) -> String {
         match self {
-            ImageRef::Registry(r) => format!("{}/{}", r.resolve_registry(), r.repository()),
+            ImageRef::Registry(r) => format!("{}/{}", r.registry(), r.repository()),
             ImageRef::Layout { dir, .. } => format!("oci:{}", dir.display()),
         }
     }
@@ -122,15 +187,30 @@ pub trait ImageSource: Send + Sync {
     fn resolve(&self, platform: &Platform) -> Result<ResolvedImage>;
     /// Streams a blob from its start. The reader does not check the digest;
     /// callers that read it to the end do.
-    fn open_blob(&self, desc: &Descriptor) -> Result<Box<dyn Read + Send>>;
+    fn open_blob(&self, desc: &Descriptor) -> Result<Box<dyn Read + Send>> {
+        self.open_range(desc, 0, None)
+    }
+    /// Streams `len` bytes of a blob (to its end if None) from `offset`.
+    /// A registry that ignores Range for an `offset` past 0 is an error
+    /// ([`HttpError::RangeIgnored`]), never a silent read of the blob's
+    /// start.
+    fn open_range(&self, desc: &Descriptor, offset: u64, len: Option<u64>) -> Result<Box<dyn Read + Send>>;
     /// Reads `len` bytes of a blob starting at `offset`.
     fn read_range(&self, desc: &Descriptor, offset: u64, len: u64) -> Result<Vec<u8>>;
+    /// Where the blobs come from, for logs: `registry/repository` or the
+    /// layout directory.
+    fn describe(&self) -> String;
 }
 
-/// Opens the source a reference names.
-pub fn open(reference: &ImageRef, opts: &RegistryOptions) -> Result<Box<dyn ImageSource>> {
+/// Opens the source a reference names: a registry through the shared
+/// clients of `registries`, with `creds`; a layout directly.
+pub fn open(
+    reference: &ImageRef,
+    registries: &Arc<Registries>,
+    creds: Arc<dyn CredentialSource>,
+) -> Result<Box<dyn ImageSource>> {
     Ok(match reference {
-        ImageRef::Registry(r) => Box::new(RegistrySource::new(r.clone(), opts)?),
+        ImageRef::Registry(r) => Box::new(RegistrySource::new(registries.clone(), r.clone(), creds)?),
         ImageRef::Layout { dir, tag } => Box::new(LayoutSource::new(dir.clone(), tag.clone())),
     })
 }

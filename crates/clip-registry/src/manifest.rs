@@ -147,6 +147,19 @@ pub(crate) fn resolve(src: &dyn Fetcher, platform: &Platform) -> Result<Resolved
                     .ok_or_else(|| Error::NoPlatform {
                         digest: doc.digest.clone(),
                         platform: platform.to_string(),
+                        available: index
+                            .manifests()
+                            .iter()
+                            .filter_map(|m| m.platform().as_ref())
+                            .map(|p| {
+                                let mut s = format!("{}/{}", p.os(), p.architecture());
+                                if let Some(v) = p.variant() {
+                                    s = format!("{s}/{v}");
+                                }
+                                s
+                            })
+                            .collect::<Vec<_>>()
+                            .join(", "),
                     })?;
                 let desc = Descriptor {
                     media_type: chosen.media_type().to_string(),

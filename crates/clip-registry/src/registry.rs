@@ -1,295 +1,231 @@
-//! An OCI distribution registry, through `oci-client`, behind a blocking
-//! interface (the indexer runs one plain thread per layer).
+//! One image repository of a registry, behind the blocking [`ImageSource`]
+//! interface (the indexer and the FUSE threads are plain threads).
 
 use std::io::{self, Read};
-use std::time::Duration;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use clip_metrics::defs;
 use futures_util::StreamExt;
-use oci_client::client::{ClientConfig, ClientProtocol};
-use oci_client::errors::OciDistributionError;
-use oci_client::manifest::OciDescriptor;
-use oci_client::secrets::RegistryAuth;
-use oci_client::{Client, Reference};
+use oci_spec::distribution::Reference;
 
-use crate::manifest::{self, Fetched, Fetcher, ACCEPT};
+use crate::auth::CredentialSource;
+use crate::client::{status_error, Host, HttpError, Registries, Req};
+use crate::manifest::{self, Fetched, Fetcher, ACCEPT, MAX_DOC};
 use crate::{Descriptor, Error, ImageSource, Platform, ResolvedImage, Result};
 
-/// How to reach registries.
-#[derive(Debug, Clone)]
-pub struct RegistryOptions {
-    /// Registries (`host[:port]`) reached over plain HTTP besides loopback
-    /// ones: `CLIP_INSECURE_REGISTRIES`, comma-separated.
-    pub insecure: Vec<String>,
-    /// Attempts after the first for a failed request or a broken stream.
-    pub retries: u32,
-    /// Backoff before the first retry; doubles each time.
-    pub backoff: Duration,
-    pub connect_timeout: Duration,
-    /// The longest a read may wait for the next bytes.
-    pub read_timeout: Duration,
-    /// The longest a request may take, retries included; None for no bound
-    /// beyond the retry count (indexing streams whole layers).
-    pub deadline: Option<Duration>,
-}
-
-impl Default for RegistryOptions {
-    fn default() -> Self {
-        Self {
-            insecure: Vec::new(),
-            retries: 5,
-            backoff: Duration::from_millis(200),
-            connect_timeout: Duration::from_secs(10),
-            read_timeout: Duration::from_secs(30),
-            deadline: None,
-        }
-    }
-}
-
-impl RegistryOptions {
-    pub fn from_env() -> Self {
-        let insecure = std::env::var("CLIP_INSECURE_REGISTRIES")
-            .unwrap_or_default()
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(str::to_string)
-            .collect();
-        Self {
-            insecure,
-            ..Self::default()
-        }
-    }
-}
-
-/// Loopback registries are plain HTTP, as with Docker and containerd.
-pub fn is_loopback(registry: &str) -> bool {
-    let host = if let Some(rest) = registry.strip_prefix('[') {
-        rest.split(']').next().unwrap_or("")
-    } else {
-        registry.rsplit_once(':').map_or(registry, |(h, _)| h)
-    };
-    host == "localhost" || host == "::1" || host.parse::<std::net::Ipv4Addr>().is_ok_and(|ip| ip.is_loopback())
-}
-
-/// Credentials for `registry` from the Docker config (`$DOCKER_CONFIG` or
-/// `~/.docker/config.json`, credential helpers included). Never logged.
-fn credentials(registry: &str) -> RegistryAuth {
-    let keys: &[&str] = if matches!(registry, "docker.io" | "index.docker.io" | "registry-1.docker.io") {
-        &["https://index.docker.io/v1/", "index.docker.io", "docker.io"]
-    } else {
-        &[registry]
-    };
-    for key in keys {
-        match docker_credential::get_credential(key) {
-            Ok(docker_credential::DockerCredential::UsernamePassword(u, p)) => return RegistryAuth::Basic(u, p),
-            Ok(docker_credential::DockerCredential::IdentityToken(_)) => {
-                tracing::warn!(
-                    registry,
-                    "identity-token credentials are not supported; trying anonymous access"
-                );
-            }
-            Err(_) => {}
-        }
-    }
-    RegistryAuth::Anonymous
-}
-
-/// An error with its causes, for messages (reqwest hides the cause, such as
-/// "connection refused", in its source chain).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let m = c.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        cur = c.source();
-    }
-    s
-}
-
-/// The HTTP status of a failed request, when one arrived.
-fn http_status(e: &OciDistributionError) -> Option<u16> {
-    match e {
-        OciDistributionError::ServerError { code, .. } => Some(*code),
-        OciDistributionError::RequestError(e) => e.status().map(|s| s.as_u16()),
-        _ => None,
-    }
-}
-
-fn transient(e: &OciDistributionError) -> bool {
-    match e {
-        OciDistributionError::RequestError(e) => e.status().is_none_or(|s| s.is_server_error() || s.as_u16() == 429),
-        OciDistributionError::ServerError { code, .. } => *code >= 500 || *code == 429 || *code == 408,
-        OciDistributionError::IoError(_) => true,
-        OciDistributionError::RegistryError { envelope, .. } => {
-            format!("{envelope:?}").to_ascii_uppercase().contains("TOOMANYREQUESTS")
-        }
-        _ => false,
-    }
-}
-
 pub struct RegistrySource {
-    rt: tokio::runtime::Runtime,
-    client: Client,
+    registries: Arc<Registries>,
+    host: Arc<Host>,
     reference: Reference,
-    opts: RegistryOptions,
+    creds: Arc<dyn CredentialSource>,
+}
+
+impl std::fmt::Debug for RegistrySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RegistrySource({})", self.reference)
+    }
 }
 
 impl RegistrySource {
-    pub fn new(reference: Reference, opts: &RegistryOptions) -> Result<Self> {
-        // rustls needs a process-wide crypto provider; ring is the lean one.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let registry = reference.resolve_registry().to_string();
-        let mut plain: Vec<String> = opts.insecure.clone();
-        if is_loopback(&registry) {
-            plain.push(registry.clone());
-        }
-        let config = ClientConfig {
-            protocol: ClientProtocol::HttpsExcept(plain),
-            connect_timeout: Some(opts.connect_timeout),
-            read_timeout: Some(opts.read_timeout),
-            ..Default::default()
-        };
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("clip-registry")
-            .enable_all()
-            .build()?;
-        let client = Client::new(config);
-        let auth = credentials(&registry);
-        rt.block_on(client.store_auth_if_needed(&registry, &auth));
+    pub fn new(registries: Arc<Registries>, reference: Reference, creds: Arc<dyn CredentialSource>) -> Result<Self> {
+        let host = registries
+            .host(reference.registry())
+            .map_err(|source| Error::Registry {
+                registry: reference.registry().to_string(),
+                what: "setting up the client".into(),
+                source,
+            })?;
         Ok(Self {
-            rt,
-            client,
+            registries,
+            host,
             reference,
-            opts: opts.clone(),
+            creds,
         })
     }
 
-    fn err(&self, msg: impl std::fmt::Display) -> Error {
-        Error::Registry {
-            registry: self.reference.registry().to_string(),
-            msg: msg.to_string(),
+    fn err(&self, what: impl Into<String>) -> impl FnOnce(HttpError) -> Error + '_ {
+        let what = what.into();
+        move |source| Error::Registry {
+            registry: self.host.name.clone(),
+            what,
+            source,
         }
     }
 
-    /// Runs `op` with retries on transient failures.
-    fn retry<T, F, Fut>(&self, what: &str, op: F) -> Result<T>
-    where
-        F: Fn() -> Fut,
-        Fut: std::future::Future<Output = std::result::Result<T, OciDistributionError>>,
-    {
-        let mut attempt = 0;
-        let started = std::time::Instant::now();
-        let deadline = self.opts.deadline.unwrap_or(Duration::MAX);
-        self.rt.block_on(async {
-            loop {
-                let left = deadline.saturating_sub(started.elapsed());
-                let result = match tokio::time::timeout(left, op()).await {
-                    Ok(r) => r,
-                    Err(_) => {
-                        return Err(self.err(format!("{what}: no answer within {:?} (deadline)", deadline)));
-                    }
-                };
-                match result {
-                    Ok(v) => return Ok(v),
-                    Err(e) if transient(&e) && attempt < self.opts.retries => {
-                        attempt += 1;
-                        let pause = self.opts.backoff * 2u32.pow(attempt - 1);
-                        if started.elapsed() + pause >= deadline {
-                            return Err(self.err(format!("{what}: {} (deadline reached)", chain(&e))));
-                        }
-                        tracing::info!(what, attempt, error = %chain(&e), "retrying registry request");
-                        defs::REGISTRY_RETRIES.with(&[("op", what)]).inc();
-                        tokio::time::sleep(pause).await;
-                    }
-                    Err(e) => return Err(self.err(format!("{what}: {}", chain(&e)))),
+    fn scope(&self) -> String {
+        format!("repository:{}:pull", self.reference.repository())
+    }
+
+    fn manifest_path(&self, r: &str) -> String {
+        format!("/v2/{}/manifests/{r}", self.reference.repository())
+    }
+
+    fn blob_path(&self, digest: &str) -> String {
+        format!("/v2/{}/blobs/{digest}", self.reference.repository())
+    }
+
+    /// The tag or digest the reference names.
+    fn target(&self) -> String {
+        self.reference
+            .digest()
+            .or(self.reference.tag())
+            .unwrap_or("latest")
+            .to_string()
+    }
+
+    async fn get_manifest(&self, r: &str) -> std::result::Result<(Vec<u8>, Option<String>), HttpError> {
+        let mut req = Req::get(self.manifest_path(r));
+        req.accept = Some(ACCEPT.join(", "));
+        self.host
+            .retrying("manifest", || async {
+                let resp = self
+                    .host
+                    .send_once(&req, &self.scope(), &*self.creds, "manifest")
+                    .await?;
+                if !resp.status().is_success() {
+                    return Err(status_error(resp).await);
                 }
-            }
+                let media_type = resp
+                    .headers()
+                    .get(reqwest::header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .map(|v| v.split(';').next().unwrap_or(v).trim().to_string());
+                if resp.content_length().is_some_and(|l| l > MAX_DOC) {
+                    return Err(HttpError::Protocol("manifest is implausibly large".into()));
+                }
+                let mut body = Vec::new();
+                let mut stream = resp.bytes_stream();
+                while let Some(chunk) = stream.next().await {
+                    body.extend_from_slice(&chunk.map_err(HttpError::Body)?);
+                    if body.len() as u64 > MAX_DOC {
+                        return Err(HttpError::Protocol("manifest is implausibly large".into()));
+                    }
+                }
+                Ok((body, media_type))
+            })
+            .await
+    }
+
+    fn fetch_manifest(&self, r: &str) -> Result<Fetched> {
+        let (bytes, media_type) = self
+            .registries
+            .block_on(self.get_manifest(r))
+            .map_err(self.err(format!("manifest {}:{r}", self.reference.repository())))?;
+        let digest = crate::sha256_digest(&bytes);
+        if r.starts_with("sha256:") {
+            crate::verify_digest("manifest", r, &bytes)?;
+        }
+        Ok(Fetched {
+            bytes,
+            media_type,
+            digest,
         })
     }
 
-    fn oci_desc(desc: &Descriptor) -> OciDescriptor {
-        OciDescriptor {
-            media_type: desc.media_type.clone(),
-            digest: desc.digest.clone(),
-            size: desc.size as i64,
-            ..Default::default()
-        }
+    /// A range GET, retried as a whole (a connection that drops mid-body
+    /// too), each attempt recorded in the metrics.
+    async fn range(&self, desc: &Descriptor, offset: u64, len: u64) -> std::result::Result<Vec<u8>, HttpError> {
+        self.host
+            .retrying("blob range", || async {
+                let started = std::time::Instant::now();
+                let mut received = 0u64;
+                let result = self.range_attempt(desc, offset, len, &mut received).await;
+                let status = match &result {
+                    Ok(_) => "206".to_string(),
+                    Err(e) => e.status().map_or_else(|| "error".to_string(), |c| c.to_string()),
+                };
+                let labels = [("layer", desc.digest.as_str()), ("status", status.as_str())];
+                defs::RANGE_GET_REQUESTS.with(&labels).inc();
+                defs::RANGE_GET_BYTES.with(&labels).inc_by(received);
+                defs::RANGE_GET_SECONDS
+                    .with(&labels)
+                    .observe_duration(started.elapsed());
+                result
+            })
+            .await
     }
 
-    /// One range GET: the bytes and the HTTP status. `received` counts what
-    /// arrived, a broken response included.
     async fn range_attempt(
         &self,
-        od: &OciDescriptor,
+        desc: &Descriptor,
         offset: u64,
         len: u64,
         received: &mut u64,
-    ) -> std::result::Result<(Vec<u8>, u16), OciDistributionError> {
+    ) -> std::result::Result<Vec<u8>, HttpError> {
+        let mut req = Req::get(self.blob_path(&desc.digest));
+        req.range = Some((offset, Some(len)));
         let resp = self
-            .client
-            .pull_blob_stream_partial(&self.reference, od, offset, Some(len))
+            .host
+            .send_once(&req, &self.scope(), &*self.creds, "blob range")
             .await?;
-        let (mut stream, skip, code) = match resp {
-            oci_client::client::BlobResponse::Partial(s) => (s.stream, 0, 206),
-            // A registry that ignores Range sends the whole blob.
-            oci_client::client::BlobResponse::Full(s) => (s.stream, offset, 200),
-        };
+        match resp.status().as_u16() {
+            206 => {}
+            // The whole blob from its start: take what was asked for if it
+            // is the start, and never read a layer whole per span.
+            200 if offset == 0 => {}
+            200 => {
+                self.host.note_range_ignored();
+                return Err(HttpError::RangeIgnored { offset, len });
+            }
+            _ => return Err(status_error(resp).await),
+        }
         let mut out = Vec::with_capacity(len as usize);
-        let mut seen = 0u64;
+        let mut stream = resp.bytes_stream();
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk?;
-            let start = skip.saturating_sub(seen).min(chunk.len() as u64) as usize;
-            seen += chunk.len() as u64;
+            let chunk = chunk.map_err(HttpError::Body)?;
             *received += chunk.len() as u64;
-            let want = (len as usize - out.len()).min(chunk.len() - start);
-            out.extend_from_slice(&chunk[start..start + want]);
+            let take = (len as usize - out.len()).min(chunk.len());
+            out.extend_from_slice(&chunk[..take]);
             if out.len() as u64 == len {
+                // Dropping the response closes the connection if more
+                // was coming.
                 break;
             }
         }
         if (out.len() as u64) < len {
-            return Err(OciDistributionError::IoError(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!("range response ended after {} of {len} bytes", out.len()),
-            )));
+            return Err(HttpError::ShortBody {
+                got: out.len() as u64,
+                want: len,
+            });
         }
-        Ok((out, code))
+        Ok(out)
     }
 
-    fn fetch_manifest(&self, reference: &Reference) -> Result<Fetched> {
-        let (bytes, _) = self.retry("manifest", || {
-            self.client
-                .pull_manifest_raw(reference, &RegistryAuth::Anonymous, ACCEPT)
-        })?;
-        if bytes.len() as u64 > manifest::MAX_DOC {
-            return Err(self.err("manifest is implausibly large"));
+    /// Starts a blob stream: the response, and the bytes to skip when the
+    /// registry sent the blob from its start (allowed only for streams of
+    /// the whole blob: a range that starts later is never read that way).
+    async fn stream_from(
+        host: &Host,
+        req: &Req,
+        scope: &str,
+        creds: &dyn CredentialSource,
+        offset: u64,
+        whole: bool,
+    ) -> std::result::Result<(reqwest::Response, u64), HttpError> {
+        let resp = host.send(req, scope, creds, "blob stream").await?;
+        match resp.status().as_u16() {
+            206 => Ok((resp, 0)),
+            200 if offset == 0 || whole => Ok((resp, offset)),
+            200 => {
+                host.note_range_ignored();
+                Err(HttpError::RangeIgnored {
+                    offset,
+                    len: req.range.and_then(|r| r.1).unwrap_or(0),
+                })
+            }
+            _ => Err(status_error(resp).await),
         }
-        let digest = crate::sha256_digest(&bytes);
-        if let Some(expected) = reference.digest() {
-            crate::verify_digest("manifest", expected, &bytes)?;
-        }
-        Ok(Fetched {
-            bytes: bytes.to_vec(),
-            media_type: None,
-            digest,
-        })
     }
 }
 
 impl Fetcher for RegistrySource {
     fn top(&self) -> Result<Fetched> {
-        self.fetch_manifest(&self.reference)
+        self.fetch_manifest(&self.target())
     }
 
     fn manifest(&self, desc: &Descriptor) -> Result<Fetched> {
-        let mut f = self.fetch_manifest(&self.reference.clone_with_digest(desc.digest.clone()))?;
+        let mut f = self.fetch_manifest(&desc.digest)?;
         f.media_type = Some(desc.media_type.clone());
         Ok(f)
     }
@@ -304,75 +240,106 @@ impl ImageSource for RegistrySource {
         manifest::resolve(self, platform)
     }
 
-    fn open_blob(&self, desc: &Descriptor) -> Result<Box<dyn Read + Send>> {
+    fn open_range(&self, desc: &Descriptor, offset: u64, len: Option<u64>) -> Result<Box<dyn Read + Send>> {
         crate::digest_hex(&desc.digest)?;
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
-        let task = BlobStream {
-            client: self.client.clone(),
-            reference: self.reference.clone(),
-            desc: desc.clone(),
-            opts: self.opts.clone(),
-            registry: self.reference.registry().to_string(),
+        let end = len.map_or(Some(desc.size), |l| offset.checked_add(l));
+        let Some(end) = end.filter(|&e| e <= desc.size && offset <= e) else {
+            return Err(Error::Range {
+                digest: desc.digest.clone(),
+                offset,
+                len: len.unwrap_or(0),
+                size: desc.size,
+            });
         };
-        self.rt.spawn(task.run(tx));
+        let task = BlobStream {
+            host: self.host.clone(),
+            req: Req::get(self.blob_path(&desc.digest)),
+            scope: self.scope(),
+            creds: self.creds.clone(),
+            digest: desc.digest.clone(),
+            whole: offset == 0 && end == desc.size,
+            end,
+        };
+        let mut req = task.req.clone();
+        if offset > 0 || end < desc.size {
+            req.range = Some((offset, Some(end - offset)));
+        }
+        let (resp, skip) = self
+            .registries
+            .block_on(Self::stream_from(
+                &self.host,
+                &req,
+                &task.scope,
+                &*self.creds,
+                offset,
+                task.whole,
+            ))
+            .map_err(self.err(format!("blob {} from byte {offset}", desc.digest)))?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        self.registries.handle().spawn(task.run(resp, offset, skip, tx));
         Ok(Box::new(ChannelReader { rx, cur: Bytes::new() }))
+    }
+
+    fn describe(&self) -> String {
+        format!("{}/{}", self.reference.registry(), self.reference.repository())
     }
 
     fn read_range(&self, desc: &Descriptor, offset: u64, len: u64) -> Result<Vec<u8>> {
         crate::digest_hex(&desc.digest)?;
         if offset.checked_add(len).is_none_or(|end| end > desc.size) {
-            return Err(self.err(format!("range {offset}+{len} is outside blob {}", desc.digest)));
+            return Err(Error::Range {
+                digest: desc.digest.clone(),
+                offset,
+                len,
+                size: desc.size,
+            });
         }
         if len == 0 {
             return Ok(Vec::new());
         }
-        let od = Self::oci_desc(desc);
-        let bytes = self.retry("blob range", || async {
-            let started = std::time::Instant::now();
-            let mut received = 0u64;
-            let result = self.range_attempt(&od, offset, len, &mut received).await;
-            let status = match &result {
-                Ok((_, code)) => code.to_string(),
-                Err(e) => http_status(e).map_or_else(|| "error".to_string(), |c| c.to_string()),
-            };
-            let labels = [("layer", desc.digest.as_str()), ("status", status.as_str())];
-            defs::RANGE_GET_REQUESTS.with(&labels).inc();
-            defs::RANGE_GET_BYTES.with(&labels).inc_by(received);
-            defs::RANGE_GET_SECONDS
-                .with(&labels)
-                .observe_duration(started.elapsed());
-            result.map(|(bytes, _)| bytes)
-        })?;
-        Ok(bytes)
+        self.registries
+            .block_on(self.range(desc, offset, len))
+            .map_err(self.err(format!("blob {} bytes {offset}+{len}", desc.digest)))
     }
 }
 
-/// Streams a whole blob into a channel, resuming with a Range request
-/// where a connection broke.
+/// Streams a blob (or a range of it) into a channel, resuming with a Range
+/// request where a connection broke.
 struct BlobStream {
-    client: Client,
-    reference: Reference,
-    desc: Descriptor,
-    opts: RegistryOptions,
-    registry: String,
+    host: Arc<Host>,
+    req: Req,
+    scope: String,
+    creds: Arc<dyn CredentialSource>,
+    digest: String,
+    /// The stream is the whole blob: a registry that answers a resume with
+    /// the blob from its start may be read past what was already seen.
+    whole: bool,
+    end: u64,
 }
 
 impl BlobStream {
-    async fn run(self, tx: tokio::sync::mpsc::Sender<io::Result<Bytes>>) {
-        let od = RegistrySource::oci_desc(&self.desc);
-        let mut offset = 0u64;
+    fn fail(&self, what: String, source: HttpError) -> io::Error {
+        io::Error::other(Error::Registry {
+            registry: self.host.name.clone(),
+            what,
+            source,
+        })
+    }
+
+    async fn run(
+        self,
+        first: reqwest::Response,
+        mut offset: u64,
+        first_skip: u64,
+        tx: tokio::sync::mpsc::Sender<io::Result<Bytes>>,
+    ) {
+        let opts = self.host.options().clone();
         let mut attempt = 0u32;
+        let mut current = Some((first, first_skip));
         loop {
-            let failure: String = match self
-                .client
-                .pull_blob_stream_partial(&self.reference, &od, offset, None)
-                .await
-            {
-                Ok(resp) => {
-                    let (mut stream, mut skip) = match resp {
-                        oci_client::client::BlobResponse::Partial(s) => (s.stream, 0),
-                        oci_client::client::BlobResponse::Full(s) => (s.stream, offset),
-                    };
+            let failure = match current.take() {
+                Some((resp, mut skip)) => {
+                    let mut stream = resp.bytes_stream();
                     let mut broke = None;
                     while let Some(chunk) = stream.next().await {
                         match chunk {
@@ -380,7 +347,11 @@ impl BlobStream {
                                 let s = skip.min(b.len() as u64) as usize;
                                 skip -= s as u64;
                                 let _ = b.split_to(s);
+                                b.truncate(b.len().min((self.end - offset) as usize));
                                 if b.is_empty() {
+                                    if offset >= self.end {
+                                        break;
+                                    }
                                     continue;
                                 }
                                 offset += b.len() as u64;
@@ -388,43 +359,52 @@ impl BlobStream {
                                 if tx.send(Ok(b)).await.is_err() {
                                     return; // the reader is gone
                                 }
+                                if offset >= self.end {
+                                    break;
+                                }
                             }
                             Err(e) => {
-                                broke = Some(chain(&e));
+                                broke = Some(HttpError::Body(e));
                                 break;
                             }
                         }
                     }
                     match broke {
-                        None if offset >= self.desc.size => return,
-                        None => format!("stream ended at byte {offset} of {}", self.desc.size),
+                        None if offset >= self.end => return,
+                        None => HttpError::Protocol(format!("stream ended at byte {offset} of {}", self.end)),
                         Some(e) => e,
                     }
                 }
-                Err(e) if transient(&e) => chain(&e),
-                Err(e) => {
-                    let _ = tx
-                        .send(Err(io::Error::other(format!(
-                            "registry {}: {}",
-                            self.registry,
-                            chain(&e)
-                        ))))
-                        .await;
-                    return;
+                None => {
+                    let mut req = self.req.clone();
+                    req.range = Some((offset, Some(self.end - offset)));
+                    match RegistrySource::stream_from(&self.host, &req, &self.scope, &*self.creds, offset, self.whole)
+                        .await
+                    {
+                        Ok(r) => {
+                            current = Some(r);
+                            continue;
+                        }
+                        Err(e) if e.is_transient() => e,
+                        Err(e) => {
+                            let _ = tx.send(Err(self.fail(format!("blob {}", self.digest), e))).await;
+                            return;
+                        }
+                    }
                 }
             };
             attempt += 1;
-            if attempt > self.opts.retries {
-                let msg = format!(
-                    "registry {}: blob {}: {failure} (gave up after {} retries)",
-                    self.registry, self.desc.digest, self.opts.retries
+            if attempt > opts.retries {
+                let what = format!(
+                    "blob {} (gave up after {} attempts to resume at byte {offset})",
+                    self.digest, opts.retries
                 );
-                let _ = tx.send(Err(io::Error::other(msg))).await;
+                let _ = tx.send(Err(self.fail(what, failure))).await;
                 return;
             }
-            tracing::info!(digest = %self.desc.digest, offset, attempt, error = %failure, "resuming blob stream");
+            tracing::info!(digest = %self.digest, offset, attempt, error = %failure, "resuming blob stream");
             defs::REGISTRY_RETRIES.with(&[("op", "blob stream")]).inc();
-            tokio::time::sleep(self.opts.backoff * 2u32.pow(attempt - 1)).await;
+            tokio::time::sleep(opts.backoff * 2u32.pow(attempt - 1)).await;
         }
     }
 }
@@ -447,20 +427,5 @@ impl Read for ChannelReader {
         buf[..n].copy_from_slice(&self.cur[..n]);
         let _ = self.cur.split_to(n);
         Ok(n)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn loopback() {
-        assert!(is_loopback("localhost:5000"));
-        assert!(is_loopback("127.0.0.1:5000"));
-        assert!(is_loopback("127.1.2.3"));
-        assert!(is_loopback("[::1]:5000"));
-        assert!(!is_loopback("registry.example:5000"));
-        assert!(!is_loopback("10.0.0.1:5000"));
     }
 }

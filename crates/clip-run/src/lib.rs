@@ -224,6 +224,34 @@ fn hybrid_cgroups() -> bool {
     })
 }
 
+/// The signals a foreground container gets passed on to it.
+const FORWARD: [i32; 6] = [
+    libc::SIGINT,
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+];
+
+/// Blocks the signals [`Runtime::run`] forwards, in the calling thread and
+/// every thread it starts later; returns the set. A program that runs
+/// containers in the foreground calls it first thing in `main`, before any
+/// thread (a registry client's runtime, say) exists: a thread that left
+/// them unblocked would take SIGTERM's default action for the process.
+pub fn block_forwarded_signals() -> libc::sigset_t {
+    // SAFETY: signal-mask calls on a set we own.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in FORWARD {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
 /// How a container run ended.
 #[derive(Debug, Clone, Copy)]
 pub struct Exit {
@@ -280,24 +308,7 @@ impl Runtime {
             .arg(&pid_file)
             .arg(id);
         let crun_fix = *self == Runtime::Crun && hybrid_cgroups();
-        const FORWARD: [i32; 6] = [
-            libc::SIGINT,
-            libc::SIGTERM,
-            libc::SIGHUP,
-            libc::SIGQUIT,
-            libc::SIGUSR1,
-            libc::SIGUSR2,
-        ];
-        // SAFETY: signal-mask manipulation; the child undoes it before exec.
-        let set = unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            for s in FORWARD {
-                libc::sigaddset(&mut set, s);
-            }
-            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-            set
-        };
+        let set = block_forwarded_signals();
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
             cmd.pre_exec(move || {

@@ -1,0 +1,355 @@
+//! The disk tier: one file per unit, named by the unit's identity (which
+//! binds the layer digest, the unit's place and the digest it was verified
+//! against; see `LayerLayout`), holding its decompressed bytes.
+//!
+//! A unit is verified once, before it is written; the file's header repeats
+//! the identity and length, so a hit is checked by reading 48 bytes and
+//! then reads only the bytes asked for (`pread`), with no hashing. Files are
+//! written by a background thread to a temporary name, synced, and renamed
+//! into place, so a torn write is never seen. The size is bounded; least
+//! recently used files go first. Everything is root-only (0700/0600): the
+//! bytes of private images live here.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
+
+use clip_metrics::defs;
+
+use crate::flight::lock;
+use crate::UnitId;
+
+const MAGIC: &[u8; 8] = b"CLIPSPN2";
+const HEADER: usize = 8 + 32 + 8;
+const SUBDIR: &str = "spans-v2";
+
+struct State {
+    entries: HashMap<UnitId, (u64, u64)>,
+    order: BTreeMap<u64, UnitId>,
+    tick: u64,
+    total: u64,
+}
+
+struct Shared {
+    root: PathBuf,
+    max: u64,
+    state: Mutex<State>,
+}
+
+enum Job {
+    Write(UnitId, Arc<Vec<u8>>),
+    Flush(SyncSender<()>),
+}
+
+pub struct DiskCache {
+    shared: Arc<Shared>,
+    writer: Mutex<SyncSender<Job>>,
+}
+
+/// Creates `dir` (and its parents) for root only.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+}
+
+impl Shared {
+    fn path(&self, id: &UnitId) -> PathBuf {
+        let hex = hex::encode(id);
+        self.root.join(&hex[..2]).join(hex)
+    }
+
+    fn touch(&self, id: &UnitId) {
+        let mut g = lock(&self.state);
+        let st = &mut *g;
+        if let Some((_, t)) = st.entries.get_mut(id) {
+            st.order.remove(t);
+            st.tick += 1;
+            *t = st.tick;
+            st.order.insert(st.tick, *id);
+        }
+    }
+
+    fn insert(&self, id: UnitId, size: u64) {
+        let mut g = lock(&self.state);
+        let st = &mut *g;
+        if st.entries.contains_key(&id) {
+            return;
+        }
+        st.tick += 1;
+        st.entries.insert(id, (size, st.tick));
+        st.order.insert(st.tick, id);
+        st.total += size;
+    }
+
+    fn forget(&self, id: &UnitId) {
+        let mut g = lock(&self.state);
+        if let Some((size, t)) = g.entries.remove(id) {
+            g.order.remove(&t);
+            g.total -= size;
+        }
+    }
+
+    fn write(&self, id: &UnitId, data: &[u8]) -> std::io::Result<()> {
+        let path = self.path(id);
+        if lock(&self.state).entries.contains_key(id) && path.exists() {
+            return Ok(());
+        }
+        let dir = path.parent().expect("has a parent");
+        private_dir(dir)?;
+        let tmp = dir.join(format!(".tmp-{}", std::process::id()));
+        let result = (|| {
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            let mut header = [0u8; HEADER];
+            header[..8].copy_from_slice(MAGIC);
+            header[8..40].copy_from_slice(id);
+            header[40..].copy_from_slice(&(data.len() as u64).to_le_bytes());
+            f.write_all(&header)?;
+            f.write_all(data)?;
+            // On disk before its name is: a crash leaves no half file.
+            f.sync_data()?;
+            fs::rename(&tmp, &path)
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result?;
+        defs::CACHE_WRITTEN_BYTES.get().inc_by(data.len() as u64);
+        self.insert(*id, (HEADER + data.len()) as u64);
+        self.evict();
+        Ok(())
+    }
+
+    /// Removes least recently used files until the cache is at 90% of its
+    /// bound.
+    fn evict(&self) {
+        if lock(&self.state).total <= self.max {
+            return;
+        }
+        let target = self.max / 10 * 9;
+        let (mut files, mut bytes) = (0u64, 0u64);
+        loop {
+            let victim = {
+                let mut g = lock(&self.state);
+                if g.total <= target {
+                    break;
+                }
+                let Some((_, id)) = g.order.pop_first() else { break };
+                let (size, _) = g.entries.remove(&id).expect("indexed");
+                g.total -= size;
+                bytes += size;
+                files += 1;
+                id
+            };
+            let _ = fs::remove_file(self.path(&victim));
+        }
+        if files > 0 {
+            defs::CACHE_EVICTIONS.get().inc_by(files);
+            tracing::info!(files, bytes, left = lock(&self.state).total, "evicted cached spans");
+        }
+    }
+
+    fn run(&self, rx: Receiver<Job>) {
+        for job in rx {
+            match job {
+                Job::Write(id, data) => {
+                    if let Err(e) = self.write(&id, &data) {
+                        tracing::warn!(error = %e, "cannot write to the span cache");
+                    }
+                }
+                Job::Flush(ack) => {
+                    let _ = ack.send(());
+                }
+            }
+        }
+    }
+}
+
+impl DiskCache {
+    /// Opens (creating) the cache under `dir`, bounded to `max` bytes.
+    pub fn open(dir: &Path, max: u64) -> std::io::Result<Self> {
+        let root = dir.join(SUBDIR);
+        private_dir(dir)?;
+        private_dir(&root)?;
+        let mut found = Vec::new();
+        for sub in fs::read_dir(&root)?.flatten() {
+            for f in fs::read_dir(sub.path()).into_iter().flatten().flatten() {
+                let name = f.file_name();
+                let name = name.to_string_lossy();
+                if name.starts_with(".tmp-") {
+                    let _ = fs::remove_file(f.path());
+                    continue;
+                }
+                let Some(id) = hex::decode(name.as_bytes()).ok().and_then(|v| UnitId::try_from(v).ok()) else {
+                    continue;
+                };
+                if let Ok(m) = f.metadata() {
+                    found.push((m.modified().unwrap_or(std::time::UNIX_EPOCH), id, m.len()));
+                }
+            }
+        }
+        found.sort();
+        let shared = Arc::new(Shared {
+            root,
+            max,
+            state: Mutex::new(State {
+                entries: HashMap::new(),
+                order: BTreeMap::new(),
+                tick: 0,
+                total: 0,
+            }),
+        });
+        for (_, id, size) in found {
+            shared.insert(id, size);
+        }
+        shared.evict();
+        let (tx, rx) = sync_channel(64);
+        let s = shared.clone();
+        std::thread::Builder::new()
+            .name("clip-cache-writer".into())
+            .spawn(move || s.run(rx))?;
+        Ok(Self {
+            shared,
+            writer: Mutex::new(tx),
+        })
+    }
+
+    /// Appends bytes `off..off + len` of unit `id` (of `unit_len` bytes)
+    /// to `out`, if the unit is cached intact. Reads only what is asked.
+    pub fn read(&self, id: &UnitId, unit_len: u64, off: u64, len: u64, out: &mut Vec<u8>) -> bool {
+        let path = self.shared.path(id);
+        let Ok(f) = File::open(&path) else {
+            return false;
+        };
+        let mut header = [0u8; HEADER];
+        let ok = f.read_exact_at(&mut header, 0).is_ok()
+            && &header[..8] == MAGIC
+            && &header[8..40] == id
+            && u64::from_le_bytes(header[40..].try_into().expect("8 bytes")) == unit_len
+            && f.metadata().is_ok_and(|m| m.len() == HEADER as u64 + unit_len)
+            && off.checked_add(len).is_some_and(|e| e <= unit_len);
+        if !ok {
+            tracing::warn!(path = %path.display(), "discarding a damaged or foreign cache file");
+            let _ = fs::remove_file(&path);
+            self.shared.forget(id);
+            return false;
+        }
+        let start = out.len();
+        out.resize(start + len as usize, 0);
+        if f.read_exact_at(&mut out[start..], HEADER as u64 + off).is_err() {
+            out.truncate(start);
+            return false;
+        }
+        self.shared.touch(id);
+        true
+    }
+
+    pub fn contains(&self, id: &UnitId) -> bool {
+        lock(&self.shared.state).entries.contains_key(id)
+    }
+
+    /// Queues a verified unit for writing; dropped when the writer is
+    /// behind (the cache is an optimisation, never a requirement).
+    pub fn put(&self, id: UnitId, data: Arc<Vec<u8>>) {
+        let _ = lock(&self.writer).try_send(Job::Write(id, data));
+    }
+
+    /// Waits until everything queued so far is written.
+    pub fn flush(&self) {
+        let (tx, rx) = sync_channel(1);
+        if lock(&self.writer).send(Job::Flush(tx)).is_ok() {
+            let _ = rx.recv();
+        }
+    }
+
+    /// Bytes in the cache.
+    pub fn size(&self) -> u64 {
+        lock(&self.shared.state).total
+    }
+
+    /// Removes every cached unit.
+    pub fn clear(&self) -> std::io::Result<u64> {
+        self.flush();
+        let ids: Vec<UnitId> = lock(&self.shared.state).entries.keys().copied().collect();
+        let mut freed = 0;
+        for id in ids {
+            let size = lock(&self.shared.state).entries.get(&id).map_or(0, |e| e.0);
+            if fs::remove_file(self.shared.path(&id)).is_ok() {
+                freed += size;
+            }
+            self.shared.forget(&id);
+        }
+        Ok(freed)
+    }
+}
+
+/// Bytes in the span cache under `cache_dir`, for tools that do not keep
+/// one open.
+pub fn usage(cache_dir: &Path) -> u64 {
+    let mut total = 0;
+    for sub in fs::read_dir(cache_dir.join(SUBDIR)).into_iter().flatten().flatten() {
+        for f in fs::read_dir(sub.path()).into_iter().flatten().flatten() {
+            total += f.metadata().map(|m| m.len()).unwrap_or(0);
+        }
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[test]
+    fn verified_once_read_in_part_damage_never_served_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = DiskCache::open(dir.path(), 10_000).unwrap();
+        let id = [1u8; 32];
+        let mut out = Vec::new();
+        assert!(!c.read(&id, 5, 0, 5, &mut out));
+        c.put(id, Arc::new(b"hello".to_vec()));
+        c.flush();
+        assert!(c.read(&id, 5, 1, 3, &mut out));
+        assert_eq!(out, b"ell");
+        // Root only.
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(dir.path()), 0o700);
+        assert_eq!(mode(&c.shared.path(&id)), 0o600);
+        // Asked for as another unit, or with another length: not served.
+        let other = [2u8; 32];
+        fs::create_dir_all(c.shared.path(&other).parent().unwrap()).unwrap();
+        fs::copy(c.shared.path(&id), c.shared.path(&other)).unwrap();
+        assert!(!c.read(&other, 5, 0, 5, &mut Vec::new()), "header names another unit");
+        assert!(!c.shared.path(&other).exists());
+        assert!(!c.read(&id, 6, 0, 5, &mut Vec::new()), "length disagrees");
+        // A truncated file is discarded.
+        c.put(id, Arc::new(b"hello".to_vec()));
+        c.flush();
+        let p = c.shared.path(&id);
+        let raw = fs::read(&p).unwrap();
+        fs::write(&p, &raw[..raw.len() - 1]).unwrap();
+        assert!(!c.read(&id, 5, 0, 5, &mut Vec::new()));
+        // The bound: least recently used first.
+        for i in 10..20u8 {
+            c.put([i; 32], Arc::new(vec![i; 2000]));
+            c.flush();
+        }
+        assert!(c.size() <= 10_000, "{}", c.size());
+        assert!(c.read(&[19; 32], 2000, 0, 1, &mut Vec::new()));
+        assert!(!c.read(&[10; 32], 2000, 0, 1, &mut Vec::new()));
+        // Reopened, it finds its files.
+        drop(c);
+        let c = DiskCache::open(dir.path(), 10_000).unwrap();
+        assert!(c.contains(&[19; 32]));
+        assert_eq!(usage(dir.path()), c.size());
+    }
+}

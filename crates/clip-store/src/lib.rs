@@ -1,0 +1,713 @@
+//! The layer store: one per host (or per embedding program). It owns the
+//! decompressed bytes of every layer any mounted image reads.
+//!
+//! * Units (spans, or pieces of long zstd spans; see [`LayerLayout`]) are
+//!   cached in memory under one bound and on disk ([`DiskCache`]), keyed by
+//!   an identity that binds them to the digests they were verified against.
+//! * A miss fetches the unit's compressed bytes with one range request,
+//!   checks their SHA-256, inflates them from the checkpoint and caches the
+//!   result; concurrent readers of one unit, from any image, share that
+//!   fetch ([`flight`]), and a leader that panics still answers them.
+//! * A span with no resume point inside (a long zstd frame) is read as one
+//!   stream, each piece checked and handed out as it passes; so is a whole
+//!   layer whose registry ignores Range requests: once, not per span.
+//! * Prefetch ([`Priority`]) runs on worker threads, replay before
+//!   read-ahead, adjacent spans coalesced into one request; a demand read
+//!   never waits behind the queue (it fetches at once, or joins the fetch
+//!   in flight). Only demand reads remember failures.
+
+mod disk;
+mod flight;
+mod layout;
+mod memory;
+mod prefetch;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use clip_metrics::{defs, Counter};
+use clip_registry::ImageSource;
+
+pub use disk::{private_dir, usage, DiskCache};
+pub use layout::{LayerLayout, Span, Unit};
+pub use prefetch::Priority;
+
+use flight::{lock, Claim, Flights};
+use memory::MemCache;
+
+/// A unit's identity (see [`LayerLayout`]).
+pub type UnitId = [u8; 32];
+
+/// Why a read failed. Cloned to every reader that shared the fetch.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ReadError {
+    #[error("layer {layer} span {span}: fetching from {from}")]
+    Fetch {
+        layer: String,
+        span: usize,
+        from: String,
+        #[source]
+        source: Arc<clip_registry::Error>,
+    },
+    #[error("layer {layer} span {span} failed verification twice")]
+    Verify {
+        layer: String,
+        span: usize,
+        #[source]
+        source: Arc<clip_gzran::Error>,
+    },
+    #[error("layer {layer} span {span}: no progress from the fetch in flight for {waited:?}")]
+    Stalled {
+        layer: String,
+        span: usize,
+        waited: Duration,
+    },
+    #[error("layer {layer} span {span}: the fetch was abandoned ({why}); the next read tries again")]
+    Abandoned {
+        layer: String,
+        span: usize,
+        why: &'static str,
+    },
+    #[error("index: {0}")]
+    Index(String),
+}
+
+/// A layer as one image reads it: its layout, and where its blob is.
+#[derive(Clone)]
+pub struct LayerRef {
+    pub layout: Arc<LayerLayout>,
+    pub source: Arc<dyn ImageSource>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Decompressed units kept in memory, for the whole store.
+    pub mem_bytes: usize,
+    /// The disk cache directory, None for memory only.
+    pub cache_dir: Option<PathBuf>,
+    pub cache_max: u64,
+    /// Prefetch worker threads (concurrent prefetch requests).
+    pub prefetch_workers: usize,
+    /// The longest a reader waits on another's fetch without progress.
+    pub wait: Duration,
+    /// The most compressed bytes one coalesced prefetch request covers.
+    pub coalesce_bytes: u64,
+    /// How long a demand read's failure is remembered, so the kernel's
+    /// readahead and the read behind it do not both wait it out.
+    pub failure_memo: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            mem_bytes: 256 << 20,
+            cache_dir: None,
+            cache_max: 10 << 30,
+            prefetch_workers: 4,
+            wait: Duration::from_secs(45),
+            coalesce_bytes: 8 << 20,
+            failure_memo: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Why a unit is wanted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Why {
+    Demand,
+    Prefetch,
+}
+
+struct Metrics {
+    mem_hits: Arc<Counter>,
+    mem_hit_bytes: Arc<Counter>,
+    disk_hits: Arc<Counter>,
+    disk_hit_bytes: Arc<Counter>,
+    misses: Arc<Counter>,
+    prefetches: Arc<Counter>,
+}
+
+/// A stream over a whole layer (its registry ignores Range) or over one
+/// long span, whose units readers wait for as it passes.
+struct Fill {
+    st: Mutex<FillState>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct FillState {
+    wanted: HashSet<usize>,
+    produced: HashMap<usize, Arc<Vec<u8>>>,
+    /// The last units produced, for readers that arrive just after.
+    recent: VecDeque<(usize, Arc<Vec<u8>>)>,
+    error: Option<ReadError>,
+    finished: bool,
+    progress: Option<Instant>,
+}
+
+type FillKey = (UnitId, Option<usize>);
+
+pub struct LayerStore {
+    mem: MemCache,
+    disk: Option<DiskCache>,
+    /// A flight's error says whether a demand read saw it: a prefetch's
+    /// failure does not fail the demand read that joined it.
+    flights: Flights<UnitId, Arc<Vec<u8>>, (ReadError, Why)>,
+    fills: Mutex<HashMap<FillKey, Arc<Fill>>>,
+    failed: Mutex<HashMap<UnitId, (Instant, ReadError)>>,
+    queue: prefetch::Queue,
+    opts: StoreOptions,
+    metrics: Metrics,
+    me: Weak<LayerStore>,
+}
+
+impl std::fmt::Debug for LayerStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LayerStore").field("opts", &self.opts).finish()
+    }
+}
+
+impl LayerStore {
+    pub fn new(opts: StoreOptions) -> std::io::Result<Arc<Self>> {
+        let disk = match &opts.cache_dir {
+            Some(d) => Some(DiskCache::open(d, opts.cache_max)?),
+            None => None,
+        };
+        let store = Arc::new_cyclic(|me| Self {
+            mem: MemCache::new(opts.mem_bytes),
+            disk,
+            flights: Flights::new(),
+            fills: Mutex::new(HashMap::new()),
+            failed: Mutex::new(HashMap::new()),
+            queue: prefetch::Queue::default(),
+            opts: opts.clone(),
+            metrics: Metrics {
+                mem_hits: defs::CACHE_HITS.with(&[("tier", "memory")]),
+                mem_hit_bytes: defs::CACHE_HIT_BYTES.with(&[("tier", "memory")]),
+                disk_hits: defs::CACHE_HITS.with(&[("tier", "disk")]),
+                disk_hit_bytes: defs::CACHE_HIT_BYTES.with(&[("tier", "disk")]),
+                misses: defs::CACHE_MISSES.get(),
+                prefetches: defs::PREFETCHES.get(),
+            },
+            me: me.clone(),
+        });
+        for _ in 0..opts.prefetch_workers {
+            let weak = Arc::downgrade(&store);
+            std::thread::Builder::new()
+                .name("clip-prefetch".into())
+                .spawn(move || prefetch::worker(weak))?;
+        }
+        Ok(store)
+    }
+
+    pub fn options(&self) -> &StoreOptions {
+        &self.opts
+    }
+
+    pub fn disk(&self) -> Option<&DiskCache> {
+        self.disk.as_ref()
+    }
+
+    /// Appends the layer's uncompressed bytes `pos..pos + len` to `out`: a
+    /// demand read, which fetches what is missing at once.
+    pub fn read(&self, layer: &LayerRef, mut pos: u64, len: u64, out: &mut Vec<u8>) -> Result<(), ReadError> {
+        let l = &layer.layout;
+        let end = pos.saturating_add(len).min(l.uncompressed_size);
+        while pos < end {
+            let u = l.unit_at(pos);
+            let unit = &l.units[u];
+            let off = pos - unit.out;
+            let n = (unit.out + unit.len).min(end).saturating_sub(pos);
+            if n == 0 {
+                return Err(ReadError::Index(format!("layer {} has no unit at byte {pos}", l.short)));
+            }
+            self.read_unit(layer, u, off, n, out)?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Whether unit `u` is cached (memory or disk).
+    pub fn cached(&self, layer: &LayerLayout, u: usize) -> bool {
+        let id = &layer.units[u].id;
+        self.mem.contains(id) || self.disk.as_ref().is_some_and(|d| d.contains(id))
+    }
+
+    fn read_unit(&self, layer: &LayerRef, u: usize, off: u64, n: u64, out: &mut Vec<u8>) -> Result<(), ReadError> {
+        let unit = &layer.layout.units[u];
+        if let Some(v) = self.mem.get(&unit.id) {
+            self.metrics.mem_hits.inc();
+            self.metrics.mem_hit_bytes.inc_by(n);
+            out.extend_from_slice(&v[off as usize..(off + n) as usize]);
+            return Ok(());
+        }
+        if let Some(d) = &self.disk {
+            if d.read(&unit.id, unit.len, off, n, out) {
+                self.metrics.disk_hits.inc();
+                self.metrics.disk_hit_bytes.inc_by(n);
+                return Ok(());
+            }
+        }
+        let v = self.unit(layer, u, Why::Demand)?;
+        out.extend_from_slice(&v[off as usize..(off + n) as usize]);
+        Ok(())
+    }
+
+    /// Unit `u`'s bytes, fetched, joined or taken from the caches.
+    fn unit(&self, layer: &LayerRef, u: usize, why: Why) -> Result<Arc<Vec<u8>>, ReadError> {
+        let l = &layer.layout;
+        let unit = &l.units[u];
+        let abandoned = |why_text| ReadError::Abandoned {
+            layer: l.short.clone(),
+            span: unit.span,
+            why: why_text,
+        };
+        if why == Why::Demand {
+            if let Some((when, e)) = lock(&self.failed).get(&unit.id) {
+                if when.elapsed() < self.opts.failure_memo {
+                    return Err(e.clone());
+                }
+            }
+        }
+        let mut retried = false;
+        loop {
+            match self
+                .flights
+                .claim(unit.id, (abandoned("its leader stopped, likely a panic"), why))
+            {
+                Claim::Waiter(f) => match f.wait(self.opts.wait) {
+                    Some(Ok(v)) => return Ok(v),
+                    // A prefetch's failure is not a demand read's: try
+                    // again, once, as the leader.
+                    Some(Err((_, Why::Prefetch))) if why == Why::Demand && !retried => {
+                        retried = true;
+                        continue;
+                    }
+                    Some(Err((e, _))) => return Err(e),
+                    None => {
+                        return Err(ReadError::Stalled {
+                            layer: l.short.clone(),
+                            span: unit.span,
+                            waited: self.opts.wait,
+                        })
+                    }
+                },
+                Claim::Leader(lead) => {
+                    let r = self.load(layer, u);
+                    match &r {
+                        Ok(_) => {
+                            lock(&self.failed).remove(&unit.id);
+                        }
+                        Err(e) if why == Why::Demand => {
+                            lock(&self.failed).insert(unit.id, (Instant::now(), e.clone()));
+                        }
+                        Err(_) => {}
+                    }
+                    lead.complete(r.clone().map_err(|e| (e, why)));
+                    return r;
+                }
+            }
+        }
+    }
+
+    /// Gets unit `u` as its flight's leader: from the caches if another
+    /// leader just finished it, else from the source.
+    fn load(&self, layer: &LayerRef, u: usize) -> Result<Arc<Vec<u8>>, ReadError> {
+        let l = &layer.layout;
+        let unit = &l.units[u];
+        if let Some(v) = self.mem.get(&unit.id) {
+            return Ok(v);
+        }
+        if let Some(d) = &self.disk {
+            let mut v = Vec::with_capacity(unit.len as usize);
+            if d.read(&unit.id, unit.len, 0, unit.len, &mut v) {
+                return Ok(Arc::new(v));
+            }
+        }
+        let span = &l.spans[unit.span];
+        if span.streamed || l.range_ignored.load(Ordering::Relaxed) {
+            return self.wait_for_stream(layer, u);
+        }
+        match self.fetch_spans(layer, unit.span, unit.span) {
+            Ok(mut v) => {
+                let data = v.pop().expect("one span");
+                self.mem.put(unit.id, data.clone());
+                Ok(data)
+            }
+            Err(ReadError::Fetch { source, .. }) if source.is_range_ignored() => {
+                l.range_ignored.store(true, Ordering::Relaxed);
+                self.wait_for_stream(layer, u)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Fetches spans `k0..=k1` (none streamed) with one range request,
+    /// checks and inflates each, caches them; returns them in order. A
+    /// span that fails its digest is fetched once more: a flipped bit in
+    /// flight should not fail a read, a bad registry must.
+    fn fetch_spans(&self, layer: &LayerRef, k0: usize, k1: usize) -> Result<Vec<Arc<Vec<u8>>>, ReadError> {
+        let l = &layer.layout;
+        let (start, end) = (l.spans[k0].comp.0, l.spans[k1].comp.1);
+        self.metrics.misses.inc_by((k1 - k0 + 1) as u64);
+        let mut last = None;
+        for attempt in 0..2 {
+            let bytes = layer
+                .source
+                .read_range(&l.desc, start, end - start)
+                .map_err(|e| ReadError::Fetch {
+                    layer: l.short.clone(),
+                    span: k0,
+                    from: layer.source.describe(),
+                    source: Arc::new(e),
+                })?;
+            let mut out = Vec::with_capacity(k1 - k0 + 1);
+            let mut failed = None;
+            for k in k0..=k1 {
+                let s = &l.spans[k];
+                let slice = &bytes[(s.comp.0 - start) as usize..(s.comp.1 - start) as usize];
+                match self.inflate(l, k, slice) {
+                    Ok(v) => out.push(v),
+                    Err(e) => {
+                        failed = Some((k, e));
+                        break;
+                    }
+                }
+            }
+            match failed {
+                None => return Ok(out),
+                Some((k, e)) => {
+                    defs::VERIFY_FAILURES.with(&[("layer", &l.short)]).inc();
+                    tracing::warn!(layer = %l.desc.digest, span = k, attempt, error = %e, "span failed verification");
+                    last = Some((k, e));
+                }
+            }
+        }
+        let (k, e) = last.expect("two failed attempts");
+        Err(ReadError::Verify {
+            layer: l.short.clone(),
+            span: k,
+            source: Arc::new(e),
+        })
+    }
+
+    /// Checks and inflates span `k` from its compressed bytes, and caches
+    /// it on disk.
+    fn inflate(&self, l: &LayerLayout, k: usize, compressed: &[u8]) -> Result<Arc<Vec<u8>>, clip_gzran::Error> {
+        let window = l.window(k).map_err(|e| clip_gzran::Error::Zlib(e.to_string()))?;
+        let cpu = defs::INFLATE_SECONDS.with(&[("layer", &l.short)]);
+        let out = defs::with_cpu_time(&cpu, || {
+            clip_gzran::decompress_span(&l.gz(), k, &window, &l.spans[k].digest, compressed)
+        })?;
+        defs::INFLATE_BYTES
+            .with(&[("layer", &l.short)])
+            .inc_by(out.len() as u64);
+        let out = Arc::new(out);
+        if let Some(d) = &self.disk {
+            d.put(l.units[l.spans[k].units.start].id, out.clone());
+        }
+        Ok(out)
+    }
+
+    /// Waits for unit `u` from the stream that covers it (its long span's,
+    /// or the whole layer's), starting that stream if none runs.
+    fn wait_for_stream(&self, layer: &LayerRef, u: usize) -> Result<Arc<Vec<u8>>, ReadError> {
+        let l = &layer.layout;
+        let unit = &l.units[u];
+        let fill = self.start_fill(layer, unit.span);
+        let mut st = lock(&fill.st);
+        st.wanted.insert(u);
+        if let Some((_, v)) = st.recent.iter().find(|(i, _)| *i == u) {
+            return Ok(v.clone());
+        }
+        loop {
+            if let Some(v) = st.produced.remove(&u) {
+                return Ok(v);
+            }
+            if let Some(e) = &st.error {
+                return Err(e.clone());
+            }
+            if st.finished {
+                // Produced before this reader asked, and already gone from
+                // the recent list: the caches have it.
+                drop(st);
+                if let Some(v) = self.mem.get(&unit.id) {
+                    return Ok(v);
+                }
+                return Err(ReadError::Abandoned {
+                    layer: l.short.clone(),
+                    span: unit.span,
+                    why: "the stream ended without it",
+                });
+            }
+            let since = st.progress.map_or(Duration::ZERO, |t| t.elapsed());
+            if since >= self.opts.wait {
+                return Err(ReadError::Stalled {
+                    layer: l.short.clone(),
+                    span: unit.span,
+                    waited: self.opts.wait,
+                });
+            }
+            st = fill
+                .cv
+                .wait_timeout(st, self.opts.wait - since)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// The running stream for span `k`'s scope, started if needed.
+    fn start_fill(&self, layer: &LayerRef, k: usize) -> Arc<Fill> {
+        let l = &layer.layout;
+        let whole = l.range_ignored.load(Ordering::Relaxed);
+        let key = (l.key, if whole { None } else { Some(k) });
+        let mut fills = lock(&self.fills);
+        if let Some(f) = fills.get(&key) {
+            return f.clone();
+        }
+        let fill = Arc::new(Fill {
+            st: Mutex::new(FillState {
+                progress: Some(Instant::now()),
+                ..FillState::default()
+            }),
+            cv: Condvar::new(),
+        });
+        fills.insert(key, fill.clone());
+        drop(fills);
+        let (store, layer2, f2) = (self.me.clone(), layer.clone(), fill.clone());
+        let spawned = std::thread::Builder::new().name("clip-stream".into()).spawn(move || {
+            let Some(store) = store.upgrade() else { return };
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| store.run_fill(&layer2, key.1, &f2)));
+            let err = match r {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e),
+                Err(_) => Some(ReadError::Abandoned {
+                    layer: layer2.layout.short.clone(),
+                    span: key.1.unwrap_or(0),
+                    why: "the stream panicked",
+                }),
+            };
+            lock(&store.fills).remove(&key);
+            let mut st = lock(&f2.st);
+            st.error = err;
+            st.finished = true;
+            f2.cv.notify_all();
+        });
+        if spawned.is_err() {
+            let mut st = lock(&fill.st);
+            st.error = Some(ReadError::Abandoned {
+                layer: l.short.clone(),
+                span: k,
+                why: "no thread for the stream",
+            });
+            st.finished = true;
+            lock(&self.fills).remove(&key);
+        }
+        fill
+    }
+
+    /// Hands out a unit a stream produced, and caches it.
+    fn produce(&self, fill: &Fill, unit: &Unit, u: usize, data: Arc<Vec<u8>>, to_disk: bool) {
+        self.metrics.misses.inc();
+        if to_disk {
+            if let Some(d) = &self.disk {
+                d.put(unit.id, data.clone());
+            }
+        }
+        self.mem.put(unit.id, data.clone());
+        let mut st = lock(&fill.st);
+        if st.wanted.remove(&u) {
+            st.produced.insert(u, data.clone());
+        }
+        st.recent.push_back((u, data));
+        if st.recent.len() > 16 {
+            st.recent.pop_front();
+        }
+        st.progress = Some(Instant::now());
+        fill.cv.notify_all();
+    }
+
+    /// Streams span `scope` (or, for None, the whole layer from its first
+    /// byte) and produces every unit in it, in order.
+    fn run_fill(&self, layer: &LayerRef, scope: Option<usize>, fill: &Fill) -> Result<(), ReadError> {
+        let l = &layer.layout;
+        let fetch_err = |span: usize, e: clip_registry::Error| ReadError::Fetch {
+            layer: l.short.clone(),
+            span,
+            from: layer.source.describe(),
+            source: Arc::new(e),
+        };
+        // A stream of one span starts at its first byte; a whole layer is
+        // read from the blob's start (the registry ignores Range anyway).
+        let open = |scope: Option<usize>| {
+            let (start, end) = match scope {
+                Some(k) => (l.spans[k].comp.0, l.spans[k].comp.1),
+                None => (0, l.desc.size),
+            };
+            layer
+                .source
+                .open_range(&l.desc, start, Some(end - start))
+                .map(|r| (r, start))
+        };
+        let (mut input, mut pos, scope) = match open(scope) {
+            Ok((r, start)) => (r, start, scope),
+            Err(e) if e.is_range_ignored() && scope.is_some() => {
+                l.range_ignored.store(true, Ordering::Relaxed);
+                let (r, start) = open(None).map_err(|e| fetch_err(0, e))?;
+                (r, start, None)
+            }
+            Err(e) => return Err(fetch_err(scope.unwrap_or(0), e)),
+        };
+        if scope.is_none() {
+            tracing::info!(layer = %l.desc.digest, from = %layer.source.describe(), "reading the layer as one stream");
+        }
+        let spans = match scope {
+            Some(k) => k..k + 1,
+            None => 0..l.spans.len(),
+        };
+        // The last byte read: neighbouring gzip spans share the byte that
+        // holds their boundary.
+        let mut last: Option<u8> = None;
+        for k in spans {
+            let s = &l.spans[k];
+            let stream_err = |e: std::io::Error| {
+                if e.get_ref().is_some_and(|i| i.is::<clip_registry::Error>()) {
+                    fetch_err(k, clip_registry::from_io(e))
+                } else {
+                    verify_err(l, k, clip_gzran::Error::Io(e))
+                }
+            };
+            if s.comp.0 > pos {
+                std::io::copy(&mut (&mut input).take(s.comp.0 - pos), &mut std::io::sink()).map_err(stream_err)?;
+                pos = s.comp.0;
+            }
+            if s.streamed {
+                // zstd spans start and end on byte boundaries.
+                let mut dec = clip_gzran::PieceDecoder::new((&mut input).take(s.comp.1 - pos), k)
+                    .map_err(|e| verify_err(l, k, e))?;
+                for u in s.units.clone() {
+                    let unit = &l.units[u];
+                    let digest = unit.piece.expect("a streamed span's units are pieces");
+                    let data = dec.next_piece(unit.len, &digest).map_err(|e| match e {
+                        clip_gzran::Error::Io(io) => stream_err(io),
+                        other => verify_err(l, k, other),
+                    })?;
+                    self.produce(fill, unit, u, Arc::new(data), true);
+                }
+                // What the decoder left of the span (a frame checksum).
+                std::io::copy(&mut dec.into_inner(), &mut std::io::sink()).map_err(stream_err)?;
+                pos = s.comp.1;
+                last = None;
+                continue;
+            }
+            let mut buf = Vec::with_capacity((s.comp.1 - s.comp.0) as usize);
+            if s.comp.0 < pos {
+                buf.extend(last);
+            }
+            let at = buf.len();
+            buf.resize((s.comp.1 - s.comp.0) as usize, 0);
+            input.read_exact(&mut buf[at..]).map_err(stream_err)?;
+            pos = s.comp.1;
+            last = buf.last().copied();
+            let data = self.inflate(l, k, &buf).map_err(|e| verify_err(l, k, e))?;
+            let u = s.units.start;
+            self.produce(fill, &l.units[u], u, data, false);
+        }
+        Ok(())
+    }
+
+    /// Queues units of a layer for prefetching, in the given order.
+    pub fn prefetch(&self, layer: &LayerRef, units: impl IntoIterator<Item = usize>, priority: Priority) {
+        let items = units
+            .into_iter()
+            .filter(|&u| u < layer.layout.units.len() && !self.cached(&layer.layout, u))
+            .map(|u| (layer.clone(), u));
+        self.queue.push(items, priority);
+    }
+
+    /// Units waiting in the prefetch queue.
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// One prefetch job, from a worker: unit `u` and the queued spans
+    /// after it, in one request.
+    fn prefetch_one(&self, layer: &LayerRef, u: usize) {
+        let l = &layer.layout;
+        let unit = &l.units[u];
+        if self.cached(l, u) || self.flights.in_flight(&unit.id) {
+            return;
+        }
+        self.metrics.prefetches.inc();
+        if l.spans[unit.span].streamed || l.range_ignored.load(Ordering::Relaxed) {
+            // Started, not waited for: the stream caches what it passes.
+            self.start_fill(layer, unit.span);
+            return;
+        }
+        let abandoned = |span| {
+            (
+                ReadError::Abandoned {
+                    layer: l.short.clone(),
+                    span,
+                    why: "the prefetch stopped",
+                },
+                Why::Prefetch,
+            )
+        };
+        let Some(first) = self.flights.try_lead(unit.id, abandoned(unit.span)) else {
+            return;
+        };
+        let mut leaders = vec![first];
+        let (k0, mut k1) = (unit.span, unit.span);
+        while let Some(next) = l.spans.get(k1 + 1) {
+            let nu = next.units.start;
+            let id = l.units[nu].id;
+            if next.streamed
+                || next.comp.1 - l.spans[k0].comp.0 > self.opts.coalesce_bytes
+                || !self.queue.take(&l.key, nu)
+                || self.cached(l, nu)
+            {
+                break;
+            }
+            match self.flights.try_lead(id, abandoned(k1 + 1)) {
+                Some(lead) => leaders.push(lead),
+                None => break,
+            }
+            k1 += 1;
+        }
+        match self.fetch_spans(layer, k0, k1) {
+            Ok(units) => {
+                for (lead, data) in leaders.into_iter().zip(units) {
+                    self.mem.put(*lead.key(), data.clone());
+                    lead.complete(Ok(data));
+                }
+            }
+            Err(ReadError::Fetch { source, .. }) if source.is_range_ignored() => {
+                l.range_ignored.store(true, Ordering::Relaxed);
+                drop(leaders);
+                self.start_fill(layer, unit.span);
+            }
+            Err(e) => {
+                tracing::debug!(layer = %l.desc.digest, spans = ?(k0..=k1), error = %e, "prefetch failed");
+                for lead in leaders {
+                    lead.complete(Err((e.clone(), Why::Prefetch)));
+                }
+            }
+        }
+    }
+}
+
+fn verify_err(l: &LayerLayout, k: usize, e: clip_gzran::Error) -> ReadError {
+    ReadError::Verify {
+        layer: l.short.clone(),
+        span: k,
+        source: Arc::new(e),
+    }
+}
+
+#[cfg(test)]
+mod tests;

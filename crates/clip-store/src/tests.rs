@@ -1,0 +1,530 @@
+//! The store against a fake image source that counts, blocks, errors and
+//! panics on command, over real compressed layers.
+
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use clip_format::{Checkpoint, Compression, Data, Image, Index, IndexFile, Kind, Layer, Node, WindowWriter, ROOT_INO};
+use clip_registry::{Descriptor, HttpError, ImageSource, Platform, ResolvedImage};
+
+use super::*;
+
+fn sample(len: usize, seed: u64) -> Vec<u8> {
+    let words: [&[u8]; 6] = [b"layer ", b"span ", b"store ", b"\n", b"flight ", b"cache "];
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        if x.is_multiple_of(7) {
+            out.extend_from_slice(&x.to_le_bytes());
+        } else {
+            out.extend_from_slice(words[(x % 6) as usize]);
+        }
+    }
+    out.truncate(len);
+    out
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut child = std::process::Command::new("gzip")
+        .args(["-c", "-n", "-6"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("gzip is installed");
+    let mut stdin = child.stdin.take().unwrap();
+    let d = data.to_vec();
+    let w = std::thread::spawn(move || stdin.write_all(&d));
+    let mut out = Vec::new();
+    child.stdout.take().unwrap().read_to_end(&mut out).unwrap();
+    w.join().unwrap().unwrap();
+    assert!(child.wait().unwrap().success());
+    out
+}
+
+/// An index of one layer (no files: the store reads layer bytes).
+fn index_of(compressed: &[u8], c: Compression, spacing: u64) -> (Arc<IndexFile>, Vec<u8>) {
+    let gc = match c {
+        Compression::Gzip => clip_gzran::Compression::Gzip,
+        Compression::Zstd => clip_gzran::Compression::Zstd,
+        Compression::None => clip_gzran::Compression::None,
+    };
+    let mut r = clip_gzran::IndexingReader::new(compressed, gc, spacing).unwrap();
+    let mut data = Vec::new();
+    r.read_to_end(&mut data).unwrap();
+    let map = r.finish().unwrap();
+    let mut windows = WindowWriter::default();
+    let checkpoints = map
+        .checkpoints
+        .iter()
+        .map(|cp| {
+            let (window_offset, window_len) = windows.add(&cp.window).unwrap();
+            Checkpoint {
+                in_bits: cp.point.in_bits,
+                out: cp.point.out,
+                window_offset,
+                window_len,
+            }
+        })
+        .collect();
+    let layer = Layer {
+        digest: clip_registry::sha256_digest(compressed),
+        media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+        compression: c,
+        compressed_size: map.compressed_size,
+        uncompressed_size: map.uncompressed_size,
+        checkpoints,
+        span_digests: map.span_digests.clone(),
+        pieces: map
+            .pieces
+            .iter()
+            .map(|p| clip_format::Piece {
+                span: p.span as u32,
+                out: p.out,
+                digest: p.digest,
+            })
+            .collect(),
+    };
+    let root = Node {
+        kind: Kind::Dir,
+        mode: 0o755,
+        uid: 0,
+        gid: 0,
+        mtime: 0,
+        mtime_nsec: 0,
+        size: 0,
+        nlink: 2,
+        rdev: 0,
+        parent: ROOT_INO,
+        target: Vec::new(),
+        xattrs: Vec::new(),
+        data: Data::None,
+        entries: Vec::new(),
+    };
+    let index = Index {
+        image: Image {
+            reference: "fake".into(),
+            manifest_digest: "sha256:aa".into(),
+            manifest_media_type: String::new(),
+            platform: "linux/amd64".into(),
+            config_digest: "sha256:bb".into(),
+            config: b"{}".to_vec(),
+        },
+        layers: vec![layer],
+        nodes: vec![root],
+    };
+    let bytes = IndexFile::new(index, windows).encode().unwrap();
+    (Arc::new(IndexFile::decode(&bytes).unwrap()), data)
+}
+
+/// Which compressed offsets wait at the gate.
+type Gate = Box<dyn Fn(u64) -> bool + Send>;
+
+/// A source over one blob that does what it is told.
+#[derive(Default)]
+struct Fake {
+    blob: Vec<u8>,
+    reads: AtomicUsize,
+    read_bytes: AtomicUsize,
+    streams: AtomicUsize,
+    fail: AtomicUsize,
+    panic: AtomicUsize,
+    ignore_range: AtomicBool,
+    /// Reads of these compressed offsets wait until the gate opens.
+    gated: Mutex<Option<Gate>>,
+    gate: (Mutex<bool>, Condvar),
+}
+
+impl Fake {
+    fn new(blob: Vec<u8>) -> Arc<Self> {
+        Arc::new(Self {
+            blob,
+            gate: (Mutex::new(true), Condvar::new()),
+            ..Self::default()
+        })
+    }
+
+    fn close_for(&self, which: impl Fn(u64) -> bool + Send + 'static) {
+        *self.gated.lock().unwrap() = Some(Box::new(which));
+        *self.gate.0.lock().unwrap() = false;
+    }
+
+    fn open(&self) {
+        *self.gate.0.lock().unwrap() = true;
+        self.gate.1.notify_all();
+    }
+
+    fn pass_gate(&self, offset: u64) {
+        if self.gated.lock().unwrap().as_ref().is_some_and(|f| f(offset)) {
+            let mut open = self.gate.0.lock().unwrap();
+            while !*open {
+                open = self.gate.1.wait(open).unwrap();
+            }
+        }
+    }
+
+    fn http(&self, e: HttpError) -> clip_registry::Error {
+        clip_registry::Error::Registry {
+            registry: "fake".into(),
+            what: "test".into(),
+            source: e,
+        }
+    }
+}
+
+impl ImageSource for Fake {
+    fn resolve(&self, _: &Platform) -> clip_registry::Result<ResolvedImage> {
+        unimplemented!()
+    }
+
+    fn open_range(&self, _: &Descriptor, offset: u64, len: Option<u64>) -> clip_registry::Result<Box<dyn Read + Send>> {
+        self.streams.fetch_add(1, Ordering::SeqCst);
+        if offset > 0 && self.ignore_range.load(Ordering::SeqCst) {
+            return Err(self.http(HttpError::RangeIgnored { offset, len: 0 }));
+        }
+        let end = len.map_or(self.blob.len(), |l| (offset + l) as usize);
+        Ok(Box::new(std::io::Cursor::new(self.blob[offset as usize..end].to_vec())))
+    }
+
+    fn read_range(&self, _: &Descriptor, offset: u64, len: u64) -> clip_registry::Result<Vec<u8>> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        self.pass_gate(offset);
+        if self
+            .panic
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            panic!("the fake source panics");
+        }
+        if self
+            .fail
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(self.http(HttpError::NotFound("told to fail".into())));
+        }
+        if offset > 0 && self.ignore_range.load(Ordering::SeqCst) {
+            return Err(self.http(HttpError::RangeIgnored { offset, len }));
+        }
+        self.read_bytes.fetch_add(len as usize, Ordering::SeqCst);
+        Ok(self.blob[offset as usize..(offset + len) as usize].to_vec())
+    }
+
+    fn describe(&self) -> String {
+        "fake".into()
+    }
+}
+
+struct Setup {
+    store: Arc<LayerStore>,
+    fake: Arc<Fake>,
+    layer: LayerRef,
+    data: Vec<u8>,
+    _dir: tempfile::TempDir,
+}
+
+fn setup(workers: usize) -> Setup {
+    setup_with(workers, 8 << 20)
+}
+
+fn setup_with(workers: usize, coalesce_bytes: u64) -> Setup {
+    let data = sample(3 << 20, 1);
+    let gz = gzip(&data);
+    let (index, decoded) = index_of(&gz, Compression::Gzip, 256 << 10);
+    assert!(decoded == data);
+    let dir = tempfile::tempdir().unwrap();
+    let store = LayerStore::new(StoreOptions {
+        cache_dir: Some(dir.path().into()),
+        prefetch_workers: workers,
+        coalesce_bytes,
+        wait: Duration::from_secs(20),
+        failure_memo: Duration::from_millis(100),
+        ..StoreOptions::default()
+    })
+    .unwrap();
+    let fake = Fake::new(gz);
+    let layer = LayerRef {
+        layout: LayerLayout::new(&index, 0).unwrap(),
+        source: fake.clone(),
+    };
+    Setup {
+        store,
+        fake,
+        layer,
+        data,
+        _dir: dir,
+    }
+}
+
+impl Setup {
+    fn read(&self, pos: u64, len: u64) -> Result<Vec<u8>, ReadError> {
+        let mut out = Vec::new();
+        self.store.read(&self.layer, pos, len, &mut out)?;
+        Ok(out)
+    }
+
+    fn expect(&self, pos: u64, len: u64) {
+        let got = self.read(pos, len).unwrap();
+        assert!(
+            got == self.data[pos as usize..(pos + len) as usize],
+            "bytes at {pos}+{len}"
+        );
+    }
+
+    fn unit_range(&self, u: usize) -> (u64, u64) {
+        let unit = &self.layer.layout.units[u];
+        (unit.out, unit.len)
+    }
+
+    fn holders(&self, u: usize) -> usize {
+        self.store.flights.holders(&self.layer.layout.units[u].id)
+    }
+}
+
+fn wait_until(what: &str, f: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !f() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn concurrent_readers_of_a_unit_share_one_fetch() {
+    let s = Arc::new(setup(0));
+    let (out, len) = s.unit_range(3);
+    s.fake.close_for(|_| true);
+    let readers: Vec<_> = (0..8)
+        .map(|i| {
+            let s = s.clone();
+            std::thread::spawn(move || s.read(out + i * 1000, 5000).unwrap())
+        })
+        .collect();
+    wait_until("the leader and seven waiters", || s.holders(3) == 1 + 8);
+    s.fake.open();
+    for (i, r) in readers.into_iter().enumerate() {
+        let got = r.join().unwrap();
+        let at = (out + i as u64 * 1000) as usize;
+        assert!(got == s.data[at..at + 5000]);
+    }
+    assert_eq!(s.fake.reads.load(Ordering::SeqCst), 1, "one range GET for all eight");
+    assert!(len > 8000);
+    // The cache answers from now on, in part and without the source.
+    s.expect(out + 10, 100);
+    assert_eq!(s.fake.reads.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn a_panicking_leader_answers_its_waiters_and_the_next_reader_tries_again() {
+    let s = Arc::new(setup(0));
+    let (out, _) = s.unit_range(2);
+    s.fake.panic.store(1, Ordering::SeqCst);
+    s.fake.close_for(|_| true);
+    let leader = {
+        let s = s.clone();
+        std::thread::spawn(move || s.read(out, 10))
+    };
+    wait_until("the leader's fetch", || s.fake.reads.load(Ordering::SeqCst) == 1);
+    let waiter = {
+        let s = s.clone();
+        std::thread::spawn(move || s.read(out, 10))
+    };
+    wait_until("a waiter", || s.holders(2) == 2 + 1);
+    s.fake.open();
+    assert!(leader.join().is_err(), "the leader's thread panicked");
+    let err = waiter.join().unwrap().unwrap_err();
+    assert!(matches!(err, ReadError::Abandoned { .. }), "{err}");
+    assert_eq!(s.holders(2), 0, "nothing left in flight");
+    s.expect(out, 10);
+}
+
+#[test]
+fn only_demand_reads_remember_failures() {
+    let s = setup(1);
+    let (out, _) = s.unit_range(4);
+    // A prefetch that fails leaves no trace for the read behind it.
+    s.fake.fail.store(1, Ordering::SeqCst);
+    s.store.prefetch(&s.layer, [4], Priority::Readahead);
+    wait_until("the failed prefetch", || {
+        s.fake.reads.load(Ordering::SeqCst) == 1 && s.store.queued() == 0 && s.holders(4) == 0
+    });
+    s.expect(out, 100);
+    // A demand read that fails is remembered briefly: the kernel's
+    // readahead and the read behind it get the answer at once.
+    let (out5, _) = s.unit_range(5);
+    s.fake.fail.store(1, Ordering::SeqCst);
+    assert!(matches!(s.read(out5, 10), Err(ReadError::Fetch { .. })));
+    let reads = s.fake.reads.load(Ordering::SeqCst);
+    assert!(s.read(out5, 10).is_err());
+    assert_eq!(s.fake.reads.load(Ordering::SeqCst), reads, "answered from memory");
+    std::thread::sleep(Duration::from_millis(150));
+    s.expect(out5, 10);
+}
+
+#[test]
+fn a_demand_read_retries_when_the_prefetch_it_joined_fails() {
+    let s = Arc::new(setup(1));
+    let (out, _) = s.unit_range(6);
+    s.fake.fail.store(1, Ordering::SeqCst);
+    s.fake.close_for(|_| true);
+    s.store.prefetch(&s.layer, [6], Priority::Readahead);
+    wait_until("the prefetch's fetch", || s.fake.reads.load(Ordering::SeqCst) == 1);
+    let reader = {
+        let s = s.clone();
+        std::thread::spawn(move || s.read(out, 64))
+    };
+    wait_until("the demand read joins", || s.holders(6) == 2 + 1);
+    s.fake.open();
+    let got = reader.join().unwrap().unwrap();
+    assert!(got == s.data[out as usize..out as usize + 64]);
+    assert_eq!(s.fake.reads.load(Ordering::SeqCst), 2);
+}
+
+#[test]
+fn a_demand_read_overtakes_a_long_replay_queue() {
+    // No coalescing: the worker takes one unit at a time.
+    let s = Arc::new(setup_with(1, 1));
+    let n = s.layer.layout.units.len();
+    let (last_out, _) = s.unit_range(n - 1);
+    let last_start = s.layer.layout.spans[n - 1].comp.0;
+    // Everything but the last unit's bytes waits at the gate.
+    s.fake.close_for(move |off| off != last_start);
+    s.store.prefetch(&s.layer, 0..n - 1, Priority::Replay);
+    wait_until("the worker's first request", || {
+        s.fake.reads.load(Ordering::SeqCst) >= 1
+    });
+    s.expect(last_out, 1000);
+    assert!(s.store.queued() > 0, "the replay is still queued behind the worker");
+    s.fake.open();
+    wait_until("the replay", || {
+        s.store.queued() == 0 && (0..n).all(|u| s.store.cached(&s.layer.layout, u))
+    });
+    for u in 0..n {
+        let (o, l) = s.unit_range(u);
+        s.expect(o, l);
+    }
+}
+
+#[test]
+fn queued_neighbours_are_fetched_in_one_request() {
+    let s = setup(1);
+    s.fake.close_for(|_| true);
+    s.store.prefetch(&s.layer, [2, 3, 4, 5], Priority::Replay);
+    s.fake.open();
+    wait_until("the prefetch", || (2..6).all(|u| s.store.cached(&s.layer.layout, u)));
+    let spans = &s.layer.layout.spans;
+    assert_eq!(s.fake.reads.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        s.fake.read_bytes.load(Ordering::SeqCst) as u64,
+        spans[5].comp.1 - spans[2].comp.0
+    );
+    for u in 2..6 {
+        let (o, l) = s.unit_range(u);
+        s.expect(o, l);
+    }
+    assert_eq!(s.fake.reads.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn cache_entries_serve_only_the_index_that_verified_them() {
+    let s = setup(0);
+    let all = s.data.len() as u64;
+    s.expect(0, all);
+    s.store.disk().unwrap().flush();
+    let reads = s.fake.reads.load(Ordering::SeqCst);
+    // An index that names the same layer digest but other windows (or
+    // other span digests) gets no entry of the first.
+    let gz = s.fake.blob.clone();
+    let (index, _) = index_of(&gz, Compression::Gzip, 256 << 10);
+    let evil = clone_with(&index, |l| {
+        for d in &mut l.span_digests {
+            d[0] ^= 1;
+        }
+    });
+    let evil_layer = LayerRef {
+        layout: LayerLayout::new(&Arc::new(evil), 0).unwrap(),
+        source: s.fake.clone(),
+    };
+    assert!(evil_layer
+        .layout
+        .units
+        .iter()
+        .zip(&s.layer.layout.units)
+        .all(|(a, b)| a.id != b.id));
+    let mut out = Vec::new();
+    let err = s.store.read(&evil_layer, 0, 100, &mut out).unwrap_err();
+    assert!(matches!(err, ReadError::Verify { .. }), "{err}");
+    assert!(s.fake.reads.load(Ordering::SeqCst) > reads, "it fetched for itself");
+    // The first index still reads its own, verified, bytes.
+    s.expect(0, all);
+}
+
+#[test]
+fn a_registry_that_ignores_range_is_read_once_as_a_stream() {
+    let s = setup(0);
+    s.fake.ignore_range.store(true, Ordering::SeqCst);
+    let n = s.layer.layout.units.len();
+    let (o, l) = s.unit_range(n / 2);
+    s.expect(o, l);
+    assert_eq!(
+        s.fake.streams.load(Ordering::SeqCst),
+        1,
+        "one stream of the whole layer"
+    );
+    s.store.disk().unwrap().flush();
+    for u in 0..n {
+        let (o, l) = s.unit_range(u);
+        s.expect(o, l);
+    }
+    assert_eq!(
+        s.fake.streams.load(Ordering::SeqCst),
+        1,
+        "every span came from that stream"
+    );
+    assert!(
+        s.fake.reads.load(Ordering::SeqCst) <= 1,
+        "at most the request that found out"
+    );
+}
+
+#[test]
+fn a_long_zstd_frame_is_streamed_piece_by_piece_once() {
+    let data = sample(4 << 20, 9);
+    let zst = zstd::bulk::compress(&data, 3).unwrap();
+    let (index, _) = index_of(&zst, Compression::Zstd, 256 << 10);
+    let dir = tempfile::tempdir().unwrap();
+    let store = LayerStore::new(StoreOptions {
+        cache_dir: Some(dir.path().into()),
+        prefetch_workers: 0,
+        ..StoreOptions::default()
+    })
+    .unwrap();
+    let fake = Fake::new(zst);
+    let layer = LayerRef {
+        layout: LayerLayout::new(&index, 0).unwrap(),
+        source: fake.clone(),
+    };
+    assert_eq!(layer.layout.spans.len(), 1);
+    assert!(layer.layout.spans[0].streamed);
+    assert_eq!(layer.layout.units.len(), 16);
+    let read = |pos: u64, len: u64| {
+        let mut out = Vec::new();
+        store.read(&layer, pos, len, &mut out).unwrap();
+        assert!(out == data[pos as usize..(pos + len) as usize]);
+    };
+    read(3 << 20, 4096);
+    read(0, 4096);
+    read(1 << 20, 2 << 20);
+    assert_eq!(fake.streams.load(Ordering::SeqCst), 1, "one pass over the frame");
+    assert_eq!(fake.reads.load(Ordering::SeqCst), 0);
+}
+
+fn clone_with(index: &IndexFile, f: impl FnOnce(&mut Layer)) -> IndexFile {
+    let mut copy = IndexFile::decode(&index.encode().unwrap()).unwrap();
+    f(&mut copy.index.layers[0]);
+    copy
+}
