@@ -88,7 +88,7 @@ pub fn index_for_image(image: &str, platform: &str) -> Result<PathBuf> {
     if IndexFile::load(&path).is_ok() {
         return Ok(path);
     }
-    std::fs::create_dir_all(path.parent().expect("has parent"))?;
+    clip_rootfs::private_dir(path.parent().expect("has parent"))?;
     let mut opts = clip_index::Options::default();
     if let Some(mib) = std::env::var("CLIP_CHECKPOINT_MIB")
         .ok()

@@ -194,7 +194,11 @@ pub fn registry() -> Registry {
     once_on_disk("push", || {
         let _ = std::fs::remove_dir_all(&storage);
         let reg = Registry::start(&storage);
-        for tag in TAGS.iter().chain(&["multi", "debian-base", "app"]).chain(&SEMANTICS) {
+        for tag in TAGS
+            .iter()
+            .chain(&["multi", "debian-base", "app", "suid"])
+            .chain(&SEMANTICS)
+        {
             run(Command::new("skopeo")
                 .args([
                     "copy",

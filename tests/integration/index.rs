@@ -214,6 +214,7 @@ fn expect_failure(args: &[&str], needle: &str) {
     assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
     assert!(stderr.contains(needle), "{args:?}: expected {needle:?} in {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
+    harness::assert_says_once(&stderr);
 }
 
 #[test]

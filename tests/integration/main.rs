@@ -7,5 +7,6 @@ mod metrics;
 mod mount;
 mod proxy;
 mod run;
+mod security;
 mod semantics;
 mod tree;

@@ -498,3 +498,122 @@ fn files_in_distinct_spans(index: &Path, n: usize) -> Vec<String> {
     assert!(chosen.len() >= n, "only {} suitable files", chosen.len());
     chosen.into_iter().take(n).map(|(_, p)| p).collect()
 }
+
+/// A registry with token authentication: the mount fetches tokens with
+/// the Docker config's credentials; when every token stops working and the
+/// password is rotated mid-mount (a credential helper's 12 h token, say),
+/// the next read renews: it asks the config again and gets a new token.
+#[test]
+fn tokens_are_renewed_and_credentials_read_again_mid_mount() {
+    let reg = registry();
+    let proxy = FaultProxy::start(reg.port);
+    proxy.bearer("alice", "first");
+    let tmp = tempfile::tempdir().unwrap();
+    let docker = tmp.path().join("docker");
+    std::fs::create_dir_all(&docker).unwrap();
+    let write_config = |password: &str| {
+        let auth = hex_free_base64(&format!("alice:{password}"));
+        std::fs::write(
+            docker.join("config.json"),
+            format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, proxy.host()),
+        )
+        .unwrap();
+    };
+    write_config("first");
+    let index = tmp.path().join("image.clip");
+    let mut c = clipctl();
+    c.args([
+        "index",
+        "--image",
+        &format!("{}/clip/debian:latest", proxy.host()),
+        "--out",
+    ])
+    .arg(&index)
+    .env("DOCKER_CONFIG", &docker);
+    env(&mut c, tmp.path());
+    ok(c);
+    let dir = tmp.path().join("mnt");
+    let mut c = clipctl();
+    c.args(["mount", "--index"])
+        .arg(&index)
+        .arg(&dir)
+        .env("DOCKER_CONFIG", &docker);
+    env(&mut c, tmp.path());
+    ok(c);
+    let m = Mounted { dir, index, tmp };
+    let files = files_in_distinct_spans(&m.index, 3);
+    let disk = unpacked("debian");
+    let same = |rel: &str| std::fs::read(m.dir.join(rel)).unwrap() == std::fs::read(disk.join(rel)).unwrap();
+    let tokens = || proxy.token_requests.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(same(&files[0]));
+    let issued = tokens();
+    assert!(issued >= 1);
+    // Every token dies (they expired, or were revoked): the next request
+    // gets a 401, renews and succeeds.
+    proxy.rotate("first");
+    assert!(same(&files[1]), "the read after the tokens died succeeds");
+    assert!(tokens() > issued);
+    let log = m.log();
+    assert!(log.contains("renewing credentials after HTTP 401"), "{log}");
+    // The password changes, in the registry and in the Docker config: the
+    // config is read again and its new credential gets a token.
+    let issued = tokens();
+    proxy.rotate("second");
+    write_config("second");
+    assert!(same(&files[2]), "the read after the rotation succeeds");
+    assert!(tokens() > issued);
+    let log = m.log();
+    assert!(
+        !log.contains("second") && !log.contains("token-"),
+        "no secret in the log: {log}"
+    );
+}
+
+/// Base64 for a Docker config's `auth` field.
+fn hex_free_base64(s: &str) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let b = s.as_bytes();
+    let mut out = String::new();
+    for c in b.chunks(3) {
+        let n =
+            (u32::from(c[0]) << 16) | (u32::from(*c.get(1).unwrap_or(&0)) << 8) | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            out.push(if i <= c.len() {
+                T[((n >> (18 - 6 * i)) & 63) as usize] as char
+            } else {
+                '='
+            });
+        }
+    }
+    out
+}
+
+/// A registry (or a proxy in front of it) that ignores Range: the mount
+/// notices, says so, and reads each layer once as a stream instead of the
+/// whole layer per span; every byte is still right.
+#[test]
+fn a_registry_that_ignores_range_costs_one_stream_per_layer() {
+    let reg = registry();
+    let proxy = FaultProxy::start(reg.port);
+    let m = Mounted::new(&format!("{}/clip/debian:latest", proxy.host()));
+    let files = files_in_distinct_spans(&m.index, 12);
+    assert!(files.len() >= 8, "{files:?}");
+    proxy.ignore_range(true);
+    let before = proxy.blob_requests.load(std::sync::atomic::Ordering::Relaxed);
+    let disk = unpacked("debian");
+    for rel in &files {
+        assert!(
+            std::fs::read(m.dir.join(rel)).unwrap() == std::fs::read(disk.join(rel)).unwrap(),
+            "{rel}"
+        );
+    }
+    let requests = proxy.blob_requests.load(std::sync::atomic::Ordering::Relaxed) - before;
+    // Per layer: the request that found out, and one stream (a few more
+    // may find out at once, from the kernel's parallel reads).
+    assert!(
+        requests < files.len() as u64,
+        "{requests} blob requests for {} files in distinct spans",
+        files.len()
+    );
+    assert!(m.log().contains("ignores HTTP Range requests"), "{}", m.log());
+}

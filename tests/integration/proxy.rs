@@ -26,6 +26,20 @@ struct Plan {
     queue: Vec<Fault>,
     /// A fault for every blob request once the queue is empty.
     always: Option<Fault>,
+    /// Forward requests without their Range header, as a registry (or a
+    /// proxy in front of one) that does not support ranges.
+    ignore_range: bool,
+    /// Act as a registry with token authentication: see [`FaultProxy::bearer`].
+    bearer: Option<Bearer>,
+}
+
+/// A token service in front of the registry: `GET /token` with Basic
+/// credentials issues a token; every registry request needs a live one.
+struct Bearer {
+    user: String,
+    password: String,
+    tokens: Vec<String>,
+    issued: u64,
 }
 
 pub struct FaultProxy {
@@ -33,6 +47,7 @@ pub struct FaultProxy {
     plan: Arc<Mutex<Plan>>,
     stop: Arc<AtomicBool>,
     pub blob_requests: Arc<AtomicU64>,
+    pub token_requests: Arc<AtomicU64>,
 }
 
 impl FaultProxy {
@@ -42,16 +57,22 @@ impl FaultProxy {
         let plan = Arc::new(Mutex::new(Plan::default()));
         let stop = Arc::new(AtomicBool::new(false));
         let blob_requests = Arc::new(AtomicU64::new(0));
-        let (p, s, b) = (plan.clone(), stop.clone(), blob_requests.clone());
+        let token_requests = Arc::new(AtomicU64::new(0));
+        let (p, s, b, t) = (
+            plan.clone(),
+            stop.clone(),
+            blob_requests.clone(),
+            token_requests.clone(),
+        );
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 if s.load(Ordering::Relaxed) {
                     break;
                 }
                 let Ok(conn) = conn else { continue };
-                let (p, b) = (p.clone(), b.clone());
+                let (p, b, t) = (p.clone(), b.clone(), t.clone());
                 std::thread::spawn(move || {
-                    let _ = serve(conn, upstream, &p, &b);
+                    let _ = serve(conn, upstream, port, &p, &b, &t);
                 });
             }
         });
@@ -60,7 +81,32 @@ impl FaultProxy {
             plan,
             stop,
             blob_requests,
+            token_requests,
         }
+    }
+
+    /// Forward requests without Range from now on.
+    pub fn ignore_range(&self, on: bool) {
+        self.plan.lock().unwrap().ignore_range = on;
+    }
+
+    /// Requires bearer tokens from now on, issued for `user`:`password`.
+    pub fn bearer(&self, user: &str, password: &str) {
+        self.plan.lock().unwrap().bearer = Some(Bearer {
+            user: user.into(),
+            password: password.into(),
+            tokens: Vec::new(),
+            issued: 0,
+        });
+    }
+
+    /// Every token issued so far stops working (as when they expire), and
+    /// from now on only `password` gets new ones (a rotated credential).
+    pub fn rotate(&self, password: &str) {
+        let mut p = self.plan.lock().unwrap();
+        let b = p.bearer.as_mut().expect("bearer mode");
+        b.tokens.clear();
+        b.password = password.into();
     }
 
     pub fn host(&self) -> String {
@@ -100,10 +146,104 @@ fn read_head(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
     Ok(head)
 }
 
-fn serve(mut client: TcpStream, upstream: u16, plan: &Mutex<Plan>, blobs: &AtomicU64) -> std::io::Result<()> {
+fn reply(client: &mut TcpStream, status: &str, headers: &str, body: &str) -> std::io::Result<()> {
+    write!(
+        client,
+        "HTTP/1.1 {status}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    client.shutdown(Shutdown::Both)
+}
+
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.split("\r\n").find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// Decodes standard base64 (Basic credentials).
+fn unbase64(s: &str) -> Vec<u8> {
+    let val = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        _ => 63,
+    };
+    let bytes: Vec<u8> = s.bytes().filter(|&c| c != b'=').collect();
+    let mut out = Vec::new();
+    for chunk in bytes.chunks(4) {
+        let mut n = 0u32;
+        for (i, &c) in chunk.iter().enumerate() {
+            n |= u32::from(val(c)) << (18 - 6 * i);
+        }
+        for i in 0..chunk.len().saturating_sub(1) {
+            out.push((n >> (16 - 8 * i)) as u8);
+        }
+    }
+    out
+}
+
+/// Answers token requests and refuses registry requests without a live
+/// token; Some(()) when the request was answered here.
+fn bearer_gate(client: &mut TcpStream, text: &str, port: u16, plan: &Mutex<Plan>, tokens: &AtomicU64) -> Option<()> {
+    let mut p = plan.lock().unwrap();
+    let b = p.bearer.as_mut()?;
+    let path = text.split_whitespace().nth(1).unwrap_or("");
+    if path.starts_with("/token") {
+        tokens.fetch_add(1, Ordering::Relaxed);
+        let basic = header(text, "authorization")
+            .and_then(|v| v.strip_prefix("Basic "))
+            .map(|v| String::from_utf8_lossy(&unbase64(v)).into_owned());
+        if basic.as_deref() == Some(&format!("{}:{}", b.user, b.password)) {
+            b.issued += 1;
+            let t = format!("token-{}", b.issued);
+            b.tokens.push(t.clone());
+            let body = format!(r#"{{"token":"{t}","expires_in":300}}"#);
+            let _ = reply(client, "200 OK", "Content-Type: application/json\r\n", &body);
+        } else {
+            let _ = reply(
+                client,
+                "401 Unauthorized",
+                "",
+                r#"{"errors":[{"code":"UNAUTHORIZED"}]}"#,
+            );
+        }
+        return Some(());
+    }
+    let live = header(text, "authorization")
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| b.tokens.iter().any(|x| x == t));
+    if live {
+        return None;
+    }
+    let challenge = format!(
+        "WWW-Authenticate: Bearer realm=\"http://127.0.0.1:{port}/token\",service=\"clip-test\",scope=\"repository:clip:pull\"\r\n"
+    );
+    let _ = reply(
+        client,
+        "401 Unauthorized",
+        &challenge,
+        r#"{"errors":[{"code":"UNAUTHORIZED"}]}"#,
+    );
+    Some(())
+}
+
+fn serve(
+    mut client: TcpStream,
+    upstream: u16,
+    port: u16,
+    plan: &Mutex<Plan>,
+    blobs: &AtomicU64,
+    tokens: &AtomicU64,
+) -> std::io::Result<()> {
     client.set_read_timeout(Some(Duration::from_secs(30)))?;
     let head = read_head(&mut client)?;
     let text = String::from_utf8_lossy(&head).into_owned();
+    if bearer_gate(&mut client, &text, port, plan, tokens).is_some() {
+        return Ok(());
+    }
     let is_blob = text.lines().next().is_some_and(|l| l.contains("/blobs/sha256:"));
     let fault = if is_blob {
         blobs.fetch_add(1, Ordering::Relaxed);
@@ -116,6 +256,7 @@ fn serve(mut client: TcpStream, upstream: u16, plan: &Mutex<Plan>, blobs: &Atomi
     } else {
         None
     };
+    let ignore_range = plan.lock().unwrap().ignore_range;
     match fault {
         Some(Fault::Status(code)) => {
             let reason = if code == 429 {
@@ -135,7 +276,12 @@ fn serve(mut client: TcpStream, upstream: u16, plan: &Mutex<Plan>, blobs: &Atomi
     // Forward with Connection: close so that one connection is one request.
     let mut req = String::new();
     for line in text.split("\r\n").filter(|l| !l.is_empty()) {
-        if !line.to_ascii_lowercase().starts_with("connection:") {
+        let lower = line.to_ascii_lowercase();
+        // The registry behind has no auth; and Range may be dropped.
+        let dropped = lower.starts_with("connection:")
+            || lower.starts_with("authorization:")
+            || (ignore_range && lower.starts_with("range:"));
+        if !dropped {
             req.push_str(line);
             req.push_str("\r\n");
         }

@@ -105,6 +105,18 @@ impl Drop for Timed<'_> {
     }
 }
 
+/// An error with its causes, each once: "what: why: underneath".
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 fn time(secs: i64, nsec: u32) -> SystemTime {
     if secs >= 0 {
         UNIX_EPOCH + Duration::new(secs as u64, nsec)
@@ -293,7 +305,7 @@ impl Filesystem for ClipFs {
             }
             Err(e) => {
                 self.metrics.read_errors.inc();
-                tracing::error!(ino = ino.0, offset, size, error = %e, "read failed");
+                tracing::error!(ino = ino.0, offset, size, error = %chain(&e), "read failed");
                 reply.error(Errno::EIO)
             }
         }

@@ -53,7 +53,7 @@ pub struct Entry {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TarError {
-    #[error("reading the layer: {0}")]
+    #[error("reading the layer")]
     Io(#[from] std::io::Error),
     #[error("bad tar header at byte {offset}: {msg}")]
     Header { offset: u64, msg: String },

@@ -26,7 +26,7 @@ use crate::{defs, global, Snapshot};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{what} {path}: {source}")]
+    #[error("{what} {path}")]
     Io {
         what: &'static str,
         path: PathBuf,
@@ -42,6 +42,13 @@ fn io<T>(what: &'static str, path: &Path, r: std::io::Result<T>) -> Result<T> {
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// Creates `dir` (and missing parents) for root only.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
 }
 
 /// `$CLIP_RUN_DIR/metrics` (default `/run/clip/metrics`).
@@ -60,7 +67,7 @@ struct Lock {
 
 impl Lock {
     fn take(dir: &Path, exclusive: bool) -> Result<Self> {
-        io("creating", dir, fs::create_dir_all(dir))?;
+        io("creating", dir, private_dir(dir))?;
         let path = dir.join("lock");
         let f = io("opening", &path, File::options().create(true).append(true).open(&path))?;
         let op = if exclusive { libc::LOCK_EX } else { libc::LOCK_SH };
@@ -124,7 +131,7 @@ pub struct Exporter {
 
 impl Exporter {
     pub fn start(dir: &Path) -> Result<Self> {
-        io("creating", dir, fs::create_dir_all(dir))?;
+        io("creating", dir, private_dir(dir))?;
         let sock = dir.join(format!("serve-{}.sock", std::process::id()));
         let _ = fs::remove_file(&sock);
         let listener = io("listening on", &sock, UnixListener::bind(&sock))?;

@@ -24,23 +24,35 @@ fn pid_alive(pid: i32) -> bool {
     pid > 0 && unsafe { libc::kill(pid, 0) } == 0
 }
 
-fn state_pid(json: &Path) -> Option<i32> {
+/// When process `pid` started (clock ticks after boot, field 22 of
+/// /proc/PID/stat): with the pid, it names one process, never a later
+/// process that reused the pid.
+pub(crate) fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: count from the last ')'.
+    stat.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// The server recorded in a mount's state file: (pid, start time).
+fn state_server(json: &Path) -> Option<(i32, u64)> {
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(json).ok()?).ok()?;
-    v["pid"].as_i64().map(|p| p as i32)
+    Some((v["pid"].as_i64()? as i32, v["start"].as_u64()?))
 }
 
 /// Stops a serving process: it exits by itself once unmounted; one that
-/// does not is killed.
-fn stop_server(pid: i32) {
+/// does not is killed. A pid that now belongs to another process (the
+/// server died and the pid was reused) is left alone.
+fn stop_server((pid, start): (i32, u64)) {
+    let ours = || pid_alive(pid) && start_time(pid) == Some(start);
     let deadline = Instant::now() + Duration::from_secs(5);
-    while pid_alive(pid) && Instant::now() < deadline {
+    while ours() && Instant::now() < deadline {
         // Reap it if it is our child; harmless otherwise.
         // SAFETY: non-blocking waitpid.
         unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
         std::thread::sleep(Duration::from_millis(20));
     }
-    if pid_alive(pid) {
-        // SAFETY: plain kill.
+    if ours() {
+        // SAFETY: plain kill of the process we started.
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }
 }
@@ -55,8 +67,8 @@ fn clean_stale(run: &Path, dir: &Path) -> Result<()> {
             mounts::unmount(dir, true),
         )?;
     }
-    if let Some(pid) = state_pid(&json) {
-        stop_server(pid);
+    if let Some(server) = state_server(&json) {
+        stop_server(server);
     }
     let _ = std::fs::remove_file(json);
     let _ = std::fs::remove_file(log);
@@ -98,10 +110,7 @@ pub fn mount_image(server: &Path, run: &Path, index: &Path, dir: &Path) -> Resul
     }
     // Fail early, in this process, on a bad index.
     clip_format::IndexFile::load(&index)?;
-    io(
-        "creating the run directory",
-        std::fs::create_dir_all(run.join("mounts")),
-    )?;
+    io("creating the run directory", crate::private_dir(&run.join("mounts")))?;
     let logf = io("creating the server log", std::fs::File::create(&log))?;
     let mut cmd = Command::new(server);
     cmd.arg("serve").arg("--index").arg(&index).arg(&dir);
@@ -137,7 +146,8 @@ pub fn mount_image(server: &Path, run: &Path, index: &Path, dir: &Path) -> Resul
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    let state = serde_json::json!({"dir": dir, "pid": child.id(), "index": index});
+    let pid = child.id() as i32;
+    let state = serde_json::json!({"dir": dir, "pid": pid, "start": start_time(pid), "index": index});
     let tmp = json.with_extension("tmp");
     io("writing mount state", std::fs::write(&tmp, state.to_string()))?;
     io("writing mount state", std::fs::rename(&tmp, &json))?;
@@ -158,10 +168,31 @@ pub fn unmount_image(run: &Path, dir: &Path) -> Result<()> {
         }
         io(format!("unmounting {}", dir.display()), mounts::unmount(&dir, false))?;
     }
-    if let Some(pid) = state_pid(&json) {
-        stop_server(pid);
+    if let Some(server) = state_server(&json) {
+        stop_server(server);
     }
     let _ = std::fs::remove_file(json);
     let _ = std::fs::remove_file(log);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reused_pid_is_never_signalled() {
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = child.id() as i32;
+        let start = start_time(pid).unwrap();
+        assert_eq!(start_time(pid), Some(start));
+        // The state names this pid but another start time: another process.
+        stop_server((pid, start + 1));
+        assert!(child.try_wait().unwrap().is_none(), "left alone");
+        stop_server((pid, start));
+        assert!(child.wait().is_ok());
+        // Spaces and parentheses in the command name do not confuse it.
+        let me = std::process::id() as i32;
+        assert!(start_time(me).is_some());
+    }
 }

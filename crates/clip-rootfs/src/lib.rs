@@ -23,12 +23,14 @@ mod overlay;
 use std::fs;
 use std::path::{Path, PathBuf};
 
+pub use clip_store::private_dir;
+
 pub use image_mount::{mount_image, unmount_image};
 pub use overlay::{kernel_overlay_available, OverlayKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         what: String,
         #[source]
@@ -48,7 +50,7 @@ pub enum Error {
     ServerExited { status: String, log: String },
     #[error("{0} did not come up within 60 s")]
     Timeout(PathBuf),
-    #[error("loading the index: {0}")]
+    #[error("loading the index")]
     Index(#[from] clip_format::Error),
     #[error("overlay: {0}")]
     Overlay(String),
@@ -126,7 +128,7 @@ pub fn validate_id(id: &str) -> Result<()> {
 /// live in memory (a tmpfs such as /dev/shm).
 fn refuse_tmpfs(base: &Path) -> Result<()> {
     const TMPFS_MAGIC: i64 = 0x0102_1994;
-    io(format!("creating {}", base.display()), fs::create_dir_all(base))?;
+    io(format!("creating {}", base.display()), private_dir(base))?;
     let c = std::ffi::CString::new(base.as_os_str().as_encoded_bytes()).map_err(|e| Error::Overlay(e.to_string()))?;
     // SAFETY: valid path and out pointer.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
@@ -162,7 +164,7 @@ fn image_key(index: &Path) -> String {
 /// Serialises image mount and unmount decisions between processes.
 fn image_lock(paths: &Paths, hex: &str) -> Result<fs::File> {
     let dir = paths.run.join("images");
-    io(format!("creating {}", dir.display()), fs::create_dir_all(&dir))?;
+    io(format!("creating {}", dir.display()), private_dir(&dir))?;
     let f = io(
         "opening the image lock",
         fs::File::create(dir.join(format!("{hex}.lock"))),
@@ -207,7 +209,7 @@ pub fn create(paths: &Paths, index: &Path, id: &str, overlay: OverlayKind) -> Re
         mount_image(&paths.server, &paths.run, index, &image_mount)?;
         // Registered under the lock, so that a release of another container
         // cannot unmount the image in between.
-        io(format!("creating {}", cdir.display()), fs::create_dir_all(&cdir))?;
+        io(format!("creating {}", cdir.display()), private_dir(&cdir))?;
         io("recording the image", fs::write(cdir.join("image"), &hex))?;
     }
     let result = (|| {
@@ -215,7 +217,12 @@ pub fn create(paths: &Paths, index: &Path, id: &str, overlay: OverlayKind) -> Re
         io("creating upper", fs::create_dir_all(&upper))?;
         io("creating work", fs::create_dir_all(&work))?;
         let rootfs = paths.rootfs(id);
-        io(format!("creating {}", rootfs.display()), fs::create_dir_all(&rootfs))?;
+        // The rootfs allows setuid for the container: what leads to it is
+        // root's alone, as containerd keeps its bundles.
+        io(
+            format!("creating {}", rootfs.display()),
+            private_dir(rootfs.parent().expect("run/ID/rootfs")).and_then(|_| fs::create_dir_all(&rootfs)),
+        )?;
         let kind = overlay::mount(&image_mount, &upper, &work, &rootfs, overlay)?;
         io("recording the overlay", fs::write(cdir.join("overlay"), kind.name()))?;
         Ok(Rootfs {

@@ -26,10 +26,10 @@ pub enum Error {
     User(String, String),
     #[error("the image has no command to run (no Entrypoint or Cmd, and none given)")]
     NoCommand,
-    #[error("runtime spec: {0}")]
+    #[error("runtime spec")]
     Spec(#[from] oci_spec::OciSpecError),
-    #[error("runtime {0}: {1}")]
-    Runtime(String, std::io::Error),
+    #[error("runtime {0}")]
+    Runtime(String, #[source] std::io::Error),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

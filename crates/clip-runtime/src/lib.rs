@@ -37,8 +37,12 @@ pub enum Error {
     Container(#[from] libcontainer::error::LibcontainerError),
     #[error("bundle {0}: {1}")]
     Spec(PathBuf, String),
-    #[error("{what}: {source}")]
-    Io { what: String, source: std::io::Error },
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
