@@ -141,6 +141,7 @@ fn synthetic_index(files: usize) -> Vec<u8> {
     IndexFile::new(
         Index {
             image,
+            spacing: 2 << 20,
             layers: vec![layer],
             nodes,
         },

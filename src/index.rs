@@ -1,14 +1,9 @@
 //! `clipctl index`
 
-use std::io::{IsTerminal, Write};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
 
-use anyhow::{Context, Result};
-use clip_index::Options;
-use clip_registry::{ImageRef, Platform};
+use anyhow::{bail, Result};
+use clip_api::{Reply, Request};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -16,15 +11,15 @@ pub struct Args {
     /// or oci:DIR[:TAG] for a local OCI layout.
     #[arg(long)]
     image: String,
-    /// Where to write the index.
+    /// Also write the index here (it is always stored under CLIP_BASE_DIR).
     #[arg(long)]
-    out: PathBuf,
-    /// Platform to pick from a multi-arch image.
-    #[arg(long, default_value = "linux/amd64")]
+    out: Option<PathBuf>,
+    /// Platform to pick from a multi-arch image (default: this host's).
+    #[arg(long, default_value_t = crate::client::host_platform())]
     platform: String,
     /// Uncompressed MiB between checkpoints.
-    #[arg(long, env = "CLIP_CHECKPOINT_MIB", default_value_t = clip_index::DEFAULT_CHECKPOINT_MIB)]
-    checkpoint_mib: u64,
+    #[arg(long, env = "CLIP_CHECKPOINT_MIB")]
+    checkpoint_mib: Option<u64>,
     /// Layers indexed at once (default: one per core).
     #[arg(long)]
     jobs: Option<usize>,
@@ -33,107 +28,35 @@ pub struct Args {
     json: bool,
 }
 
-/// Writes `bytes` to `path` atomically: a reader sees the old file or the
-/// whole new one, never a torn one.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path.file_name().context("output path has no file name")?;
-    let tmp = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
-    let result = (|| -> Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.with_context(|| format!("writing {}", path.display()))
-}
-
 pub fn run(a: Args) -> Result<()> {
-    anyhow::ensure!(a.checkpoint_mib >= 1, "--checkpoint-mib must be at least 1");
-    let started = Instant::now();
-    let reference = ImageRef::parse(&a.image)?;
-    let platform: Platform = a.platform.parse()?;
-    let source = crate::source::open(&reference)?;
-    let image = source
-        .resolve(&platform)
-        .with_context(|| format!("resolving {}", reference.canonical()))?;
-    let total: u64 = image.layers.iter().map(|l| l.size).sum();
-    let counter = Arc::new(AtomicU64::new(0));
-    let mut opts = Options {
-        spacing: a.checkpoint_mib << 20,
-        progress: Some(counter.clone()),
-        ..Options::default()
+    if let Some(m) = a.checkpoint_mib {
+        anyhow::ensure!((1..=64).contains(&m), "--checkpoint-mib must be between 1 and 64");
+    }
+    if let Some(out) = &a.out {
+        crate::check_writable(out)?;
+    }
+    let req = Request::Index {
+        spec: crate::client::spec(&a.image, &a.platform, a.checkpoint_mib),
+        out: a.out.as_ref().map(std::path::absolute).transpose()?,
+        jobs: a.jobs,
     };
-    if let Some(j) = a.jobs {
-        opts.jobs = j.max(1);
-    }
-    let done = Arc::new(AtomicBool::new(false));
-    let bar = std::io::stderr().is_terminal().then(|| {
-        let bar = indicatif::ProgressBar::new(total);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-                .expect("valid template")
-                .progress_chars("=> "),
-        );
-        bar.set_message(format!("indexing {} layers", image.layers.len()));
-        let (bar2, counter, done) = (bar.clone(), counter.clone(), done.clone());
-        std::thread::spawn(move || {
-            while !done.load(Ordering::Relaxed) {
-                bar2.set_position(counter.load(Ordering::Relaxed));
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        });
-        bar
-    });
-    let result = clip_index::build(source.as_ref(), &reference.canonical(), &image, &opts);
-    done.store(true, Ordering::Relaxed);
-    if let Some(bar) = &bar {
-        bar.finish_and_clear();
-    }
-    let (file, stats) = result?;
-    let bytes = file.encode()?;
-    write_atomic(&a.out, &bytes)?;
-    let seconds = started.elapsed().as_secs_f64();
+    let Reply::Indexed(s) = crate::client::call(&req)? else {
+        bail!("clipd answered something else");
+    };
     if a.json {
-        let summary = serde_json::json!({
-            "reference": reference.canonical(),
-            "manifest_digest": image.manifest_digest,
-            "platform": image.platform,
-            "layers": stats.layers,
-            "files": stats.files,
-            "directories": stats.directories,
-            "symlinks": stats.symlinks,
-            "other": stats.other,
-            "compressed_bytes": stats.compressed_bytes,
-            "uncompressed_bytes": stats.uncompressed_bytes,
-            "checkpoints": stats.checkpoints,
-            "index_bytes": bytes.len(),
-            "seconds": seconds,
-            "skipped": {
-                "excluded": stats.skipped.excluded,
-                "bad_hardlinks": stats.skipped.bad_hardlinks,
-                "replaced_by_dir": stats.skipped.replaced_by_dir,
-            },
-        });
-        println!("{summary}");
+        println!("{}", serde_json::to_string(&s)?);
     } else {
         println!(
-            "indexed {} ({} layers, {} files, {} dirs) into {}: {} bytes, {} checkpoints, {:.2}s",
-            reference.canonical(),
-            stats.layers,
-            stats.files,
-            stats.directories,
-            a.out.display(),
-            bytes.len(),
-            stats.checkpoints,
-            seconds
+            "indexed {} ({} layers, {} files, {} dirs) into {}: {} bytes, {} checkpoints, {:.2}s{}",
+            s.reference,
+            s.layers,
+            s.files,
+            s.directories,
+            a.out.as_ref().unwrap_or(&s.path).display(),
+            s.index_bytes,
+            s.checkpoints,
+            s.seconds,
+            if s.built { "" } else { " (already indexed)" }
         );
     }
     Ok(())

@@ -1,5 +1,8 @@
-//! `clipctl`: the command line of clip. Parses, calls the libraries, prints.
+//! `clipctl`: the command line of clip. Parses, asks clipd (or, for
+//! `inspect` and `cat`, reads an index itself), prints.
 
+mod client;
+mod daemon;
 mod index;
 mod inspect;
 mod metrics;
@@ -7,9 +10,9 @@ mod mount;
 mod run;
 mod source;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -25,21 +28,22 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Read an image once and write its metadata-only .clip index.
+    /// Read an image once and store its metadata-only .clip index.
     Index(index::Args),
     /// Summarise an index, or list its entries.
     Inspect(inspect::Args),
     /// Mount an image read-only, lazily fetching file data as it is read.
     Mount(mount::MountArgs),
-    /// Unmount a clip mount and stop what served it (also a stale one).
+    /// Unmount a clip mount, or remove a container's rootfs.
     Umount(mount::UmountArgs),
-    /// Serve a mount in the foreground (started by `clipctl mount`).
-    #[command(hide = true)]
-    Serve(mount::ServeArgs),
     /// Run a container from an image, lazily: index, mount, run.
     Run(run::Args),
-    /// Print the host's clip metrics (every mount, index build and run), or
-    /// serve them for Prometheus.
+    /// What is mounted, and which containers use it.
+    Ps {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print clipd's metrics, or serve them for Prometheus.
     Metrics(metrics::Args),
     /// Print a file of the image, read through the index's checkpoints.
     Cat {
@@ -48,14 +52,33 @@ enum Command {
         /// Path of the file inside the image.
         path: String,
     },
+    /// The node service: status, stop, upgrade.
+    #[command(subcommand)]
+    Daemon(daemon::Command),
+}
+
+/// `CLIP_CHECKPOINT_MIB`, when set.
+pub fn checkpoint_mib_env() -> Option<u64> {
+    std::env::var("CLIP_CHECKPOINT_MIB").ok().and_then(|v| v.parse().ok())
+}
+
+/// Fails now, before any work, if `out` cannot be written.
+pub fn check_writable(out: &Path) -> Result<()> {
+    let dir = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let probe = dir.join(format!(".clipctl-probe-{}", std::process::id()));
+    std::fs::write(&probe, b"")
+        .and_then(|_| std::fs::remove_file(&probe))
+        .with_context(|| format!("{} cannot be written", out.display()))
 }
 
 /// Logs go to stderr: warnings by default, more with `CLIP_VERBOSE=1` or
-/// `RUST_LOG`. A mount server (whose stderr is its log file) logs its
-/// events (mount, unmount, retries, evictions) by default.
-fn init_logging(daemon: bool) {
+/// `RUST_LOG`.
+fn init_logging() {
     use tracing_subscriber::EnvFilter;
-    let default = if daemon || std::env::var("CLIP_VERBOSE").is_ok_and(|v| v == "1") {
+    let default = if std::env::var("CLIP_VERBOSE").is_ok_and(|v| v == "1") {
         "info"
     } else {
         "warn"
@@ -66,6 +89,26 @@ fn init_logging(daemon: bool) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+}
+
+fn ps(json: bool) -> Result<()> {
+    let clip_api::Reply::Ps(p) = client::call(&clip_api::Request::Ps)? else {
+        anyhow::bail!("clipd answered something else");
+    };
+    if json {
+        println!("{}", serde_json::to_string(&p)?);
+        return Ok(());
+    }
+    println!("{:<40} {:<24} MOUNT", "IMAGE", "CONTAINERS");
+    for m in &p.mounts {
+        let containers = if m.containers.is_empty() {
+            "-".to_string()
+        } else {
+            m.containers.join(",")
+        };
+        println!("{:<40} {:<24} {}", m.image, containers, m.dir.display());
+    }
+    Ok(())
 }
 
 fn main() {
@@ -79,11 +122,7 @@ fn main() {
         // and the runtime's forwarder gets them.
         clip_run::block_forwarded_signals();
     }
-    init_logging(matches!(cli.command, Command::Serve(_)));
-    // Processes that end on their own leave their counts (index builds,
-    // range reads, container starts) to the host's metrics; servers and
-    // `metrics` itself handle theirs.
-    let persist = !matches!(cli.command, Command::Serve(_) | Command::Metrics(_));
+    init_logging();
     let mut code = 0;
     let result: Result<()> = match cli.command {
         Command::Index(a) => index::run(a),
@@ -91,15 +130,11 @@ fn main() {
         Command::Cat { index, path } => inspect::cat(&index, &path),
         Command::Mount(a) => mount::mount(a),
         Command::Umount(a) => mount::umount(a),
-        Command::Serve(a) => mount::serve(a),
-        Command::Metrics(a) => metrics::run(a),
         Command::Run(a) => run::run(a).map(|c| code = c),
+        Command::Ps { json } => ps(json),
+        Command::Metrics(a) => metrics::run(a),
+        Command::Daemon(c) => daemon::run(c),
     };
-    if persist {
-        if let Err(e) = clip_metrics::host::persist(&clip_metrics::host::dir_from_env()) {
-            tracing::debug!(error = %e, "metrics not kept");
-        }
-    }
     if let Err(e) = result {
         eprintln!("clipctl: {e:#}");
         std::process::exit(1);

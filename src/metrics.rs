@@ -1,6 +1,7 @@
-//! `clipctl metrics`: the host's clip metrics, printed or served.
+//! `clipctl metrics`: clipd's metrics, printed or served.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Result};
+use clip_api::{Reply, Request};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -13,8 +14,8 @@ pub struct Args {
     /// Port to serve on.
     #[arg(long, default_value_t = 9310, requires = "serve")]
     port: u16,
-    /// Address to serve on.
-    #[arg(long, default_value = "0.0.0.0", requires = "serve")]
+    /// Address to serve on (127.0.0.1 unless given).
+    #[arg(long, default_value = "127.0.0.1", requires = "serve")]
     address: std::net::IpAddr,
 }
 
@@ -28,18 +29,12 @@ enum Format {
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-fn collect() -> Result<clip_metrics::Snapshot> {
-    let cache = clip_fs::serve::ServeOptions::from_env().cache_dir;
-    let dir = clip_metrics::host::dir_from_env();
-    clip_metrics::host::collect(&dir, Some(clip_store::usage(&cache))).context("collecting metrics")
-}
-
 fn render(format: Format) -> Result<(String, &'static str)> {
-    let snap = collect()?;
-    Ok(match format {
-        Format::Text => (snap.encode_text(), OPENMETRICS),
-        Format::Json => (serde_json::to_string_pretty(&snap)? + "\n", "application/json"),
-    })
+    let json = format == Format::Json;
+    let Reply::Text { text } = crate::client::call(&Request::Metrics { json })? else {
+        bail!("clipd answered something else");
+    };
+    Ok((text, if json { "application/json" } else { OPENMETRICS }))
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -49,7 +44,6 @@ pub fn run(a: Args) -> Result<()> {
     }
     let addr = std::net::SocketAddr::new(a.address, a.port);
     let server = tiny_http::Server::http(addr).map_err(|e| anyhow::anyhow!("listening on {addr}: {e}"))?;
-    tracing::info!(%addr, "serving metrics");
     eprintln!("serving metrics on http://{addr}/metrics");
     for req in server.incoming_requests() {
         let path = req.url().split('?').next().unwrap_or("");
@@ -57,10 +51,7 @@ pub fn run(a: Args) -> Result<()> {
             (tiny_http::Method::Get, "/metrics") => match render(a.format) {
                 Ok((body, content_type)) => tiny_http::Response::from_string(body)
                     .with_header(tiny_http::Header::from_bytes("Content-Type", content_type).expect("valid header")),
-                Err(e) => {
-                    tracing::warn!(error = format!("{e:#}"), "metrics collection failed");
-                    tiny_http::Response::from_string(format!("{e:#}\n")).with_status_code(500)
-                }
+                Err(e) => tiny_http::Response::from_string(format!("{e:#}\n")).with_status_code(500),
             },
             (tiny_http::Method::Get, "/") => tiny_http::Response::from_string("clip metrics: /metrics\n".to_string()),
             _ => tiny_http::Response::from_string("not found\n".to_string()).with_status_code(404),

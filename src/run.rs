@@ -1,7 +1,9 @@
-//! `clipctl run`: index (if needed), mount, write the bundle, run.
+//! `clipctl run`: clipd prepares the rootfs (index, image mount, overlay);
+//! this process writes the bundle and runs the container in the
+//! foreground, with the caller's stdio and signals.
 
-use anyhow::{Context, Result};
-use clip_rootfs::OverlayKind;
+use anyhow::{bail, Context, Result};
+use clip_api::{Reply, Request};
 use clip_run::{RunOptions, Runtime};
 
 #[derive(clap::Args)]
@@ -26,7 +28,8 @@ pub struct Args {
     /// Container id (default: generated).
     #[arg(long)]
     name: Option<String>,
-    #[arg(long, default_value = "linux/amd64")]
+    /// Platform to pick from a multi-arch image (default: this host's).
+    #[arg(long, default_value_t = crate::client::host_platform())]
     platform: String,
     /// Use fuse-overlayfs for the writable layer.
     #[arg(long)]
@@ -52,18 +55,18 @@ fn generated_id() -> String {
 /// Runs the container and returns its exit code.
 pub fn run(a: Args) -> Result<i32> {
     let started = clip_run::monotonic_ns();
-    let index = crate::mount::index_for_image(&a.image, &a.platform)?;
     let id = a.name.clone().unwrap_or_else(generated_id);
-    let paths = crate::mount::paths()?;
-    let kind = if a.fuse_overlayfs {
-        OverlayKind::Fuse
-    } else {
-        OverlayKind::Auto
+    let req = Request::Prepare {
+        spec: Some(crate::client::spec(&a.image, &a.platform, crate::checkpoint_mib_env())),
+        index: None,
+        id: id.clone(),
+        fuse_overlayfs: a.fuse_overlayfs,
     };
-    let rootfs = clip_rootfs::create(&paths, &index, &id, kind)?;
+    let Reply::Prepared(p) = crate::client::call(&req)? else {
+        bail!("clipd answered something else");
+    };
     let runtime: Runtime = a.runtime.parse().expect("infallible");
     let result = (|| -> Result<i32> {
-        let file = clip_format::IndexFile::load(&index)?;
         let opts = RunOptions {
             cmd: a.cmd,
             env: a.env,
@@ -71,30 +74,30 @@ pub fn run(a: Args) -> Result<i32> {
             user: a.user,
             hostname: Some(id.clone()),
         };
-        let spec = clip_run::build_spec(&file.index.image.config, &rootfs.rootfs, &opts)?;
-        let bundle = paths.base.join("containers").join(&id).join("bundle");
-        clip_run::write_bundle(&bundle, &spec)?;
+        let spec = clip_run::build_spec(p.config.as_bytes(), &p.rootfs, &opts)?;
+        clip_run::write_bundle(&p.bundle, &spec)?;
         let name = runtime.name();
         let label = name.rsplit('/').next().unwrap_or(&name).to_string();
         let cid = id.clone();
-        // Recorded and kept at once: a long-running container's start
-        // shows in the metrics while it runs.
+        // Recorded at once: a long-running container's start shows in the
+        // metrics while it runs.
         let on_exec = Box::new(move |t: u64| {
-            let secs = t.saturating_sub(started) as f64 / 1e9;
-            clip_metrics::defs::FIRST_EXEC_SECONDS
-                .with(&[("runtime", &label)])
-                .observe(secs);
-            tracing::info!(container = %cid, runtime = %label, seconds = secs, "container process started");
-            let _ = clip_metrics::host::persist(&clip_metrics::host::dir_from_env());
+            let seconds = t.saturating_sub(started) as f64 / 1e9;
+            tracing::info!(container = %cid, runtime = %label, seconds, "container process started");
+            let _ = crate::client::call_running(&Request::ObserveFirstExec {
+                runtime: label,
+                seconds,
+            });
         });
         let exit = runtime
-            .run(&bundle, &id, Some(on_exec))
+            .run(&p.bundle, &id, Some(on_exec))
             .with_context(|| format!("running container {id}"))?;
         Ok(exit.code)
     })();
     if a.rm {
         runtime.delete(&id);
-        clip_rootfs::release(&paths, &id).with_context(|| format!("removing container {id}"))?;
+        crate::client::call(&Request::Release { id: id.clone() })
+            .with_context(|| format!("removing container {id}"))?;
     }
     result
 }

@@ -196,7 +196,7 @@ pub fn registry() -> Registry {
         let reg = Registry::start(&storage);
         for tag in TAGS
             .iter()
-            .chain(&["multi", "debian-base", "app", "suid"])
+            .chain(&["multi", "debian-base", "debian-alt", "app", "suid"])
             .chain(&SEMANTICS)
         {
             run(Command::new("skopeo")
@@ -214,15 +214,38 @@ pub fn registry() -> Registry {
     Registry::start(&storage)
 }
 
+/// clipctl, talking to the tests' shared clipd (its state under the
+/// fixtures, out of the host's /run/clip and /var/lib/clip); tests that
+/// need a node of their own set the directories again (`mount::env`).
 pub fn clipctl() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_clipctl"));
     c.env_remove("CLIP_CHECKPOINT_MIB")
         .env("DOCKER_CONFIG", "/nonexistent-clip-test")
-        // Keep tests' metrics and mounts out of the host's /run/clip (tests
-        // that need their own set it again).
-        .env("CLIP_RUN_DIR", fixtures_dir().join("run"));
+        .env("CLIP_RUN_DIR", fixtures_dir().join("run"))
+        .env("CLIP_BASE_DIR", fixtures_dir().join("base"))
+        .env("CLIP_CACHE_DIR", fixtures_dir().join("cache"));
     c.stdin(Stdio::null());
     c
+}
+
+/// Stops the clipd of a test's own state directory when dropped.
+pub struct DaemonGuard(pub PathBuf);
+
+impl DaemonGuard {
+    pub fn new(tmp: &Path) -> Self {
+        Self(tmp.to_path_buf())
+    }
+}
+
+impl Drop for DaemonGuard {
+    fn drop(&mut self) {
+        let _ = clipctl()
+            .args(["daemon", "stop"])
+            .env("CLIP_RUN_DIR", self.0.join("run"))
+            .env("CLIP_BASE_DIR", self.0.join("base"))
+            .env("CLIP_CACHE_DIR", self.0.join("cache"))
+            .output();
+    }
 }
 
 /// Runs clipctl, asserting success; returns stdout.

@@ -192,6 +192,7 @@ fn scraped_range_get_bytes_equal_what_the_registry_served() {
 fn first_exec_latency_is_recorded_per_runtime() {
     let reg = registry();
     let tmp = tempfile::tempdir().unwrap();
+    let _daemon = crate::harness::DaemonGuard::new(tmp.path());
     let image = format!("{}/clip/busybox:latest", reg.host());
     let started = Instant::now();
     let mut c = crate::harness::clipctl();

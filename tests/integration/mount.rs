@@ -8,8 +8,8 @@ use crate::harness::{self, clipctl, registry, unpacked, Registry};
 use crate::proxy::{Fault, FaultProxy};
 use crate::tree;
 
-/// A mount with its own base, cache and run directories, unmounted (and
-/// checked gone) on drop.
+/// A mount on a node of its own (base, cache and run directories, and so
+/// its own clipd): unmounted, and its clipd stopped, on drop.
 pub struct Mounted {
     pub dir: PathBuf,
     pub index: PathBuf,
@@ -30,6 +30,23 @@ fn ok(mut cmd: std::process::Command) -> Vec<u8> {
         String::from_utf8_lossy(&out.stderr)
     );
     out.stdout
+}
+
+/// The pids of a node's clipd: (supervisor, worker).
+pub fn daemon_pids(tmp: &Path) -> (i32, i32) {
+    let mut c = clipctl();
+    c.args(["daemon", "status", "--json"]);
+    env(&mut c, tmp);
+    let v: serde_json::Value = serde_json::from_slice(&ok(c)).unwrap();
+    (
+        v["supervisor_pid"].as_i64().unwrap() as i32,
+        v["worker_pid"].as_i64().unwrap() as i32,
+    )
+}
+
+/// The log of a node's clipd.
+pub fn daemon_log(tmp: &Path) -> String {
+    std::fs::read_to_string(tmp.join("run/clipd.log")).unwrap_or_default()
 }
 
 impl Mounted {
@@ -67,26 +84,15 @@ impl Mounted {
         ok(self.cmd(&["umount", self.dir.to_str().unwrap()]));
     }
 
-    pub fn server_pid(&self) -> i32 {
-        let run = self.tmp.path().join("run/mounts");
-        let f = std::fs::read_dir(&run)
-            .unwrap()
-            .flatten()
-            .find(|e| e.path().extension().is_some_and(|x| x == "json"))
-            .expect("state file");
-        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(f.path()).unwrap()).unwrap();
-        v["pid"].as_i64().unwrap() as i32
-    }
-
     pub fn log(&self) -> String {
-        let run = self.tmp.path().join("run/mounts");
-        std::fs::read_dir(&run)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
-            .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
-            .collect()
+        daemon_log(self.tmp.path())
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = self.cmd(&["umount", self.dir.to_str().unwrap()]).output();
+        let _ = self.cmd(&["daemon", "stop"]).output();
     }
 }
 
@@ -102,12 +108,6 @@ fn is_mounted(dir: &Path) -> bool {
         })
 }
 
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = self.cmd(&["umount", self.dir.to_str().unwrap()]).output();
-    }
-}
-
 fn mounted_tree_equals_unpack(tag: &str) {
     let reg = registry();
     let m = Mounted::new(&format!("{}/clip/{tag}:latest", reg.host()));
@@ -116,13 +116,6 @@ fn mounted_tree_equals_unpack(tag: &str) {
     tree::assert_same(&mounted, &disk, tag);
     m.umount();
     assert!(!is_mounted(&m.dir));
-    assert!(!crate::harness::process_running(m.server_pid_or_zero()));
-}
-
-impl Mounted {
-    fn server_pid_or_zero(&self) -> i32 {
-        std::panic::catch_unwind(|| self.server_pid()).unwrap_or(0)
-    }
 }
 
 #[test]
@@ -296,55 +289,60 @@ fn nix_statfs(p: &Path) -> u64 {
     s.f_files
 }
 
-#[test]
-fn mount_and_umount_are_idempotent_and_survive_sigkill() {
-    let reg = registry();
-    let m = Mounted::new(&format!("{}/clip/busybox:latest", reg.host()));
-    // Mounting again is a no-op.
-    ok(m.cmd(&["mount", "--index", m.index.to_str().unwrap(), m.dir.to_str().unwrap()]));
-    assert!(std::fs::read(m.dir.join("etc/motd")).is_ok());
-    // Kill the server: the mount goes stale...
-    let pid = m.server_pid();
-    // SAFETY: plain kill of our test's server.
+fn kill_and_wait(pid: i32) {
+    // SAFETY: plain kill of our test's daemon.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     let deadline = Instant::now() + Duration::from_secs(5);
     while harness::process_running(pid) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    let err = std::fs::read(m.dir.join("bin/busybox")).unwrap_err();
+}
+
+#[test]
+fn mounts_survive_a_killed_worker_and_a_killed_daemon_is_cleaned_up() {
+    let reg = registry();
+    let m = Mounted::new(&format!("{}/clip/busybox:latest", reg.host()));
+    // Mounting again is a no-op.
+    ok(m.cmd(&["mount", "--index", m.index.to_str().unwrap(), m.dir.to_str().unwrap()]));
+    assert!(std::fs::read(m.dir.join("etc/motd")).is_ok());
+    // Kill the worker: the supervisor starts another, which takes the
+    // mount over; reads go on, with the right bytes.
+    let (supervisor, worker) = daemon_pids(m.tmp.path());
+    kill_and_wait(worker);
+    let busybox = std::fs::read(unpacked("busybox").join("bin/busybox")).unwrap();
+    assert!(std::fs::read(m.dir.join("bin/busybox")).unwrap() == busybox);
+    let (s2, w2) = daemon_pids(m.tmp.path());
+    assert_eq!(s2, supervisor);
+    assert_ne!(w2, worker);
+    // Kill both processes: the connections die with them, the mount goes
+    // stale...
+    kill_and_wait(supervisor);
+    kill_and_wait(w2);
+    let err = std::fs::read(m.dir.join("etc/passwd")).unwrap_err();
     assert!(
         matches!(err.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED)),
         "{err}"
     );
-    // ...and mounting over it cleans it up first.
+    // ...and mounting over it (a new clipd) cleans it up first.
     ok(m.cmd(&["mount", "--index", m.index.to_str().unwrap(), m.dir.to_str().unwrap()]));
     assert_eq!(std::fs::read(m.dir.join("etc/motd")).unwrap(), b"hello from clip\n");
-    let pid = m.server_pid();
-    unsafe { libc::kill(pid, libc::SIGKILL) };
-    while harness::process_running(pid) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    // umount cleans a stale mount too, twice over.
-    m.umount();
+    let (s3, w3) = daemon_pids(m.tmp.path());
+    kill_and_wait(s3);
+    kill_and_wait(w3);
+    // umount cleans a stale mount too; after that, there is nothing there.
     m.umount();
     assert!(!is_mounted(&m.dir));
-    assert!(
-        std::fs::read_dir(m.tmp.path().join("run/mounts"))
-            .unwrap()
-            .next()
-            .is_none(),
-        "state left behind"
-    );
-    // SIGTERM to a server unmounts cleanly.
+    let out = m.cmd(&["umount", m.dir.to_str().unwrap()]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not mounted"), "{out:?}");
+    // Stopping clipd unmounts cleanly.
     ok(m.cmd(&["mount", "--index", m.index.to_str().unwrap(), m.dir.to_str().unwrap()]));
-    let pid = m.server_pid();
-    unsafe { libc::kill(pid, libc::SIGTERM) };
+    ok(m.cmd(&["daemon", "stop"]));
     let deadline = Instant::now() + Duration::from_secs(5);
     while is_mounted(&m.dir) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(!is_mounted(&m.dir));
-    m.umount();
     // A bad index is refused before anything is mounted.
     let bad = m.tmp.path().join("bad.clip");
     std::fs::write(&bad, b"nope").unwrap();
@@ -360,6 +358,7 @@ fn mount_and_umount_are_idempotent_and_survive_sigkill() {
 fn mount_by_image_reference_stores_the_index_and_shares_the_cache() {
     let reg = registry();
     let tmp = tempfile::tempdir().unwrap();
+    let _daemon = harness::DaemonGuard::new(tmp.path());
     let dir = tmp.path().join("mnt");
     let image = format!("{}/clip/debian:latest", reg.host());
     let mut c = clipctl();
@@ -499,10 +498,12 @@ fn files_in_distinct_spans(index: &Path, n: usize) -> Vec<String> {
     chosen.into_iter().take(n).map(|(_, p)| p).collect()
 }
 
-/// A registry with token authentication: the mount fetches tokens with
-/// the Docker config's credentials; when every token stops working and the
-/// password is rotated mid-mount (a credential helper's 12 h token, say),
-/// the next read renews: it asks the config again and gets a new token.
+/// A registry with token authentication. The mount gets tokens with the
+/// credentials `clipctl` resolved from the caller's Docker config. When
+/// every token stops working mid-mount, the next read gets a 401, renews
+/// and goes on. When the password is rotated (a helper's 12 h token, say),
+/// the caller's credential is refused, and clipd's own credential source
+/// (`CLIP_AUTH_FILE`, read again at each renewal) takes over.
 #[test]
 fn tokens_are_renewed_and_credentials_read_again_mid_mount() {
     let reg = registry();
@@ -511,15 +512,21 @@ fn tokens_are_renewed_and_credentials_read_again_mid_mount() {
     let tmp = tempfile::tempdir().unwrap();
     let docker = tmp.path().join("docker");
     std::fs::create_dir_all(&docker).unwrap();
-    let write_config = |password: &str| {
+    let auth_file = tmp.path().join("clipd-auth.json");
+    let write = |path: &Path, password: &str| {
         let auth = hex_free_base64(&format!("alice:{password}"));
         std::fs::write(
-            docker.join("config.json"),
+            path,
             format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, proxy.host()),
         )
         .unwrap();
     };
-    write_config("first");
+    write(&docker.join("config.json"), "first");
+    write(&auth_file, "first");
+    let node = |c: &mut std::process::Command| {
+        env(c, tmp.path());
+        c.env("DOCKER_CONFIG", &docker).env("CLIP_AUTH_FILE", &auth_file);
+    };
     let index = tmp.path().join("image.clip");
     let mut c = clipctl();
     c.args([
@@ -528,17 +535,14 @@ fn tokens_are_renewed_and_credentials_read_again_mid_mount() {
         &format!("{}/clip/debian:latest", proxy.host()),
         "--out",
     ])
-    .arg(&index)
-    .env("DOCKER_CONFIG", &docker);
-    env(&mut c, tmp.path());
+    .arg(&index);
+    node(&mut c);
     ok(c);
     let dir = tmp.path().join("mnt");
     let mut c = clipctl();
-    c.args(["mount", "--index"])
-        .arg(&index)
-        .arg(&dir)
-        .env("DOCKER_CONFIG", &docker);
-    env(&mut c, tmp.path());
+    c.args(["mount", "--image", &format!("{}/clip/debian:latest", proxy.host())])
+        .arg(&dir);
+    node(&mut c);
     ok(c);
     let m = Mounted { dir, index, tmp };
     let files = files_in_distinct_spans(&m.index, 3);
@@ -555,16 +559,16 @@ fn tokens_are_renewed_and_credentials_read_again_mid_mount() {
     assert!(tokens() > issued);
     let log = m.log();
     assert!(log.contains("renewing credentials after HTTP 401"), "{log}");
-    // The password changes, in the registry and in the Docker config: the
-    // config is read again and its new credential gets a token.
+    // The password changes in the registry and in clipd's own source; the
+    // caller's (sent with the mount) is now refused and gives way.
     let issued = tokens();
-    proxy.rotate("second");
-    write_config("second");
+    proxy.rotate("rotated-pw");
+    write(&auth_file, "rotated-pw");
     assert!(same(&files[2]), "the read after the rotation succeeds");
     assert!(tokens() > issued);
     let log = m.log();
     assert!(
-        !log.contains("second") && !log.contains("token-"),
+        !log.contains("rotated-pw") && !log.contains("first") && !log.contains("token-"),
         "no secret in the log: {log}"
     );
 }

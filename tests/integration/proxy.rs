@@ -20,6 +20,9 @@ pub enum Fault {
     FlipAt(u64),
 }
 
+/// Blob requests: (path, Range header).
+pub type RequestLog = Vec<(String, Option<String>)>;
+
 #[derive(Default)]
 struct Plan {
     /// Faults for the next blob requests, in order.
@@ -48,6 +51,8 @@ pub struct FaultProxy {
     stop: Arc<AtomicBool>,
     pub blob_requests: Arc<AtomicU64>,
     pub token_requests: Arc<AtomicU64>,
+    /// Every blob request: its path and Range header.
+    pub log: Arc<Mutex<RequestLog>>,
 }
 
 impl FaultProxy {
@@ -58,11 +63,13 @@ impl FaultProxy {
         let stop = Arc::new(AtomicBool::new(false));
         let blob_requests = Arc::new(AtomicU64::new(0));
         let token_requests = Arc::new(AtomicU64::new(0));
-        let (p, s, b, t) = (
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (p, s, b, t, l) = (
             plan.clone(),
             stop.clone(),
             blob_requests.clone(),
             token_requests.clone(),
+            log.clone(),
         );
         std::thread::spawn(move || {
             for conn in listener.incoming() {
@@ -70,9 +77,9 @@ impl FaultProxy {
                     break;
                 }
                 let Ok(conn) = conn else { continue };
-                let (p, b, t) = (p.clone(), b.clone(), t.clone());
+                let (p, b, t, l) = (p.clone(), b.clone(), t.clone(), l.clone());
                 std::thread::spawn(move || {
-                    let _ = serve(conn, upstream, port, &p, &b, &t);
+                    let _ = serve(conn, upstream, port, &p, &b, &t, &l);
                 });
             }
         });
@@ -82,6 +89,7 @@ impl FaultProxy {
             stop,
             blob_requests,
             token_requests,
+            log,
         }
     }
 
@@ -237,6 +245,7 @@ fn serve(
     plan: &Mutex<Plan>,
     blobs: &AtomicU64,
     tokens: &AtomicU64,
+    log: &Mutex<RequestLog>,
 ) -> std::io::Result<()> {
     client.set_read_timeout(Some(Duration::from_secs(30)))?;
     let head = read_head(&mut client)?;
@@ -247,6 +256,10 @@ fn serve(
     let is_blob = text.lines().next().is_some_and(|l| l.contains("/blobs/sha256:"));
     let fault = if is_blob {
         blobs.fetch_add(1, Ordering::Relaxed);
+        let path = text.split_whitespace().nth(1).unwrap_or("").to_string();
+        log.lock()
+            .unwrap()
+            .push((path, header(&text, "range").map(str::to_string)));
         let mut p = plan.lock().unwrap();
         if p.queue.is_empty() {
             p.always

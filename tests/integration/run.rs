@@ -37,6 +37,7 @@ fn clip_mounts(tmp: &Path) -> (usize, usize) {
 fn run_on(runtime: &str) {
     let reg = registry();
     let tmp = tempfile::tempdir().unwrap();
+    let _daemon = crate::harness::DaemonGuard::new(tmp.path());
     let app = format!("{}/clip/app:latest", reg.host());
     // The image's own Entrypoint, Cmd, Env, WorkingDir and User.
     let o = clip(tmp.path(), &["run", "--rm", "--runtime", runtime, &app]);
@@ -94,6 +95,7 @@ fn runsc_runs_the_image_config() {
 fn overlay_rootfs_behaves_like_any_overlay() {
     let reg = registry();
     let tmp = tempfile::tempdir().unwrap();
+    let _daemon = crate::harness::DaemonGuard::new(tmp.path());
     let deb = format!("{}/clip/debian:latest", reg.host());
     let script = "set -e; echo new > /root/new; rm /etc/motd; mv /etc/hostname /etc/hostname2; \
                   ln /etc/os-release /root/os-link; test \"$(stat -c %h /root/os-link)\" = 2; \
@@ -135,6 +137,7 @@ fn overlay_rootfs_behaves_like_any_overlay() {
 fn twenty_containers_share_one_image_mount() {
     let reg = registry();
     let tmp = tempfile::tempdir().unwrap();
+    let _daemon = crate::harness::DaemonGuard::new(tmp.path());
     let image = format!("{}/clip/busybox:latest", reg.host());
     let ids: Vec<String> = (0..20).map(|i| format!("c{i}")).collect();
     let threads: Vec<_> = ids
@@ -163,14 +166,17 @@ fn twenty_containers_share_one_image_mount() {
         let expect = if n < 19 { (1, 19 - n) } else { (0, 0) };
         assert_eq!(clip_mounts(tmp.path()), expect, "after {id}");
     }
-    // Idempotent.
-    assert!(clip(tmp.path(), &["umount", "--cid", "c0"]).status.success());
+    // Gone, and said so.
+    let o = clip(tmp.path(), &["umount", "--cid", "c0"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no container c0"), "{o:?}");
 }
 
 #[test]
 fn fuse_overlayfs_fallback() {
     let reg = registry();
     let tmp = tempfile::tempdir().unwrap();
+    let _daemon = crate::harness::DaemonGuard::new(tmp.path());
     let image = format!("{}/clip/busybox:latest", reg.host());
     let o = clip(
         tmp.path(),
@@ -195,6 +201,7 @@ fn fuse_overlayfs_fallback() {
 fn signals_reach_the_container() {
     let reg = registry();
     let tmp = tempfile::tempdir().unwrap();
+    let _daemon = crate::harness::DaemonGuard::new(tmp.path());
     let image = format!("{}/clip/busybox:latest", reg.host());
     let mut c = clipctl();
     c.args([
@@ -227,6 +234,7 @@ fn signals_reach_the_container() {
 #[test]
 fn the_same_image_from_another_registry_uses_that_registry() {
     let tmp = tempfile::tempdir().unwrap();
+    let _daemon = crate::harness::DaemonGuard::new(tmp.path());
     let first = registry();
     let o = clip(
         tmp.path(),

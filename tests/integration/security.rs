@@ -1,6 +1,7 @@
-//! What a host user can reach (issue 10): a running container's rootfs
-//! allows setuid, so every path to it, and to the rest of clip's state
-//! (indexes, cached image bytes, logs, metrics), is root's alone.
+//! What a host user can reach (issues 10 and 11): a running container's
+//! rootfs allows setuid, so every path to it, and to the rest of clip's
+//! state (indexes, cached image bytes, the daemon's socket and log), is
+//! root's alone.
 
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
@@ -29,6 +30,7 @@ fn as_nobody(prog: &Path, args: &[&str]) -> (bool, String) {
 fn an_unprivileged_user_cannot_run_a_setuid_binary_through_a_containers_rootfs() {
     let reg = registry();
     let tmp = tempfile::tempdir().unwrap();
+    let _daemon = crate::harness::DaemonGuard::new(tmp.path());
     // The test's own directory is open to everyone: only clip's
     // permissions stand between a host user and its state.
     std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -75,10 +77,9 @@ fn an_unprivileged_user_cannot_run_a_setuid_binary_through_a_containers_rootfs()
 
     // Nor can a host user look into the rest of clip's state.
     for dir in [
+        run.clone(),
         run.join("sec"),
         run.join("images"),
-        run.join("mounts"),
-        run.join("metrics"),
         base.join("containers"),
         base.join("index"),
         tmp.path().join("cache"),
@@ -93,6 +94,23 @@ fn an_unprivileged_user_cannot_run_a_setuid_binary_through_a_containers_rootfs()
             dir.display()
         );
     }
+
+    // Nor talk to clipd: its socket is root's alone (and so is the
+    // directory it is in).
+    let socket = run.join("clipd.sock");
+    let mode = std::fs::symlink_metadata(&socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o077, 0, "the socket is open to others: {mode:o}");
+    let (ok, out) = as_nobody(
+        Path::new("/usr/bin/python3"),
+        &[
+            "-c",
+            &format!(
+                "import socket; s = socket.socket(socket.AF_UNIX); s.connect({:?})",
+                socket.to_str().unwrap()
+            ),
+        ],
+    );
+    assert!(!ok && out.contains("PermissionError"), "{out}");
 
     // SAFETY: plain kill of our child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };

@@ -189,6 +189,8 @@ pub struct Node {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Index {
     pub image: Image,
+    /// The uncompressed distance aimed at between checkpoints (bytes).
+    pub spacing: u64,
     pub layers: Vec<Layer>,
     pub nodes: Vec<Node>,
 }

@@ -82,6 +82,7 @@ fn sample(files: usize) -> IndexFile {
             config_digest: "sha256:bb".into(),
             config: br#"{"architecture":"amd64"}"#.to_vec(),
         },
+        spacing: 1 << 20,
         layers: vec![layer],
         nodes,
     };

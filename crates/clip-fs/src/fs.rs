@@ -75,6 +75,7 @@ struct OpMetrics {
     ops: Vec<(Arc<Counter>, Arc<Histogram>)>,
     read_bytes: Arc<Counter>,
     read_errors: Arc<Counter>,
+    panics: Arc<Counter>,
 }
 
 impl OpMetrics {
@@ -91,6 +92,7 @@ impl OpMetrics {
                 .collect(),
             read_bytes: defs::FUSE_BYTES.with(&[("op", "read")]),
             read_errors: defs::FUSE_ERRORS.with(&[("op", "read")]),
+            panics: defs::PANICS.with(&[("where", "fuse")]),
         }
     }
 }
@@ -179,8 +181,18 @@ impl ClipFs {
         }
     }
 
-    fn timed(&self, op: Op) -> Timed<'_> {
-        Timed(&self.metrics.ops[op as usize], Instant::now())
+    /// Runs one request's handler, timed and counted. A panic in it is
+    /// caught here: its reply, dropped while unwinding, answers EIO, and
+    /// the thread goes on serving.
+    fn guarded(&self, op: Op, f: impl FnOnce()) {
+        let _t = Timed(&self.metrics.ops[op as usize], Instant::now());
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err() {
+            self.metrics.panics.inc();
+            tracing::error!(
+                op = OP_NAMES[op as usize],
+                "a FUSE request panicked; it was answered with EIO"
+            );
+        }
     }
 
     fn node(&self, ino: INodeNo) -> Option<&Node> {
@@ -223,48 +235,46 @@ impl Filesystem for ClipFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let _t = self.timed(Op::Lookup);
-        let index = &self.view.index().index;
-        match self.node(parent) {
-            Some(p) if p.kind == Kind::Dir => match index.lookup(parent.0, name.as_bytes()) {
-                Some(ino) => {
-                    let n = index.node(ino).expect("validated index");
-                    reply.entry(&TTL, &attr(ino, n), Generation(0));
-                }
-                // A negative entry (inode 0) with a timeout: the kernel
-                // caches the miss, so probing for absent files (Python's
-                // import system does it a lot) stays in the kernel.
-                None => {
-                    let mut neg = attr(parent.0, p);
-                    neg.ino = INodeNo(0);
-                    reply.entry(&TTL, &neg, Generation(0))
-                }
-            },
-            Some(_) => reply.error(Errno::ENOTDIR),
-            None => reply.error(Errno::ENOENT),
-        }
+        self.guarded(Op::Lookup, || {
+            let index = &self.view.index().index;
+            match self.node(parent) {
+                Some(p) if p.kind == Kind::Dir => match index.lookup(parent.0, name.as_bytes()) {
+                    Some(ino) => {
+                        let n = index.node(ino).expect("validated index");
+                        reply.entry(&TTL, &attr(ino, n), Generation(0));
+                    }
+                    // A negative entry (inode 0) with a timeout: the kernel
+                    // caches the miss, so probing for absent files (Python's
+                    // import system does it a lot) stays in the kernel.
+                    None => {
+                        let mut neg = attr(parent.0, p);
+                        neg.ino = INodeNo(0);
+                        reply.entry(&TTL, &neg, Generation(0))
+                    }
+                },
+                Some(_) => reply.error(Errno::ENOTDIR),
+                None => reply.error(Errno::ENOENT),
+            }
+        });
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        let _t = self.timed(Op::Getattr);
-        match self.node(ino) {
+        self.guarded(Op::Getattr, || match self.node(ino) {
             Some(n) => reply.attr(&TTL, &attr(ino.0, n)),
             None => reply.error(Errno::ENOENT),
-        }
+        });
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        let _t = self.timed(Op::Readlink);
-        match self.node(ino) {
+        self.guarded(Op::Readlink, || match self.node(ino) {
             Some(n) if n.kind == Kind::Symlink => reply.data(&n.target),
             Some(_) => reply.error(Errno::EINVAL),
             None => reply.error(Errno::ENOENT),
-        }
+        });
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let _t = self.timed(Op::Open);
-        match self.node(ino) {
+        self.guarded(Op::Open, || match self.node(ino) {
             Some(n) if n.kind == Kind::Dir => reply.error(Errno::EISDIR),
             Some(_) => {
                 let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
@@ -272,7 +282,7 @@ impl Filesystem for ClipFs {
                 reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
             }
             None => reply.error(Errno::ENOENT),
-        }
+        });
     }
 
     fn read(
@@ -286,29 +296,30 @@ impl Filesystem for ClipFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let _t = self.timed(Op::Read);
-        let Some(n) = self.node(ino) else {
-            return reply.error(Errno::ENOENT);
-        };
-        if n.kind != Kind::File {
-            return reply.error(Errno::EINVAL);
-        }
-        let sequential = {
-            let mut h = self.handles.lock().expect("not poisoned");
-            let last = h.insert(fh.0, offset + u64::from(size));
-            last == Some(offset) && offset > 0
-        };
-        match self.view.read(n, offset, size, sequential) {
-            Ok(data) => {
-                self.metrics.read_bytes.inc_by(data.len() as u64);
-                reply.data(&data)
+        self.guarded(Op::Read, || {
+            let Some(n) = self.node(ino) else {
+                return reply.error(Errno::ENOENT);
+            };
+            if n.kind != Kind::File {
+                return reply.error(Errno::EINVAL);
             }
-            Err(e) => {
-                self.metrics.read_errors.inc();
-                tracing::error!(ino = ino.0, offset, size, error = %chain(&e), "read failed");
-                reply.error(Errno::EIO)
+            let sequential = {
+                let mut h = self.handles.lock().expect("not poisoned");
+                let last = h.insert(fh.0, offset + u64::from(size));
+                last == Some(offset) && offset > 0
+            };
+            match self.view.read(n, offset, size, sequential) {
+                Ok(data) => {
+                    self.metrics.read_bytes.inc_by(data.len() as u64);
+                    reply.data(&data)
+                }
+                Err(e) => {
+                    self.metrics.read_errors.inc();
+                    tracing::error!(ino = ino.0, offset, size, error = %chain(&e), "read failed");
+                    reply.error(Errno::EIO)
+                }
             }
-        }
+        });
     }
 
     fn release(
@@ -321,40 +332,41 @@ impl Filesystem for ClipFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let _t = self.timed(Op::Release);
-        self.handles.lock().expect("not poisoned").remove(&fh.0);
-        reply.ok();
+        self.guarded(Op::Release, || {
+            self.handles.lock().expect("not poisoned").remove(&fh.0);
+            reply.ok();
+        });
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let _t = self.timed(Op::Opendir);
-        match self.node(ino) {
+        self.guarded(Op::Opendir, || match self.node(ino) {
             Some(n) if n.kind == Kind::Dir => reply.opened(
                 FileHandle(0),
                 FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
             ),
             Some(_) => reply.error(Errno::ENOTDIR),
             None => reply.error(Errno::ENOENT),
-        }
+        });
     }
 
     /// Offsets are stable: 1 is `.`, 2 is `..`, 2 + i + 1 follows entry i.
     fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let _t = self.timed(Op::Readdir);
-        let n = match self.dir(ino) {
-            Ok(n) => n,
-            Err(e) => return reply.error(e),
-        };
-        let index = &self.view.index().index;
-        let mut i = offset;
-        while let Some((child, name)) = dir_slot(ino, n, i) {
-            let kind = index.node(child).map_or(FileType::Directory, |c| file_type(c.kind));
-            if reply.add(INodeNo(child), i + 1, kind, OsStr::from_bytes(name)) {
-                break;
+        self.guarded(Op::Readdir, || {
+            let n = match self.dir(ino) {
+                Ok(n) => n,
+                Err(e) => return reply.error(e),
+            };
+            let index = &self.view.index().index;
+            let mut i = offset;
+            while let Some((child, name)) = dir_slot(ino, n, i) {
+                let kind = index.node(child).map_or(FileType::Directory, |c| file_type(c.kind));
+                if reply.add(INodeNo(child), i + 1, kind, OsStr::from_bytes(name)) {
+                    break;
+                }
+                i += 1;
             }
-            i += 1;
-        }
-        reply.ok();
+            reply.ok();
+        });
     }
 
     fn readdirplus(
@@ -365,95 +377,82 @@ impl Filesystem for ClipFs {
         offset: u64,
         mut reply: fuser::ReplyDirectoryPlus,
     ) {
-        let _t = self.timed(Op::Readdirplus);
-        let n = match self.dir(ino) {
-            Ok(n) => n,
-            Err(e) => return reply.error(e),
-        };
-        let index = &self.view.index().index;
-        let mut i = offset;
-        while let Some((child, name)) = dir_slot(ino, n, i) {
-            let Some(c) = index.node(child) else { break };
-            if reply.add(
-                INodeNo(child),
-                i + 1,
-                OsStr::from_bytes(name),
-                &TTL,
-                &attr(child, c),
-                Generation(0),
-            ) {
-                break;
+        self.guarded(Op::Readdirplus, || {
+            let n = match self.dir(ino) {
+                Ok(n) => n,
+                Err(e) => return reply.error(e),
+            };
+            let index = &self.view.index().index;
+            let mut i = offset;
+            while let Some((child, name)) = dir_slot(ino, n, i) {
+                let Some(c) = index.node(child) else { break };
+                if reply.add(
+                    INodeNo(child),
+                    i + 1,
+                    OsStr::from_bytes(name),
+                    &TTL,
+                    &attr(child, c),
+                    Generation(0),
+                ) {
+                    break;
+                }
+                i += 1;
             }
-            i += 1;
-        }
-        reply.ok();
+            reply.ok();
+        });
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let _t = self.timed(Op::Statfs);
-        let index = &self.view.index().index;
-        let bytes: u64 = index.nodes.iter().map(|n| n.size).sum();
-        reply.statfs(bytes.div_ceil(4096), 0, 0, index.nodes.len() as u64, 0, 4096, 255, 4096);
+        self.guarded(Op::Statfs, || {
+            let index = &self.view.index().index;
+            let bytes: u64 = index.nodes.iter().map(|n| n.size).sum();
+            reply.statfs(bytes.div_ceil(4096), 0, 0, index.nodes.len() as u64, 0, 4096, 255, 4096);
+        });
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let _t = self.timed(Op::Getxattr);
-        let Some(n) = self.node(ino) else {
-            return reply.error(Errno::ENOENT);
-        };
-        match n.xattrs.iter().find(|(k, _)| k.as_slice() == name.as_bytes()) {
-            None => reply.error(Errno::ENODATA),
-            Some((_, v)) if size == 0 => reply.size(v.len() as u32),
-            Some((_, v)) if v.len() > size as usize => reply.error(Errno::ERANGE),
-            Some((_, v)) => reply.data(v),
-        }
+        self.guarded(Op::Getxattr, || {
+            let Some(n) = self.node(ino) else {
+                return reply.error(Errno::ENOENT);
+            };
+            match n.xattrs.iter().find(|(k, _)| k.as_slice() == name.as_bytes()) {
+                None => reply.error(Errno::ENODATA),
+                Some((_, v)) if size == 0 => reply.size(v.len() as u32),
+                Some((_, v)) if v.len() > size as usize => reply.error(Errno::ERANGE),
+                Some((_, v)) => reply.data(v),
+            }
+        });
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let _t = self.timed(Op::Listxattr);
-        let Some(n) = self.node(ino) else {
-            return reply.error(Errno::ENOENT);
-        };
-        let mut names = Vec::new();
-        for (k, _) in &n.xattrs {
-            names.extend_from_slice(k);
-            names.push(0);
-        }
-        if size == 0 {
-            reply.size(names.len() as u32)
-        } else if names.len() > size as usize {
-            reply.error(Errno::ERANGE)
-        } else {
-            reply.data(&names)
-        }
+        self.guarded(Op::Listxattr, || {
+            let Some(n) = self.node(ino) else {
+                return reply.error(Errno::ENOENT);
+            };
+            let mut names = Vec::new();
+            for (k, _) in &n.xattrs {
+                names.extend_from_slice(k);
+                names.push(0);
+            }
+            if size == 0 {
+                reply.size(names.len() as u32)
+            } else if names.len() > size as usize {
+                reply.error(Errno::ERANGE)
+            } else {
+                reply.data(&names)
+            }
+        });
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
-        let _t = self.timed(Op::Access);
-        // default_permissions: the kernel checks modes itself.
-        match self.node(ino) {
-            Some(_) => reply.ok(),
-            None => reply.error(Errno::ENOENT),
-        }
+        self.guarded(Op::Access, || {
+            // default_permissions: the kernel checks modes itself.
+            match self.node(ino) {
+                Some(_) => reply.ok(),
+                None => reply.error(Errno::ENOENT),
+            }
+        });
     }
-}
-
-/// Mount options: read-only, usable by every user with the kernel enforcing
-/// modes, no device nodes.
-pub fn config(threads: usize) -> fuser::Config {
-    use fuser::MountOption::*;
-    let mut c = fuser::Config::default();
-    c.mount_options = vec![
-        FSName("clip".into()),
-        Subtype("clip".into()),
-        RO,
-        DefaultPermissions,
-        NoDev,
-    ];
-    c.acl = fuser::SessionACL::All;
-    c.n_threads = Some(threads.max(1));
-    c.clone_fd = true;
-    c
 }
 
 #[cfg(test)]

@@ -2,12 +2,13 @@
 //!
 //! * [`view::ImageView`] turns "bytes of this file" into ranges of layers,
 //!   read through the host's `clip_store::LayerStore`.
-//! * [`fs::ClipFs`] is the `fuser` filesystem on top.
+//! * [`fs::ClipFs`] is the `fuser` filesystem on top; [`session`] serves a
+//!   FUSE connection with it, fresh or taken over from an earlier server.
 
 pub mod fs;
-pub mod mounts;
-pub mod serve;
+pub mod session;
 pub mod view;
 
 pub use fs::ClipFs;
-pub use view::ImageView;
+pub use session::{notify_resend, serve_fd, Served};
+pub use view::{CopyError, ImageView};

@@ -371,6 +371,7 @@ fn build_image(
             config_digest: image.config_digest.clone(),
             config: image.config.clone(),
         },
+        spacing: opts.spacing,
         layers,
         nodes,
     };

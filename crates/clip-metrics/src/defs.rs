@@ -127,6 +127,10 @@ pub const CACHE_HIT_BYTES: CounterDef = counter(
     "clip_cache_hit_bytes",
     "Uncompressed bytes served from a cache, by tier.",
 );
+pub const PANICS: CounterDef = counter(
+    "clip_panics",
+    "Requests whose handler panicked (answered with an error; the daemon goes on).",
+);
 pub const CACHE_MISSES: CounterDef = counter(
     "clip_cache_misses",
     "Units (spans, or pieces of long spans) fetched because neither cache had them.",

@@ -6,13 +6,10 @@
 //! copy of the values that can be merged with others, written as JSON, and
 //! encoded in the Prometheus/OpenMetrics text format by `prometheus-client`.
 //!
-//! [`host`] turns the processes into one host-wide view: every mount server
-//! answers snapshot requests on a unix socket, short-lived processes (index
-//! builds, `clipctl run`) and servers that stop add their counts to a
-//! totals file, and [`host::collect`] sums them all.
+//! One process records everything of a host: clipd, which serves the
+//! snapshot to `clipctl metrics` and to Prometheus.
 
 pub mod defs;
-pub mod host;
 mod snapshot;
 
 use std::collections::BTreeMap;

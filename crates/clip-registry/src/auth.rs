@@ -60,6 +60,11 @@ impl Credential {
 pub trait CredentialSource: Send + Sync + std::fmt::Debug {
     /// The credential for `registry` (`host[:port]`), if this source has one.
     fn get(&self, registry: &str) -> Option<Credential>;
+    /// Every credential this source could offer, best first (a chain's,
+    /// from each of its sources).
+    fn candidates(&self, registry: &str) -> Vec<Credential> {
+        self.get(registry).into_iter().collect()
+    }
 }
 
 /// The keys a Docker config may file a registry's credentials under.
@@ -139,6 +144,16 @@ pub struct Chain(pub Vec<Arc<dyn CredentialSource>>);
 impl CredentialSource for Chain {
     fn get(&self, registry: &str) -> Option<Credential> {
         self.0.iter().find_map(|s| s.get(registry))
+    }
+
+    fn candidates(&self, registry: &str) -> Vec<Credential> {
+        let mut v: Vec<Credential> = Vec::new();
+        for c in self.0.iter().flat_map(|s| s.candidates(registry)) {
+            if !v.contains(&c) {
+                v.push(c);
+            }
+        }
+        v
     }
 }
 

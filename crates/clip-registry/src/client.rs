@@ -263,6 +263,8 @@ pub struct Host {
     opts: RegistryOptions,
     challenge: Mutex<Option<Challenge>>,
     tokens: Mutex<HashMap<(String, u64), Token>>,
+    /// Credentials the registry refused, by fingerprint, and when.
+    rejected: Mutex<HashMap<u64, Instant>>,
     warned_range: AtomicBool,
 }
 
@@ -333,6 +335,7 @@ impl Host {
             opts: opts.clone(),
             challenge: Mutex::new(None),
             tokens: Mutex::new(HashMap::new()),
+            rejected: Mutex::new(HashMap::new()),
             warned_range: AtomicBool::new(false),
         })
     }
@@ -346,32 +349,70 @@ impl Host {
     }
 
     /// The Authorization header for `scope` with what is known and cached.
+    /// The credentials to try, in order: every source's, minus those the
+    /// registry refused lately (a request's expired token gives way to the
+    /// daemon's own source), then anonymous.
+    fn candidates(&self, creds: &dyn CredentialSource) -> Vec<Option<Credential>> {
+        let rejected = Self::lock(&self.rejected);
+        let mut v: Vec<Option<Credential>> = creds
+            .candidates(&self.name)
+            .into_iter()
+            .filter(|c| {
+                rejected
+                    .get(&c.fingerprint())
+                    .is_none_or(|t| t.elapsed() > Duration::from_secs(600))
+            })
+            .map(Some)
+            .collect();
+        v.push(None);
+        v
+    }
+
+    fn reject(&self, cred: &Credential) {
+        Self::lock(&self.rejected).insert(cred.fingerprint(), Instant::now());
+    }
+
     async fn authorization(&self, scope: &str, creds: &dyn CredentialSource) -> Result<Option<HeaderValue>, HttpError> {
         let challenge = Self::lock(&self.challenge).clone();
         match challenge {
             None => Ok(None),
-            Some(Challenge::Basic) => Ok(match creds.get(&self.name) {
+            Some(Challenge::Basic) => Ok(match self.candidates(creds).into_iter().next().flatten() {
                 Some(Credential::Basic { username, password }) => Some(basic(&username, &password)),
                 _ => None,
             }),
             Some(Challenge::Bearer { realm, service }) => {
-                let cred = creds.get(&self.name);
-                let key = (scope.to_string(), cred.as_ref().map_or(0, Credential::fingerprint));
-                if let Some(t) = Self::lock(&self.tokens).get(&key) {
-                    if t.expires > Instant::now() {
-                        return Ok(Some(bearer(&t.value)));
+                let mut last = None;
+                for cred in self.candidates(creds) {
+                    let key = (scope.to_string(), cred.as_ref().map_or(0, Credential::fingerprint));
+                    if let Some(t) = Self::lock(&self.tokens).get(&key) {
+                        if t.expires > Instant::now() {
+                            return Ok(Some(bearer(&t.value)));
+                        }
+                    }
+                    match self.fetch_token(&realm, service.as_deref(), scope, cred.as_ref()).await {
+                        Ok(token) => {
+                            let header = bearer(&token.value);
+                            Self::lock(&self.tokens).insert(key, token);
+                            return Ok(Some(header));
+                        }
+                        Err(e @ HttpError::Unauthorized(_)) => {
+                            if let Some(c) = &cred {
+                                self.reject(c);
+                            }
+                            last = Some(e);
+                        }
+                        Err(e) => {
+                            return Err(HttpError::Token {
+                                realm: realm.clone(),
+                                source: Box::new(e),
+                            })
+                        }
                     }
                 }
-                let token = self
-                    .fetch_token(&realm, service.as_deref(), scope, cred.as_ref())
-                    .await
-                    .map_err(|source| HttpError::Token {
-                        realm: realm.clone(),
-                        source: Box::new(source),
-                    })?;
-                let header = bearer(&token.value);
-                Self::lock(&self.tokens).insert(key, token);
-                Ok(Some(header))
+                Err(HttpError::Token {
+                    realm,
+                    source: Box::new(last.unwrap_or(HttpError::Unauthorized("no credential worked".into()))),
+                })
             }
         }
     }
@@ -454,8 +495,17 @@ impl Host {
             .and_then(|v| v.to_str().ok())
             .and_then(parse_challenge)
             .ok_or_else(|| HttpError::Unauthorized("HTTP 401 without a usable WWW-Authenticate challenge".into()))?;
-        *Self::lock(&self.challenge) = Some(challenge);
-        let fp = creds.get(&self.name).as_ref().map_or(0, Credential::fingerprint);
+        let was = Self::lock(&self.challenge).replace(challenge.clone());
+        let used = self.candidates(creds).into_iter().next().flatten();
+        if was == Some(Challenge::Basic) && challenge == Challenge::Basic {
+            // Basic credentials sent and refused: try the next source's.
+            if let Some(c) = &used {
+                self.reject(c);
+            }
+        }
+        // A bearer token refused: it expired or was revoked; the
+        // credential behind it may be fine, so get a new token.
+        let fp = used.as_ref().map_or(0, Credential::fingerprint);
         Self::lock(&self.tokens).retain(|k, _| !(k.0 == scope && k.1 == fp));
         Ok(())
     }
@@ -517,12 +567,14 @@ impl Host {
         creds: &dyn CredentialSource,
         op: &'static str,
     ) -> Result<reqwest::Response, HttpError> {
-        let mut reauthed = false;
+        // One round to learn the challenge, then one per credential to try.
+        let mut rounds = 0;
         loop {
             let resp = self.attempt(req, scope, creds).await?;
             let status = resp.status().as_u16();
             if status == 401 {
-                if reauthed {
+                rounds += 1;
+                if rounds > 1 + creds.candidates(&self.name).len() {
                     return Err(HttpError::Unauthorized(match creds.get(&self.name) {
                         Some(_) => "unauthorized (HTTP 401): the registry refused the credentials".into(),
                         None => format!(
@@ -536,7 +588,6 @@ impl Host {
                 self.refused(resp.headers(), scope, creds)?;
                 // A token that expired or was revoked: ask the credential
                 // source again (a helper's token may have rotated).
-                reauthed = true;
                 if had_auth {
                     tracing::info!(registry = %self.name, op, "renewing credentials after HTTP 401");
                 }

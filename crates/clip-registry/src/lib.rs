@@ -185,6 +185,10 @@ impl ImageRef {
 pub trait ImageSource: Send + Sync {
     /// Resolves the reference to one platform's image manifest and config.
     fn resolve(&self, platform: &Platform) -> Result<ResolvedImage>;
+    /// Only the digest of the platform's image manifest (fewer requests).
+    fn resolve_digest(&self, platform: &Platform) -> Result<String> {
+        self.resolve(platform).map(|r| r.manifest_digest)
+    }
     /// Streams a blob from its start. The reader does not check the digest;
     /// callers that read it to the end do.
     fn open_blob(&self, desc: &Descriptor) -> Result<Box<dyn Read + Send>> {

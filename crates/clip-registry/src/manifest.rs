@@ -133,6 +133,31 @@ fn kind_of(doc: &Fetched) -> Result<String> {
     Ok(mt)
 }
 
+/// The digest of the platform's image manifest: the top manifest, and if
+/// it is an index, the entry for the platform (which is not fetched). One
+/// request for a tag, for a daemon that re-resolves tags it already has.
+pub(crate) fn resolve_digest(src: &dyn Fetcher, platform: &Platform) -> Result<String> {
+    let doc = src.top()?;
+    match kind_of(&doc)?.as_str() {
+        OCI_INDEX | DOCKER_LIST => {
+            let index: ImageIndex = serde_json::from_slice(&doc.bytes).map_err(|e| malformed(&doc.digest, e))?;
+            let chosen = index
+                .manifests()
+                .iter()
+                .find(|m| m.platform().as_ref().is_some_and(|p| platform.matches(p)))
+                .ok_or_else(|| Error::NoPlatform {
+                    digest: doc.digest.clone(),
+                    platform: platform.to_string(),
+                    available: String::new(),
+                })?;
+            crate::digest_hex(chosen.digest().as_ref())?;
+            Ok(chosen.digest().to_string())
+        }
+        OCI_MANIFEST | DOCKER_MANIFEST => Ok(doc.digest),
+        other => Err(Error::ManifestType(other.into())),
+    }
+}
+
 pub(crate) fn resolve(src: &dyn Fetcher, platform: &Platform) -> Result<ResolvedImage> {
     let mut doc = src.top()?;
     for _ in 0..4 {

@@ -240,6 +240,10 @@ impl ImageSource for RegistrySource {
         manifest::resolve(self, platform)
     }
 
+    fn resolve_digest(&self, platform: &Platform) -> Result<String> {
+        manifest::resolve_digest(self, platform)
+    }
+
     fn open_range(&self, desc: &Descriptor, offset: u64, len: Option<u64>) -> Result<Box<dyn Read + Send>> {
         crate::digest_hex(&desc.digest)?;
         let end = len.map_or(Some(desc.size), |l| offset.checked_add(l));

@@ -1,32 +1,26 @@
-//! Container root filesystems on clip images.
+//! Container root filesystems on clip images, and the kernel calls under
+//! them.
 //!
-//! * [`mount_image`] mounts an index read-only through a serving process
-//!   (any binary with clipctl's `serve --index FILE DIR` command), returns
-//!   once the mount answers, and is idempotent; [`unmount_image`] undoes it,
-//!   also after the server was killed.
-//! * [`create`] gives a container a writable rootfs: the image mounted once
-//!   per image (shared by all its containers) as the lower layer of a
-//!   kernel overlayfs (`index=off,metacopy=off`, `nodev`), or of
-//!   `fuse-overlayfs` where the kernel's is missing or when asked; upper and
-//!   work directories under `CLIP_BASE_DIR/containers/ID/`.
-//!   [`release`] removes it, and the image mount once no container uses it.
+//! * [`Mounter`] is every mount and unmount clip makes ([`Kernel`] for
+//!   real, [`Recording`] as a test double).
+//! * [`create`] gives a container a writable rootfs over an image mount
+//!   (which the caller, clipd, owns and shares among the image's
+//!   containers): kernel overlayfs (`index=off,metacopy=off`, `nodev`), or
+//!   `fuse-overlayfs` where the kernel's is missing or when asked; upper
+//!   and work directories under `CLIP_BASE_DIR/containers/ID/`, the rootfs
+//!   at `CLIP_RUN_DIR/ID/rootfs`. [`release`] removes it and says which
+//!   image it was on, so the caller can unmount that image once unused.
 //!
-//! A program that embeds clip serves its own mounts: call
-//! [`serve_if_requested`] first thing in `main` and pass
-//! `std::env::current_exe()` as [`Paths::server`]; mounts then run as that
-//! program re-executed with `serve --index FILE DIR`. See
-//! `examples/embed.rs` for the whole flow: index, mount, rootfs, release.
+//! Everything under `CLIP_RUN_DIR` and `CLIP_BASE_DIR` is root's alone: a
+//! container's rootfs allows setuid inside the container.
 
-mod image_mount;
-mod overlay;
+pub mod mounter;
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
 pub use clip_store::private_dir;
-
-pub use image_mount::{mount_image, unmount_image};
-pub use overlay::{kernel_overlay_available, OverlayKind};
+pub use mounter::{Call, Kernel, MountEntry, Mounter, Recording};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -36,24 +30,18 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("invalid container id {0:?}: use 1-64 letters, digits, '-', '_' or '.'")]
+    #[error("invalid container name {0:?}: use 1-64 letters, digits, '-', '_' or '.', and not a name clip reserves")]
     InvalidId(String),
     #[error("container {0} already exists")]
     Exists(String),
     #[error("no container {0}")]
     NoContainer(String),
-    #[error("{0} is already a clip mount of another index")]
-    OtherIndex(PathBuf),
-    #[error("{0} is not a clip mount ({1})")]
-    NotClip(PathBuf, String),
-    #[error("the serving process exited ({status}): {log}")]
-    ServerExited { status: String, log: String },
-    #[error("{0} did not come up within 60 s")]
-    Timeout(PathBuf),
-    #[error("loading the index")]
-    Index(#[from] clip_format::Error),
-    #[error("overlay: {0}")]
-    Overlay(String),
+    #[error("{0} is on a tmpfs: container upper and work directories must be on disk (set CLIP_BASE_DIR)")]
+    Tmpfs(PathBuf),
+    #[error("{0} has a ',' or ':', which overlay options cannot carry")]
+    OverlayPath(PathBuf),
+    #[error("mounting the overlay ({0})")]
+    Overlay(&'static str, #[source] std::io::Error),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -72,23 +60,20 @@ pub struct Paths {
     pub base: PathBuf,
     /// Mount points and runtime state (`CLIP_RUN_DIR`).
     pub run: PathBuf,
-    /// The binary that serves mounts (`serve --index FILE DIR`).
-    pub server: PathBuf,
 }
 
 impl Paths {
     /// From `CLIP_BASE_DIR` (default `/var/lib/clip`) and `CLIP_RUN_DIR`
     /// (default `/run/clip`).
-    pub fn from_env(server: PathBuf) -> Self {
+    pub fn from_env() -> Self {
         let var = |k: &str, d: &str| std::env::var_os(k).map_or_else(|| PathBuf::from(d), PathBuf::from);
         Self {
             base: var("CLIP_BASE_DIR", "/var/lib/clip"),
             run: var("CLIP_RUN_DIR", "/run/clip"),
-            server,
         }
     }
 
-    fn container_dir(&self, id: &str) -> PathBuf {
+    pub fn container_dir(&self, id: &str) -> PathBuf {
         self.base.join("containers").join(id)
     }
 
@@ -96,8 +81,35 @@ impl Paths {
         self.run.join(id).join("rootfs")
     }
 
-    fn image_dir(&self, manifest_hex: &str) -> PathBuf {
-        self.run.join("images").join(manifest_hex)
+    pub fn bundle(&self, id: &str) -> PathBuf {
+        self.container_dir(id).join("bundle")
+    }
+
+    /// Where the image with mount key `key` is mounted.
+    pub fn image_mount(&self, key: &str) -> PathBuf {
+        self.run.join("images").join(key).join("mnt")
+    }
+
+    pub fn index_dir(&self) -> PathBuf {
+        self.base.join("index")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OverlayKind {
+    /// Kernel overlayfs where available, else fuse-overlayfs.
+    Auto,
+    Kernel,
+    Fuse,
+}
+
+impl OverlayKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            OverlayKind::Auto => "auto",
+            OverlayKind::Kernel => "overlay",
+            OverlayKind::Fuse => "fuse-overlayfs",
+        }
     }
 }
 
@@ -112,10 +124,26 @@ pub struct Rootfs {
     pub overlay: OverlayKind,
 }
 
+/// Names clip uses itself under its state directories.
+const RESERVED: [&str; 11] = [
+    ".",
+    "..",
+    "images",
+    "mounts",
+    "metrics",
+    "containers",
+    "index",
+    "clipd.sock",
+    "clipd.log",
+    "clipd.lock",
+    "clipd.pid",
+];
+
 pub fn validate_id(id: &str) -> Result<()> {
     let ok = !id.is_empty()
         && id.len() <= 64
-        && !matches!(id, "." | ".." | "images" | "mounts")
+        && !RESERVED.contains(&id)
+        && !id.starts_with('.')
         && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
     if ok {
         Ok(())
@@ -129,90 +157,38 @@ pub fn validate_id(id: &str) -> Result<()> {
 fn refuse_tmpfs(base: &Path) -> Result<()> {
     const TMPFS_MAGIC: i64 = 0x0102_1994;
     io(format!("creating {}", base.display()), private_dir(base))?;
-    let c = std::ffi::CString::new(base.as_os_str().as_encoded_bytes()).map_err(|e| Error::Overlay(e.to_string()))?;
+    let c = std::ffi::CString::new(base.as_os_str().as_encoded_bytes()).map_err(|e| Error::Io {
+        what: base.display().to_string(),
+        source: std::io::Error::other(e),
+    })?;
     // SAFETY: valid path and out pointer.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0 && st.f_type as i64 == TMPFS_MAGIC {
-        return Err(Error::Overlay(format!(
-            "{} is on a tmpfs: container upper and work directories must be on disk (set CLIP_BASE_DIR)",
-            base.display()
-        )));
+        return Err(Error::Tmpfs(base.into()));
     }
     Ok(())
 }
 
-/// The key of an index's image mount: its file name, made safe.
-fn image_key(index: &Path) -> String {
-    use sha2::Digest;
-    let stem = index
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let clean: String = stem
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
-        .take(100)
-        .collect();
-    let path_hash: String = sha2::Sha256::digest(index.as_os_str().as_encoded_bytes())
-        .iter()
-        .take(4)
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    format!("{clean}-{path_hash}")
-}
-
-/// Serialises image mount and unmount decisions between processes.
-fn image_lock(paths: &Paths, hex: &str) -> Result<fs::File> {
-    let dir = paths.run.join("images");
-    io(format!("creating {}", dir.display()), private_dir(&dir))?;
-    let f = io(
-        "opening the image lock",
-        fs::File::create(dir.join(format!("{hex}.lock"))),
-    )?;
-    io("locking the image", f.lock())?;
-    Ok(f)
-}
-
-/// Containers (by id) that use the image `hex`.
-fn users(paths: &Paths, hex: &str) -> Vec<String> {
-    let mut v = Vec::new();
-    for e in fs::read_dir(paths.base.join("containers"))
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        if fs::read_to_string(e.path().join("image")).is_ok_and(|h| h.trim() == hex) {
-            v.push(e.file_name().to_string_lossy().into_owned());
-        }
-    }
-    v
-}
-
-/// Makes the rootfs of container `id` from the index at `index`.
-pub fn create(paths: &Paths, index: &Path, id: &str, overlay: OverlayKind) -> Result<Rootfs> {
+/// Makes the rootfs of container `id` over the image mounted at
+/// `image_mount` (whose mount key is `image_key`). On failure nothing of
+/// the container is left.
+pub fn create(
+    paths: &Paths,
+    m: &dyn Mounter,
+    image_key: &str,
+    image_mount: &Path,
+    id: &str,
+    overlay: OverlayKind,
+) -> Result<Rootfs> {
     validate_id(id)?;
     refuse_tmpfs(&paths.base)?;
-    // One image mount per index file: an index names the source it fetches
-    // from, so the same image from two registries gets two mounts.
-    let index = &std::fs::canonicalize(index).map_err(|source| Error::Io {
-        what: format!("{}", index.display()),
-        source,
-    })?;
-    let hex = image_key(index);
     let cdir = paths.container_dir(id);
     if cdir.exists() {
         return Err(Error::Exists(id.into()));
     }
-    let image_mount = paths.image_dir(&hex).join("mnt");
-    {
-        let _lock = image_lock(paths, &hex)?;
-        mount_image(&paths.server, &paths.run, index, &image_mount)?;
-        // Registered under the lock, so that a release of another container
-        // cannot unmount the image in between.
-        io(format!("creating {}", cdir.display()), private_dir(&cdir))?;
-        io("recording the image", fs::write(cdir.join("image"), &hex))?;
-    }
+    io(format!("creating {}", cdir.display()), private_dir(&cdir))?;
     let result = (|| {
+        io("recording the image", fs::write(cdir.join("image"), image_key))?;
         let (upper, work) = (cdir.join("upper"), cdir.join("work"));
         io("creating upper", fs::create_dir_all(&upper))?;
         io("creating work", fs::create_dir_all(&work))?;
@@ -223,69 +199,70 @@ pub fn create(paths: &Paths, index: &Path, id: &str, overlay: OverlayKind) -> Re
             format!("creating {}", rootfs.display()),
             private_dir(rootfs.parent().expect("run/ID/rootfs")).and_then(|_| fs::create_dir_all(&rootfs)),
         )?;
-        let kind = overlay::mount(&image_mount, &upper, &work, &rootfs, overlay)?;
+        for p in [image_mount, &upper, &work] {
+            if p.to_string_lossy().contains([',', ':']) {
+                return Err(Error::OverlayPath(p.into()));
+            }
+        }
+        let kind = match overlay {
+            OverlayKind::Auto if m.kernel_overlay() => OverlayKind::Kernel,
+            OverlayKind::Auto => OverlayKind::Fuse,
+            k => k,
+        };
+        match kind {
+            OverlayKind::Kernel => m
+                .mount_overlay(image_mount, &upper, &work, &rootfs)
+                .map_err(|e| Error::Overlay("overlay", e))?,
+            _ => m
+                .fuse_overlayfs(image_mount, &upper, &work, &rootfs)
+                .map_err(|e| Error::Overlay("fuse-overlayfs", e))?,
+        }
         io("recording the overlay", fs::write(cdir.join("overlay"), kind.name()))?;
         Ok(Rootfs {
             id: id.into(),
             rootfs,
-            image_mount: image_mount.clone(),
+            image_mount: image_mount.into(),
             upper,
             overlay: kind,
         })
     })();
     if result.is_err() {
-        let _ = release(paths, id);
+        let _ = release(paths, m, id);
     }
     result
 }
 
-/// Removes container `id`'s rootfs, its upper and work directories, and the
-/// image mount once no other container uses it. Idempotent.
-pub fn release(paths: &Paths, id: &str) -> Result<()> {
+/// Removes container `id`'s rootfs and its upper and work directories;
+/// returns the mount key of the image it was on. Idempotent.
+pub fn release(paths: &Paths, m: &dyn Mounter, id: &str) -> Result<Option<String>> {
     validate_id(id)?;
     let cdir = paths.container_dir(id);
     let rootfs = paths.rootfs(id);
-    if clip_fs::mounts::mount_at(&rootfs).is_some() || clip_fs::mounts::is_stale(&rootfs) {
+    if m.mount_at(&rootfs).is_some() || m.is_stale(&rootfs) {
         // Lazy: a process still inside must not keep the rootfs alive.
-        io(
-            format!("unmounting {}", rootfs.display()),
-            clip_fs::mounts::unmount(&rootfs, true),
-        )?;
+        io(format!("unmounting {}", rootfs.display()), m.unmount(&rootfs, true))?;
     }
     let _ = fs::remove_dir_all(paths.run.join(id));
-    let hex = fs::read_to_string(cdir.join("image"))
-        .ok()
-        .map(|h| h.trim().to_string());
+    let key = image_of(paths, id);
     if cdir.exists() {
         io(format!("removing {}", cdir.display()), fs::remove_dir_all(&cdir))?;
     }
-    if let Some(hex) = hex {
-        let _lock = image_lock(paths, &hex)?;
-        if users(paths, &hex).is_empty() {
-            let dir = paths.image_dir(&hex);
-            unmount_image(&paths.run, &dir.join("mnt"))?;
-            let _ = fs::remove_dir_all(&dir);
-        }
-    }
-    Ok(())
+    Ok(key)
 }
 
-/// If this process was started as a mount server (`PROG serve --index FILE
-/// DIR`, as [`mount_image`] starts it), serves that mount and returns the
-/// exit code; otherwise returns None at once.
-pub fn serve_if_requested() -> Option<i32> {
-    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    if args.len() != 5 || args[1] != "serve" || args[2] != "--index" {
-        return None;
-    }
-    let opts = clip_fs::serve::ServeOptions::from_env();
-    match clip_fs::serve::serve(Path::new(&args[3]), Path::new(&args[4]), &opts) {
-        Ok(()) => Some(0),
-        Err(e) => {
-            eprintln!("serve: {e}");
-            Some(1)
-        }
-    }
+/// The mount key of the image container `id` is on.
+pub fn image_of(paths: &Paths, id: &str) -> Option<String> {
+    fs::read_to_string(paths.container_dir(id).join("image"))
+        .ok()
+        .map(|h| h.trim().to_string())
+}
+
+/// Containers (by id) on the image with mount key `key`.
+pub fn users(paths: &Paths, key: &str) -> Vec<String> {
+    list(paths)
+        .into_iter()
+        .filter(|id| image_of(paths, id).as_deref() == Some(key))
+        .collect()
 }
 
 /// Container ids with state on this host.
@@ -300,16 +277,41 @@ pub fn list(paths: &Paths) -> Vec<String> {
     v
 }
 
+/// The overlay a container's rootfs uses, as recorded.
+pub fn overlay_of(paths: &Paths, id: &str) -> String {
+    fs::read_to_string(paths.container_dir(id).join("overlay")).unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn paths() -> (tempfile::TempDir, Paths) {
+        let t = tempfile::tempdir().unwrap();
+        let p = Paths {
+            base: t.path().join("base"),
+            run: t.path().join("run"),
+        };
+        (t, p)
+    }
 
     #[test]
     fn ids() {
         for ok in ["a", "web-1", "x_y.z", &"a".repeat(64)] {
             assert!(validate_id(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "..", ".", "a/b", "images", "mounts", "sp ace", &"a".repeat(65)] {
+        for bad in [
+            "",
+            "..",
+            ".",
+            "a/b",
+            "images",
+            "mounts",
+            "metrics",
+            ".hidden",
+            "sp ace",
+            &"a".repeat(65),
+        ] {
             assert!(validate_id(bad).is_err(), "{bad}");
         }
     }
@@ -320,41 +322,75 @@ mod tests {
         let p = Paths {
             base: t.path().into(),
             run: t.path().join("run"),
-            server: "/bin/false".into(),
         };
-        let err = create(&p, Path::new("/nonexistent.clip"), "c", OverlayKind::Auto).unwrap_err();
-        assert!(err.to_string().contains("tmpfs"), "{err}");
-        let disk = tempfile::tempdir().unwrap();
-        let p = Paths {
-            base: disk.path().into(),
-            run: disk.path().join("run"),
-            server: "/bin/false".into(),
-        };
-        assert!(!create(&p, Path::new("/nonexistent.clip"), "c", OverlayKind::Auto)
-            .unwrap_err()
-            .to_string()
-            .contains("tmpfs"));
+        let err = create(&p, &Recording::default(), "k", Path::new("/x"), "c", OverlayKind::Auto).unwrap_err();
+        assert!(matches!(err, Error::Tmpfs(_)), "{err}");
     }
 
     #[test]
-    fn users_of_an_image() {
-        let t = tempfile::tempdir().unwrap();
-        let p = Paths {
-            base: t.path().into(),
-            run: t.path().join("run"),
-            server: "/bin/false".into(),
-        };
-        for (id, hex) in [("a", "h1"), ("b", "h2"), ("c", "h1")] {
-            fs::create_dir_all(p.container_dir(id)).unwrap();
-            fs::write(p.container_dir(id).join("image"), hex).unwrap();
+    fn a_rootfs_is_an_overlay_over_the_image_mount_and_release_undoes_it() {
+        let (_t, p) = paths();
+        let m = Recording::default();
+        let img = p.image_mount("key1");
+        let r = create(&p, &m, "key1", &img, "c1", OverlayKind::Auto).unwrap();
+        assert_eq!(r.overlay, OverlayKind::Kernel);
+        assert_eq!(
+            m.recorded(),
+            vec![Call::MountOverlay {
+                lower: img.clone(),
+                target: p.rootfs("c1")
+            }]
+        );
+        assert_eq!(users(&p, "key1"), ["c1"]);
+        assert!(matches!(
+            create(&p, &m, "key1", &img, "c1", OverlayKind::Auto),
+            Err(Error::Exists(_))
+        ));
+        assert_eq!(release(&p, &m, "c1").unwrap().as_deref(), Some("key1"));
+        assert_eq!(
+            m.recorded().last(),
+            Some(&Call::Unmount {
+                target: p.rootfs("c1"),
+                lazy: true
+            })
+        );
+        assert!(m.mounted().is_empty());
+        assert!(users(&p, "key1").is_empty());
+        assert!(!p.container_dir("c1").exists() && !p.run.join("c1").exists());
+        assert_eq!(release(&p, &m, "c1").unwrap(), None, "idempotent");
+    }
+
+    #[test]
+    fn a_failed_overlay_leaves_nothing_behind() {
+        let (_t, p) = paths();
+        let m = Recording::default();
+        m.fail.lock().unwrap().insert("mount_overlay");
+        let err = create(&p, &m, "k", &p.image_mount("k"), "c", OverlayKind::Kernel).unwrap_err();
+        assert!(matches!(err, Error::Overlay("overlay", _)), "{err}");
+        assert!(list(&p).is_empty());
+        assert!(!p.run.join("c").exists());
+        assert!(m.mounted().is_empty());
+        // Without kernel overlayfs, fuse-overlayfs.
+        let m = Recording::without_kernel_overlay();
+        let r = create(&p, &m, "k", &p.image_mount("k"), "c", OverlayKind::Auto).unwrap();
+        assert_eq!(r.overlay, OverlayKind::Fuse);
+        assert!(matches!(m.recorded()[0], Call::FuseOverlayfs { .. }));
+    }
+
+    #[test]
+    fn state_is_root_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let (_t, p) = paths();
+        let m = Recording::default();
+        create(&p, &m, "k", &p.image_mount("k"), "c", OverlayKind::Kernel).unwrap();
+        for d in [
+            p.base.clone(),
+            p.container_dir("c"),
+            p.base.join("containers"),
+            p.run.join("c"),
+        ] {
+            let mode = fs::metadata(&d).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700, "{}", d.display());
         }
-        let mut u = users(&p, "h1");
-        u.sort();
-        assert_eq!(u, ["a", "c"]);
-        assert_eq!(list(&p), ["a", "b", "c"]);
-        // Releasing a container that has no mounts only removes its state.
-        release(&p, "b").unwrap();
-        assert_eq!(list(&p), ["a", "c"]);
-        release(&p, "b").unwrap();
     }
 }

@@ -114,6 +114,7 @@ fn index_of(compressed: &[u8], c: Compression, spacing: u64) -> (Arc<IndexFile>,
             config_digest: "sha256:bb".into(),
             config: b"{}".to_vec(),
         },
+        spacing,
         layers: vec![layer],
         nodes: vec![root],
     };

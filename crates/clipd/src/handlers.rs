@@ -1,0 +1,364 @@
+//! The API's requests.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clip_api::{ContainerInfo, ImageSpec, IndexSummary, MountInfo, Pong, Prepared, PsReply, Reply, Request};
+use clip_rootfs::OverlayKind;
+
+use crate::handover::{MountRecord, Msg};
+use crate::images::{write_atomic, Ready};
+use crate::worker::{lock, Daemon};
+
+pub fn handle(d: &Daemon, req: Request, send: &mut dyn FnMut(Reply)) -> Result<Reply> {
+    match req {
+        Request::Ping => Ok(Reply::Pong(Pong {
+            protocol: clip_api::PROTOCOL,
+            version: env!("CARGO_PKG_VERSION").into(),
+            supervisor_pid: nix::unistd::getppid().as_raw(),
+            worker_pid: std::process::id() as i32,
+            uptime: d.started.elapsed().as_secs_f64(),
+            takeovers: d.takeovers,
+        })),
+        Request::Index { spec, out, jobs: _ } => {
+            let ready = ensure(d, &spec, send)?;
+            if let Some(out) = &out {
+                write_atomic(out, &ready.index.encode()?)?;
+            }
+            Ok(Reply::Indexed(summary(&ready)))
+        }
+        Request::Mount { spec, index, dir } => {
+            let dir = std::path::absolute(&dir)?;
+            let (index_path, reference) = index_for(d, spec.as_ref(), index.as_deref(), send)?;
+            if let Some(m) = lock(&d.mounts).get(&dir) {
+                if m.record.index == index_path {
+                    return Ok(Reply::Mounted { dir });
+                }
+                bail!("{} is already a clip mount of another image", dir.display());
+            }
+            if d.mounter.is_stale(&dir) {
+                d.mounter.unmount(&dir, true)?;
+            }
+            check_mount_point(&dir)?;
+            d.mount(MountRecord {
+                dir: dir.clone(),
+                index: index_path,
+                reference,
+                key: None,
+                creds: spec.map(|s| s.creds).unwrap_or_default(),
+            })?;
+            Ok(Reply::Mounted { dir })
+        }
+        Request::Umount { dir } => {
+            let dir = std::path::absolute(&dir)?;
+            let served = lock(&d.mounts).get(&dir).map(|m| m.record.key.clone());
+            match served {
+                Some(Some(key)) => {
+                    let users = clip_rootfs::users(&d.paths, &key);
+                    if !users.is_empty() {
+                        bail!(
+                            "{} is the image of containers {}: remove them first (clipctl umount --cid ID)",
+                            dir.display(),
+                            users.join(", ")
+                        );
+                    }
+                    d.unmount(&dir, false)?;
+                }
+                Some(None) => d.unmount(&dir, false)?,
+                None if d.mounter.is_stale(&dir) => d.mounter.unmount(&dir, true)?,
+                None => match d.mounter.mount_at(&dir) {
+                    Some(m) if m.is_clip() => bail!("{} is a clip mount no clipd here serves", dir.display()),
+                    Some(m) => bail!("{} is not a clip mount ({})", dir.display(), m.fstype),
+                    None => bail!("{} is not mounted", dir.display()),
+                },
+            }
+            Ok(Reply::Ok)
+        }
+        Request::Prepare {
+            spec,
+            index,
+            id,
+            fuse_overlayfs,
+        } => prepare(d, spec.as_ref(), index.as_deref(), &id, fuse_overlayfs, send),
+        Request::Release { id } => {
+            release(d, &id)?;
+            Ok(Reply::Ok)
+        }
+        Request::Ps => Ok(Reply::Ps(ps(d))),
+        Request::Metrics { json } => {
+            let mut snap = clip_metrics::global().snapshot();
+            snap.set_gauge(
+                "clip_cache_size_bytes",
+                "Bytes in the disk span cache.",
+                d.store.disk().map_or(0, |c| c.size()) as f64,
+            );
+            snap.set_gauge(
+                "clip_mounts",
+                "Image mounts this clipd serves.",
+                lock(&d.mounts).len() as f64,
+            );
+            let text = if json {
+                serde_json::to_string_pretty(&snap)? + "\n"
+            } else {
+                snap.encode_text()
+            };
+            Ok(Reply::Text { text })
+        }
+        Request::ObserveFirstExec { runtime, seconds } => {
+            clip_metrics::defs::FIRST_EXEC_SECONDS
+                .with(&[("runtime", &runtime)])
+                .observe(seconds);
+            Ok(Reply::Ok)
+        }
+        Request::Upgrade { binary } => {
+            let binary = std::path::absolute(&binary)?;
+            if !binary.is_file() {
+                bail!("{} is not a file", binary.display());
+            }
+            // No new requests; those under way finish; answered before the
+            // supervisor stops this worker.
+            d.handing_over.store(true, std::sync::atomic::Ordering::SeqCst);
+            d.quiesce(std::time::Duration::from_secs(30));
+            send(Reply::Ok);
+            if let Err(e) = d.supervisor(&Msg::Upgrade { binary }, None) {
+                d.handing_over.store(false, std::sync::atomic::Ordering::SeqCst);
+                return Err(e);
+            }
+            Ok(Reply::Ok)
+        }
+        Request::Stop => {
+            send(Reply::Ok);
+            d.shutdown();
+        }
+    }
+}
+
+/// The stored index for a spec (built if missing), with progress frames.
+fn ensure(d: &Daemon, spec: &ImageSpec, send: &mut dyn FnMut(Reply)) -> Result<Ready> {
+    let (tx, rx) = std::sync::mpsc::channel::<Reply>();
+    let progress = {
+        let tx = std::sync::Mutex::new(tx.clone());
+        move |done: u64, total: u64| {
+            let _ = lock(&tx).send(Reply::Progress {
+                what: "indexing".into(),
+                done,
+                total,
+            });
+        }
+    };
+    let warn = |message: String| {
+        tracing::warn!("{message}");
+        let _ = tx.send(Reply::Warning { message });
+    };
+    let r = std::thread::scope(|s| {
+        let h = s.spawn(|| d.images.ensure(spec, &progress, &warn));
+        loop {
+            match rx.recv_timeout(std::time::Duration::from_millis(50)) {
+                Ok(r) => send(r),
+                Err(_) if h.is_finished() => break,
+                Err(_) => {}
+            }
+        }
+        h.join().map_err(|_| anyhow::anyhow!("indexing panicked"))?
+    });
+    while let Ok(r) = rx.try_recv() {
+        send(r);
+    }
+    r
+}
+
+fn summary(r: &Ready) -> IndexSummary {
+    let ix = &r.index.index;
+    let count = |k: clip_format::Kind| ix.nodes.iter().filter(|n| n.kind == k).count() as u64;
+    let (stats, seconds, bytes) = match &r.built {
+        Some((s, secs, b)) => (Some(s), *secs, *b),
+        None => (None, 0.0, std::fs::metadata(&r.index_path).map_or(0, |m| m.len())),
+    };
+    let mut skipped = std::collections::BTreeMap::new();
+    if let Some(s) = stats {
+        skipped.insert("excluded".into(), s.skipped.excluded);
+        skipped.insert("bad_hardlinks".into(), s.skipped.bad_hardlinks);
+        skipped.insert("replaced_by_dir".into(), s.skipped.replaced_by_dir);
+    }
+    IndexSummary {
+        reference: r.reference.canonical(),
+        manifest_digest: ix.image.manifest_digest.clone(),
+        platform: ix.image.platform.clone(),
+        path: r.index_path.clone(),
+        built: r.built.is_some(),
+        layers: ix.layers.len(),
+        files: count(clip_format::Kind::File),
+        directories: count(clip_format::Kind::Dir),
+        symlinks: count(clip_format::Kind::Symlink),
+        other: ix.nodes.len() as u64
+            - count(clip_format::Kind::File)
+            - count(clip_format::Kind::Dir)
+            - count(clip_format::Kind::Symlink),
+        compressed_bytes: ix.layers.iter().map(|l| l.compressed_size).sum(),
+        uncompressed_bytes: ix.layers.iter().map(|l| l.uncompressed_size).sum(),
+        checkpoints: ix.layers.iter().map(|l| l.checkpoints.len() as u64).sum(),
+        index_bytes: bytes,
+        seconds,
+        skipped,
+    }
+}
+
+/// The index to mount: an image's (stored or built) or a given file; with
+/// the reference whose blobs it reads.
+fn index_for(
+    d: &Daemon,
+    spec: Option<&ImageSpec>,
+    index: Option<&Path>,
+    send: &mut dyn FnMut(Reply),
+) -> Result<(PathBuf, String)> {
+    match (spec, index) {
+        (Some(spec), _) => {
+            let r = ensure(d, spec, send)?;
+            Ok((r.index_path, r.index.index.image.reference.clone()))
+        }
+        (None, Some(path)) => {
+            let path = std::fs::canonicalize(path).with_context(|| format!("{}", path.display()))?;
+            let f = d.images.load(&path)?;
+            Ok((path, f.index.image.reference.clone()))
+        }
+        (None, None) => bail!("give an image or an index"),
+    }
+}
+
+/// A mount point must be an empty directory (or not exist yet).
+fn check_mount_point(dir: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(dir) {
+        Ok(m) if !m.is_dir() => bail!("{} is not a directory", dir.display()),
+        Ok(_) => {
+            if std::fs::read_dir(dir)?.next().is_some() {
+                bail!("{} is not empty: mount on an empty directory", dir.display());
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))
+        }
+        Err(e) => Err(e).with_context(|| format!("{}", dir.display())),
+    }
+}
+
+/// An image mount's key: the manifest digest and where its blobs come
+/// from (an index fetches from the source it names).
+fn mount_key(index: &clip_format::IndexFile) -> Result<String> {
+    use sha2::Digest;
+    let hex = clip_registry::digest_hex(&index.index.image.manifest_digest)?;
+    let reference = clip_registry::ImageRef::parse(&index.index.image.reference)?;
+    let src = hex::encode(&sha2::Sha256::digest(reference.source().as_bytes())[..6]);
+    Ok(format!("{hex}-{src}"))
+}
+
+fn prepare(
+    d: &Daemon,
+    spec: Option<&ImageSpec>,
+    index: Option<&Path>,
+    id: &str,
+    fuse_overlayfs: bool,
+    send: &mut dyn FnMut(Reply),
+) -> Result<Reply> {
+    clip_rootfs::validate_id(id)?;
+    let (index_path, reference) = index_for(d, spec, index, send)?;
+    let file = d.images.load(&index_path)?;
+    let key = mount_key(&file)?;
+    let image_mount = d.paths.image_mount(&key);
+    let gate = d.image_lock(&key);
+    let _g = lock(&gate);
+    let served = lock(&d.mounts).contains_key(&image_mount);
+    if !served {
+        if d.mounter.is_stale(&image_mount) || d.mounter.mount_at(&image_mount).is_some() {
+            let _ = d.mounter.unmount(&image_mount, true);
+        }
+        clip_rootfs::private_dir(image_mount.parent().expect("images/KEY/mnt"))?;
+        std::fs::create_dir_all(&image_mount)?;
+        d.mount(MountRecord {
+            dir: image_mount.clone(),
+            index: index_path.clone(),
+            reference: reference.clone(),
+            key: Some(key.clone()),
+            creds: spec.map(|s| s.creds.clone()).unwrap_or_default(),
+        })?;
+    }
+    let kind = if fuse_overlayfs {
+        OverlayKind::Fuse
+    } else {
+        OverlayKind::Auto
+    };
+    let r = match clip_rootfs::create(&d.paths, d.mounter.as_ref(), &key, &image_mount, id, kind) {
+        Ok(r) => r,
+        Err(e) => {
+            if clip_rootfs::users(&d.paths, &key).is_empty() {
+                let _ = d.unmount(&image_mount, true);
+            }
+            return Err(e.into());
+        }
+    };
+    Ok(Reply::Prepared(Prepared {
+        id: id.into(),
+        rootfs: r.rootfs,
+        bundle: d.paths.bundle(id),
+        config: String::from_utf8_lossy(&file.index.image.config).into_owned(),
+        image: reference,
+        index: index_path,
+    }))
+}
+
+fn release(d: &Daemon, id: &str) -> Result<()> {
+    if !d.paths.container_dir(id).exists() && d.mounter.mount_at(&d.paths.rootfs(id)).is_none() {
+        bail!("no container {id}");
+    }
+    let key = clip_rootfs::release(&d.paths, d.mounter.as_ref(), id)?;
+    if let Some(key) = key {
+        let gate = d.image_lock(&key);
+        let _g = lock(&gate);
+        if clip_rootfs::users(&d.paths, &key).is_empty() {
+            let dir = d.paths.image_mount(&key);
+            if lock(&d.mounts).contains_key(&dir) {
+                // Lazy: a process that still has a file of it open (a
+                // container's leftover) must not keep it mounted.
+                d.unmount(&dir, true)?;
+            }
+            let _ = std::fs::remove_dir_all(dir.parent().expect("images/KEY/mnt"));
+        }
+    }
+    Ok(())
+}
+
+fn ps(d: &Daemon) -> PsReply {
+    let containers: Vec<ContainerInfo> = clip_rootfs::list(&d.paths)
+        .into_iter()
+        .map(|id| {
+            let key = clip_rootfs::image_of(&d.paths, &id).unwrap_or_default();
+            let image = lock(&d.mounts)
+                .get(&d.paths.image_mount(&key))
+                .map(|m| m.image.clone())
+                .unwrap_or_default();
+            ContainerInfo {
+                rootfs: d.paths.rootfs(&id),
+                overlay: clip_rootfs::overlay_of(&d.paths, &id),
+                image,
+                id,
+            }
+        })
+        .collect();
+    let mounts = lock(&d.mounts)
+        .iter()
+        .map(|(dir, m)| MountInfo {
+            dir: dir.clone(),
+            image: m.image.clone(),
+            manifest_digest: m.manifest_digest.clone(),
+            index: m.record.index.clone(),
+            containers: m
+                .record
+                .key
+                .as_deref()
+                .map(|k| clip_rootfs::users(&d.paths, k))
+                .unwrap_or_default(),
+            live: true,
+        })
+        .collect();
+    PsReply { mounts, containers }
+}

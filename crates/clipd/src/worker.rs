@@ -1,0 +1,438 @@
+//! The worker: everything clipd does. One layer store, one set of registry
+//! clients and one metrics registry for the host; one FUSE session per
+//! mounted image; the API on the socket the supervisor holds.
+//!
+//! At start it asks the supervisor for the mounts it holds and serves them
+//! again as they are: the kernel's connections, inode numbers and open
+//! files are untouched (the tree and its inode numbers come from the same
+//! index), and `FUSE_NOTIFY_RESEND` gives it the requests the previous
+//! worker had read but not answered.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clip_api::{read_frame, write_frame, Reply, Request};
+use clip_fs::{ImageView, Served};
+use clip_registry::{ImageRef, Registries, RegistryOptions};
+use clip_rootfs::{Kernel, Mounter, Paths};
+use clip_store::{LayerStore, StoreOptions};
+
+use crate::handover::{self, MountRecord, Msg};
+use crate::images::Images;
+use crate::Options;
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A mount this worker serves.
+pub struct Mount {
+    pub record: MountRecord,
+    pub image: String,
+    pub manifest_digest: String,
+    served: Option<Served>,
+}
+
+pub struct Daemon {
+    pub opts: Options,
+    pub paths: Paths,
+    pub mounter: Arc<dyn Mounter>,
+    pub store: Arc<LayerStore>,
+    pub images: Images,
+    sup: Mutex<OwnedFd>,
+    pub mounts: Mutex<BTreeMap<PathBuf, Mount>>,
+    image_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    pub started: Instant,
+    pub takeovers: u64,
+    last_activity: Mutex<Instant>,
+    busy: AtomicUsize,
+    /// An upgrade is under way: accept no more connections (they wait in
+    /// the socket's backlog for the next worker).
+    pub handing_over: std::sync::atomic::AtomicBool,
+}
+
+fn env_fd(name: &str) -> Result<OwnedFd> {
+    let n: RawFd = std::env::var(name)
+        .with_context(|| format!("{name} is not set: clipd --worker is started by clipd"))?
+        .parse()
+        .with_context(|| name.to_string())?;
+    // SAFETY: the supervisor passed us this descriptor for us alone.
+    let fd = unsafe { OwnedFd::from_raw_fd(n) };
+    let _ = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
+    Ok(fd)
+}
+
+/// `CLIP_CACHE_MAX`: bytes, or with K, M, G or T (binary, as `10G`,
+/// `10GiB`, `500M`).
+pub fn parse_size(v: &str) -> Option<u64> {
+    let v = v.trim();
+    let digits = v.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let unit = v[digits.len()..].to_ascii_lowercase();
+    let mult: u64 = match unit.as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => return None,
+    };
+    digits.trim().parse::<u64>().ok()?.checked_mul(mult)
+}
+
+fn store_options() -> Result<StoreOptions> {
+    let cache_dir = std::env::var_os("CLIP_CACHE_DIR").map_or_else(|| PathBuf::from("/var/cache/clip"), PathBuf::from);
+    let cache_max = match std::env::var("CLIP_CACHE_MAX") {
+        Ok(v) => {
+            parse_size(&v).with_context(|| format!("CLIP_CACHE_MAX={v:?}: expected a size such as 10G or 500M"))?
+        }
+        Err(_) => 10 << 30,
+    };
+    Ok(StoreOptions {
+        cache_dir: Some(cache_dir),
+        cache_max,
+        ..StoreOptions::default()
+    })
+}
+
+pub fn run(opts: &Options) -> Result<()> {
+    // Block the stop signals before any thread exists; one thread waits
+    // for them.
+    let mut mask = nix::sys::signal::SigSet::empty();
+    mask.add(nix::sys::signal::Signal::SIGTERM);
+    mask.add(nix::sys::signal::Signal::SIGINT);
+    mask.thread_block()?;
+    let sup = env_fd("CLIPD_SUPERVISOR_FD")?;
+    let listener = UnixListener::from(env_fd("CLIPD_LISTEN_FD")?);
+    let paths = Paths::from_env();
+    let registries = Registries::new(RegistryOptions {
+        read_timeout: Duration::from_secs(10),
+        ..RegistryOptions::from_env().for_reads()
+    })?;
+    let auth = opts
+        .auth_file
+        .clone()
+        .or_else(|| Some(PathBuf::from("/etc/clip/auth.json")).filter(|p| p.exists()));
+    let own_creds: Arc<dyn clip_registry::CredentialSource> = match auth {
+        Some(path) => Arc::new(clip_registry::auth::DockerConfig { path }),
+        None => Arc::new(clip_registry::auth::Anonymous),
+    };
+    let store = LayerStore::new(store_options()?).context("opening the layer store")?;
+    let images = Images::new(&paths.base, registries, own_creds, Duration::from_secs(opts.tag_ttl))?;
+    let mut d = Daemon {
+        opts: opts.clone(),
+        paths,
+        mounter: Arc::new(Kernel),
+        store,
+        images,
+        sup: Mutex::new(sup),
+        mounts: Mutex::new(BTreeMap::new()),
+        image_locks: Mutex::new(HashMap::new()),
+        started: Instant::now(),
+        takeovers: 0,
+        last_activity: Mutex::new(Instant::now()),
+        busy: AtomicUsize::new(0),
+        handing_over: std::sync::atomic::AtomicBool::new(false),
+    };
+    d.take_over()?;
+    d.clean_stale();
+    let d = Arc::new(d);
+    tracing::info!(
+        pid = std::process::id(),
+        mounts = lock(&d.mounts).len(),
+        "clipd worker serving"
+    );
+    {
+        let d = d.clone();
+        std::thread::Builder::new()
+            .name("clipd-signals".into())
+            .spawn(move || {
+                if let Ok(sig) = mask.wait() {
+                    tracing::info!(signal = ?sig, "stopping: unmounting everything");
+                    d.stop_all();
+                    std::process::exit(0);
+                }
+            })?;
+    }
+    if let Some(secs) = opts.idle_exit {
+        let d = d.clone();
+        std::thread::Builder::new()
+            .name("clipd-idle".into())
+            .spawn(move || d.idle_exit(Duration::from_secs(secs)))?;
+    }
+    loop {
+        // Polled, so that an upgrade can stop accepting: connections then
+        // wait in the backlog for the next worker instead of being reset.
+        let mut fds = [nix::poll::PollFd::new(listener.as_fd(), nix::poll::PollFlags::POLLIN)];
+        let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(200u16));
+        if d.handing_over.load(Ordering::SeqCst) {
+            continue;
+        }
+        if !fds[0]
+            .revents()
+            .is_some_and(|r| r.contains(nix::poll::PollFlags::POLLIN))
+        {
+            continue;
+        }
+        let Ok((conn, _)) = listener.accept() else { continue };
+        let d = d.clone();
+        std::thread::Builder::new()
+            .name("clipd-request".into())
+            .spawn(move || d.connection(conn))?;
+    }
+}
+
+impl Daemon {
+    /// One request from `conn`; its handler's panic is caught and
+    /// answered with an error.
+    fn connection(&self, mut conn: UnixStream) {
+        self.busy.fetch_add(1, Ordering::SeqCst);
+        *lock(&self.last_activity) = Instant::now();
+        let req: Request = match read_frame(&mut conn) {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                self.busy.fetch_sub(1, Ordering::SeqCst);
+                return;
+            }
+            Err(e) => {
+                let _ = write_frame(
+                    &mut conn,
+                    &Reply::Error {
+                        message: format!("bad request: {e}"),
+                    },
+                );
+                self.busy.fetch_sub(1, Ordering::SeqCst);
+                return;
+            }
+        };
+        let mut out = conn.try_clone().ok();
+        let mut send = |r: Reply| {
+            if let Some(o) = out.as_mut() {
+                let _ = write_frame(o, &r);
+            }
+        };
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            crate::handlers::handle(self, req, &mut send)
+        }));
+        let reply = match result {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => Reply::Error {
+                message: format!("{e:#}"),
+            },
+            Err(_) => {
+                clip_metrics::defs::PANICS.with(&[("where", "api")]).inc();
+                tracing::error!("a request's handler panicked");
+                Reply::Error {
+                    message: "clipd failed on this request (a bug: see its log); it goes on serving".into(),
+                }
+            }
+        };
+        let _ = write_frame(&mut conn, &reply);
+        *lock(&self.last_activity) = Instant::now();
+        self.busy.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Asks the supervisor; serialized, one exchange at a time.
+    pub fn supervisor(&self, msg: &Msg, fd: Option<RawFd>) -> Result<Vec<(Msg, Option<OwnedFd>)>> {
+        let sock = lock(&self.sup);
+        handover::send(sock.as_raw_fd(), msg, fd)?;
+        let mut got = Vec::new();
+        loop {
+            let Some((m, fd)) = handover::recv(sock.as_raw_fd())? else {
+                bail!("the supervisor is gone");
+            };
+            match m {
+                Msg::Item { .. } => got.push((m, fd)),
+                Msg::Ok | Msg::End => return Ok(got),
+                Msg::Error { message } => bail!("supervisor: {message}"),
+                other => bail!("supervisor: unexpected {other:?}"),
+            }
+        }
+    }
+
+    /// Serves again every mount the supervisor holds.
+    fn take_over(&mut self) -> Result<()> {
+        let held = self.supervisor(&Msg::List, None)?;
+        if held.is_empty() {
+            return Ok(());
+        }
+        let mut resend = Vec::new();
+        for (m, fd) in held {
+            let (Msg::Item { id, record }, Some(fd)) = (m, fd) else {
+                continue;
+            };
+            let dir = record.dir.clone();
+            match self.serve(record, fd, true) {
+                Ok(dup) => resend.push((dir, dup)),
+                Err(e) => {
+                    tracing::error!(dir = %dir.display(), error = format!("{e:#}"), "cannot serve a held mount again; detaching it");
+                    let _ = self.supervisor(&Msg::Release { id }, None);
+                    let _ = self.mounter.unmount(&dir, true);
+                }
+            }
+        }
+        for (dir, fd) in resend {
+            if let Err(e) = clip_fs::notify_resend(fd.as_fd()) {
+                tracing::warn!(dir = %dir.display(), error = %e, "FUSE_NOTIFY_RESEND failed: requests the last worker had read may wait for their timeout");
+            }
+        }
+        self.takeovers = 1;
+        tracing::info!(
+            mounts = lock(&self.mounts).len(),
+            "took over the mounts of the previous worker"
+        );
+        Ok(())
+    }
+
+    /// Serves the FUSE connection `fd` of the mount `record` describes;
+    /// returns a duplicate of the descriptor.
+    pub fn serve(&self, record: MountRecord, fd: OwnedFd, initialized: bool) -> Result<OwnedFd> {
+        let index = self.images.load(&record.index)?;
+        let reference = ImageRef::parse(&record.reference)?;
+        let source = self.images.source(&reference, self.images.creds(&record.creds))?;
+        let view = ImageView::new(index.clone(), self.store.clone(), source)?;
+        let served = clip_fs::serve_fd(view, fd, initialized, self.opts.fuse_threads)?;
+        let dup = served.fd.try_clone()?;
+        let dir = record.dir.clone();
+        lock(&self.mounts).insert(
+            dir,
+            Mount {
+                image: index.index.image.reference.clone(),
+                manifest_digest: index.index.image.manifest_digest.clone(),
+                record,
+                served: Some(served),
+            },
+        );
+        Ok(dup)
+    }
+
+    /// Mounts `index_path` at `dir` and serves it; the supervisor holds it.
+    pub fn mount(&self, record: MountRecord) -> Result<()> {
+        let fd = self
+            .mounter
+            .mount_fuse(&record.dir)
+            .with_context(|| format!("mounting {}", record.dir.display()))?;
+        let dir = record.dir.clone();
+        let id = dir.display().to_string();
+        let r = self.serve(record.clone(), fd, false).and_then(|dup| {
+            self.supervisor(&Msg::Hold { id, record }, Some(dup.as_raw_fd()))?;
+            Ok(())
+        });
+        if let Err(e) = r {
+            let _ = self.mounter.unmount(&dir, true);
+            lock(&self.mounts).remove(&dir);
+            return Err(e);
+        }
+        tracing::info!(dir = %dir.display(), "mounted");
+        Ok(())
+    }
+
+    /// Unmounts a mount this worker serves and forgets it.
+    pub fn unmount(&self, dir: &Path, lazy: bool) -> Result<()> {
+        self.mounter
+            .unmount(dir, lazy)
+            .with_context(|| format!("unmounting {}", dir.display()))?;
+        let m = lock(&self.mounts).remove(dir);
+        if let Some(mut m) = m {
+            if let Some(s) = m.served.take() {
+                // A plain unmount ends the connection at once; a lazy one
+                // keeps it for the files still open, and the session
+                // serves them until the last is closed.
+                if !lazy {
+                    let _ = s.thread.join();
+                }
+            }
+        }
+        let _ = self.supervisor(
+            &Msg::Release {
+                id: dir.display().to_string(),
+            },
+            None,
+        );
+        tracing::info!(dir = %dir.display(), "unmounted");
+        Ok(())
+    }
+
+    /// The lock that orders mounting and unmounting of image `key`.
+    pub fn image_lock(&self, key: &str) -> Arc<Mutex<()>> {
+        lock(&self.image_locks).entry(key.to_string()).or_default().clone()
+    }
+
+    /// Image mounts left by a worker whose descriptors are gone (the
+    /// supervisor was killed too): detach them.
+    fn clean_stale(&self) {
+        let served: Vec<PathBuf> = lock(&self.mounts).keys().cloned().collect();
+        for e in std::fs::read_dir(self.paths.run.join("images"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let dir = e.path().join("mnt");
+            if served.contains(&dir) {
+                continue;
+            }
+            if self.mounter.mount_at(&dir).is_some_and(|m| m.is_clip()) {
+                tracing::warn!(dir = %dir.display(), "detaching a mount no clipd serves");
+                let _ = self.mounter.unmount(&dir, true);
+            }
+        }
+    }
+
+    fn stop_all(&self) {
+        let dirs: Vec<PathBuf> = lock(&self.mounts).keys().cloned().collect();
+        for dir in dirs {
+            let _ = self.unmount(&dir, true);
+        }
+    }
+
+    /// Asks the supervisor not to start another worker, then exits.
+    pub fn shutdown(&self) -> ! {
+        self.stop_all();
+        let _ = self.supervisor(&Msg::Shutdown, None);
+        std::process::exit(0);
+    }
+
+    /// Waits until this request is the only one in progress (an upgrade
+    /// lets the others finish first).
+    pub fn quiesce(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while self.busy.load(Ordering::SeqCst) > 1 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn idle_exit(&self, after: Duration) {
+        loop {
+            std::thread::sleep(Duration::from_secs(1));
+            let idle = lock(&self.mounts).is_empty()
+                && clip_rootfs::list(&self.paths).is_empty()
+                && self.busy.load(Ordering::SeqCst) == 0
+                && lock(&self.last_activity).elapsed() >= after;
+            if idle {
+                tracing::info!(after = ?after, "nothing mounted and no requests: exiting");
+                self.shutdown();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes_with_units() {
+        use super::parse_size;
+        assert_eq!(parse_size("10G"), Some(10 << 30));
+        assert_eq!(parse_size("10GiB"), Some(10 << 30));
+        assert_eq!(parse_size("500M"), Some(500 << 20));
+        assert_eq!(parse_size("512k"), Some(512 << 10));
+        assert_eq!(parse_size("1234"), Some(1234));
+        for bad in ["x", "", "10Q", "G", "-1G", "1.5G"] {
+            assert_eq!(parse_size(bad), None, "{bad}");
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! `clipd`, clip's node service: see the `clipd` crate.
+
+fn main() {
+    clipd::main();
+}
