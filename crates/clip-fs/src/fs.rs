@@ -459,6 +459,59 @@ impl Filesystem for ClipFs {
 mod tests {
     use super::*;
 
+    /// A filesystem over an index with nothing but its root.
+    fn empty_fs() -> ClipFs {
+        use clip_format::{Data, Image, Index, IndexFile, Node, WindowWriter, ROOT_INO};
+        let root = Node {
+            kind: Kind::Dir,
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            mtime_nsec: 0,
+            size: 0,
+            nlink: 2,
+            rdev: 0,
+            parent: ROOT_INO,
+            target: Vec::new(),
+            xattrs: Vec::new(),
+            data: Data::None,
+            entries: Vec::new(),
+        };
+        let index = Index {
+            image: Image {
+                reference: "oci:/nonexistent".into(),
+                manifest_digest: "sha256:00".into(),
+                manifest_media_type: String::new(),
+                platform: "linux/amd64".into(),
+                config_digest: "sha256:00".into(),
+                config: b"{}".to_vec(),
+            },
+            spacing: 1 << 20,
+            layers: Vec::new(),
+            nodes: vec![root],
+        };
+        let file = Arc::new(IndexFile::new(index, WindowWriter::default()));
+        let store = clip_store::LayerStore::new(clip_store::StoreOptions {
+            prefetch_workers: 0,
+            ..Default::default()
+        })
+        .unwrap();
+        let source = Arc::new(clip_registry::LayoutSource::new("/nonexistent".into(), None));
+        ClipFs::new(crate::ImageView::new(file, store, source).unwrap())
+    }
+
+    #[test]
+    fn a_panicking_handler_is_caught_and_counted() {
+        let fs = empty_fs();
+        let before = defs::PANICS.with(&[("where", "fuse")]).get();
+        let mut ran_after = false;
+        fs.guarded(Op::Read, || panic!("a bug in a handler"));
+        fs.guarded(Op::Lookup, || ran_after = true);
+        assert!(ran_after, "the thread goes on serving");
+        assert_eq!(defs::PANICS.with(&[("where", "fuse")]).get(), before + 1);
+    }
+
     #[test]
     fn device_numbers_use_the_kernel_encoding() {
         // glibc makedev(1, 3) and makedev(259, 70000)

@@ -9,6 +9,7 @@
 //! and signals passed through, and returns the container's exit code.
 
 mod exec_watch;
+pub mod signals;
 
 pub use exec_watch::monotonic_ns;
 
@@ -224,32 +225,15 @@ fn hybrid_cgroups() -> bool {
     })
 }
 
-/// The signals a foreground container gets passed on to it.
-const FORWARD: [i32; 6] = [
-    libc::SIGINT,
-    libc::SIGTERM,
-    libc::SIGHUP,
-    libc::SIGQUIT,
-    libc::SIGUSR1,
-    libc::SIGUSR2,
-];
-
 /// Blocks the signals [`Runtime::run`] forwards, in the calling thread and
 /// every thread it starts later; returns the set. A program that runs
 /// containers in the foreground calls it first thing in `main`, before any
 /// thread (a registry client's runtime, say) exists: a thread that left
 /// them unblocked would take SIGTERM's default action for the process.
 pub fn block_forwarded_signals() -> libc::sigset_t {
-    // SAFETY: signal-mask calls on a set we own.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in FORWARD {
-            libc::sigaddset(&mut set, s);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    }
+    let set = signals::set_of(&signals::FORWARDED);
+    signals::block(&set);
+    set
 }
 
 /// How a container run ended.
@@ -344,19 +328,9 @@ impl Runtime {
         let pid = child.id() as i32;
         let d = done.clone();
         std::thread::spawn(move || {
-            // Wakes up to check `done`: sigtimedwait with a short timeout.
-            let ts = libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 100_000_000,
-            };
-            while !d.load(std::sync::atomic::Ordering::Relaxed) {
-                // SAFETY: set is a valid signal set; null info is allowed.
-                let sig = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &ts) };
-                if sig > 0 {
-                    // SAFETY: plain kill of our child.
-                    unsafe { libc::kill(pid, sig) };
-                }
-            }
+            signals::forward(&set, pid, std::time::Duration::from_millis(100), || {
+                d.load(std::sync::atomic::Ordering::Relaxed)
+            })
         });
         let status = child.wait();
         done.store(true, std::sync::atomic::Ordering::Relaxed);

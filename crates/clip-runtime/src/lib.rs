@@ -354,53 +354,35 @@ pub fn wait(pid: i32) -> Result<i32> {
 /// helper, so they are ours) while passing the usual signals on to it, as
 /// runc does. Returns its exit code, or 128 + signal.
 pub fn foreground(pid: i32) -> Result<i32> {
-    const FORWARD: [i32; 7] = [
-        libc::SIGINT,
-        libc::SIGTERM,
-        libc::SIGHUP,
-        libc::SIGQUIT,
-        libc::SIGUSR1,
-        libc::SIGUSR2,
-        libc::SIGWINCH,
-    ];
-    // SAFETY: signal-mask calls on a set we own; single-threaded process.
-    let set = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in FORWARD {
-            libc::sigaddset(&mut set, s);
+    use clip_run::signals;
+    let mut wanted = signals::FORWARDED.to_vec();
+    wanted.push(libc::SIGCHLD);
+    let set = signals::set_of(&wanted);
+    signals::block(&set);
+    let mut result = None;
+    // SIGCHLD wakes the loop; each turn reaps whatever has exited and
+    // stops once the container's process has.
+    signals::forward(&set, pid, std::time::Duration::from_millis(200), || loop {
+        let mut status = 0;
+        // SAFETY: non-blocking wait with a status slot we own.
+        let r = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        if r == pid {
+            result = Some(Ok(if libc::WIFEXITED(status) {
+                libc::WEXITSTATUS(status)
+            } else {
+                128 + libc::WTERMSIG(status)
+            }));
+            return true;
         }
-        libc::sigaddset(&mut set, libc::SIGCHLD);
-        libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    };
-    loop {
-        // Reap whatever has exited; stop when the container's process has.
-        loop {
-            let mut status = 0;
-            // SAFETY: non-blocking wait with a status slot we own.
-            let r = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
-            if r == pid {
-                return Ok(if libc::WIFEXITED(status) {
-                    libc::WEXITSTATUS(status)
-                } else {
-                    128 + libc::WTERMSIG(status)
-                });
-            }
-            if r <= 0 {
-                if r < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ECHILD) {
-                    return Err(io(format!("waiting for {pid}"))(std::io::Error::from_raw_os_error(
-                        libc::ECHILD,
-                    )));
-                }
-                break;
-            }
+        if r < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ECHILD) {
+            result = Some(Err(io(format!("waiting for {pid}"))(
+                std::io::Error::from_raw_os_error(libc::ECHILD),
+            )));
+            return true;
         }
-        // SAFETY: waiting for a blocked signal of our set.
-        let sig = unsafe { libc::sigwaitinfo(&set, std::ptr::null_mut()) };
-        if sig > 0 && sig != libc::SIGCHLD {
-            // SAFETY: signalling the container's process.
-            unsafe { libc::kill(pid, sig) };
+        if r <= 0 {
+            return false;
         }
-    }
+    });
+    result.expect("forward returns once done")
 }
