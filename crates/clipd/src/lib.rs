@@ -72,6 +72,14 @@ fn init_logging() {
 
 /// The `clipd` binary's main.
 pub fn main() {
+    // A fixed mmap threshold: glibc otherwise raises it to the size of the
+    // largest block freed, and every FUSE session's 16 MiB request buffer
+    // (calloc) then comes from an arena, zeroed by hand, all of it resident:
+    // 16 MiB a mount. Above the threshold, calloc maps untouched zero pages.
+    // SAFETY: a plain allocator setting, before any thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
+    }
     let opts = Options::parse();
     init_logging();
     // SAFETY: the process runs as root; nothing else to check here.
