@@ -32,7 +32,11 @@ fn clipctl(node: &Path, args: &[&str]) -> Vec<u8> {
         .env("CLIP_CACHE_DIR", node.join("cache"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     out.stdout
 }
 
@@ -60,7 +64,10 @@ fn mount_and_read(node: &Path, layout: &Path, i: usize) {
     for f in ["usr/bin/bash", "usr/lib/x86_64-linux-gnu/libc.so.6", "etc/os-release"] {
         let _ = std::fs::read(dir.join(f));
     }
-    assert_eq!(std::fs::read_to_string(dir.join(format!("bench-{i}"))).unwrap(), format!("{i}\n"));
+    assert_eq!(
+        std::fs::read_to_string(dir.join(format!("bench-{i}"))).unwrap(),
+        format!("{i}\n")
+    );
 }
 
 fn main() {
@@ -132,5 +139,7 @@ fn main() {
     let per_mount = (daemon[2].1 - daemon[0].1) as f64 / (IMAGES - 1) as f64 / 1024.0;
     let alone = separate[0].1 as f64 / 1024.0;
     println!();
-    println!("Per mount: one clipd grows {per_mount:.2} MiB a mount; a process per mount costs {alone:.1} MiB a mount.");
+    println!(
+        "Per mount: one clipd grows {per_mount:.2} MiB a mount; a process per mount costs {alone:.1} MiB a mount."
+    );
 }

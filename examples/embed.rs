@@ -45,6 +45,7 @@ fn with_daemon(image: &str) -> Result<(), Box<dyn Error>> {
         index: None,
         id: "embed-example".into(),
         fuse_overlayfs: false,
+        record: false,
     };
     let Reply::Prepared(p) = clip_api::Client::connect(&run, true)?.call(&prepare, |_| {})? else {
         return Err("clipd answered something else".into());

@@ -38,6 +38,9 @@ enum Command {
     Umount(mount::UmountArgs),
     /// Run a container from an image, lazily: index, mount, run.
     Run(run::Args),
+    /// Run a container and record what it reads into its image's prefetch
+    /// profile (replayed whenever the image is mounted); removed on exit.
+    Record(run::Args),
     /// What is mounted, and which containers use it.
     Ps {
         #[arg(long)]
@@ -117,7 +120,7 @@ fn main() {
     // SAFETY: setting a signal disposition before any thread starts.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
-    if matches!(cli.command, Command::Run(_)) {
+    if matches!(cli.command, Command::Run(_) | Command::Record(_)) {
         // Before any thread exists: every thread then keeps them blocked
         // and the runtime's forwarder gets them.
         clip_run::block_forwarded_signals();
@@ -130,7 +133,8 @@ fn main() {
         Command::Cat { index, path } => inspect::cat(&index, &path),
         Command::Mount(a) => mount::mount(a),
         Command::Umount(a) => mount::umount(a),
-        Command::Run(a) => run::run(a).map(|c| code = c),
+        Command::Run(a) => run::run(a, false).map(|c| code = c),
+        Command::Record(a) => run::run(a, true).map(|c| code = c),
         Command::Ps { json } => ps(json),
         Command::Metrics(a) => metrics::run(a),
         Command::Daemon(c) => daemon::run(c),

@@ -51,6 +51,7 @@ pub fn mount(a: MountArgs) -> Result<()> {
             index,
             id: id.clone(),
             fuse_overlayfs: a.fuse_overlayfs,
+            record: false,
         },
         (None, Some(dir)) => Request::Mount {
             spec,

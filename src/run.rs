@@ -52,8 +52,13 @@ fn generated_id() -> String {
     )
 }
 
-/// Runs the container and returns its exit code.
-pub fn run(a: Args) -> Result<i32> {
+/// Runs the container and returns its exit code. `record`: what it reads,
+/// until it exits, goes into its image's prefetch profile (and it is
+/// removed when it exits).
+pub fn run(mut a: Args, record: bool) -> Result<i32> {
+    if record {
+        a.rm = true;
+    }
     let started = clip_run::monotonic_ns();
     let id = a.name.clone().unwrap_or_else(generated_id);
     let req = Request::Prepare {
@@ -61,6 +66,7 @@ pub fn run(a: Args) -> Result<i32> {
         index: None,
         id: id.clone(),
         fuse_overlayfs: a.fuse_overlayfs,
+        record,
     };
     let Reply::Prepared(p) = crate::client::call(&req)? else {
         bail!("clipd answered something else");

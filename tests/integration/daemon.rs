@@ -110,8 +110,8 @@ fn twenty_containers_of_three_images_fetch_each_shared_span_once() {
     let log = proxy.log.lock().unwrap().clone();
     assert!(!log.is_empty());
     let mut seen: HashMap<(String, Option<String>), usize> = HashMap::new();
-    for r in log {
-        *seen.entry(r).or_default() += 1;
+    for (path, range, ..) in log {
+        *seen.entry((path, range)).or_default() += 1;
     }
     let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
     assert!(twice.is_empty(), "fetched more than once: {twice:?}");

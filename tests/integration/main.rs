@@ -6,6 +6,7 @@ mod harness;
 mod index;
 mod metrics;
 mod mount;
+mod profile;
 mod proxy;
 mod run;
 mod security;

@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
@@ -20,8 +20,8 @@ pub enum Fault {
     FlipAt(u64),
 }
 
-/// Blob requests: (path, Range header).
-pub type RequestLog = Vec<(String, Option<String>)>;
+/// Blob requests: (path, Range header, when it came, when it was done).
+pub type RequestLog = Vec<(String, Option<String>, Instant, Instant)>;
 
 #[derive(Default)]
 struct Plan {
@@ -254,12 +254,9 @@ fn serve(
         return Ok(());
     }
     let is_blob = text.lines().next().is_some_and(|l| l.contains("/blobs/sha256:"));
+    let came = Instant::now();
     let fault = if is_blob {
         blobs.fetch_add(1, Ordering::Relaxed);
-        let path = text.split_whitespace().nth(1).unwrap_or("").to_string();
-        log.lock()
-            .unwrap()
-            .push((path, header(&text, "range").map(str::to_string)));
         let mut p = plan.lock().unwrap();
         if p.queue.is_empty() {
             p.always
@@ -328,6 +325,11 @@ fn serve(
             client.write_all(chunk)?;
         }
         sent += n as u64;
+    }
+    if is_blob {
+        let path = text.split_whitespace().nth(1).unwrap_or("").to_string();
+        let range = header(&text, "range").map(str::to_string);
+        log.lock().unwrap().push((path, range, came, Instant::now()));
     }
     client.shutdown(Shutdown::Both)
 }

@@ -100,6 +100,10 @@ pub enum Request {
         index: Option<PathBuf>,
         id: String,
         fuse_overlayfs: bool,
+        /// Record what the container reads until it is released (for
+        /// `clipctl record`), whatever the daemon's recording window.
+        #[serde(default)]
+        record: bool,
     },
     /// Removes a container's rootfs, and its image mount once unused.
     Release {

@@ -1,7 +1,10 @@
 //! An image as its files: an index's tree over the host's layer store.
 //! Each mount has one; every mount of the host shares the store.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use clip_format::{Data, IndexFile, Node};
 use clip_registry::ImageSource;
@@ -13,6 +16,39 @@ pub struct ImageView {
     layers: Vec<LayerRef>,
     /// Units fetched ahead of a sequential reader.
     readahead_units: usize,
+    recorder: Recorder,
+}
+
+/// A unit of the image: (layer index, unit index in its layout).
+pub type UnitRef = (u32, u32);
+
+/// Records which units demand reads touch, in first-access order, while a
+/// recording window is open (for prefetch profiles).
+struct Recorder {
+    started: Instant,
+    /// Nanoseconds after `started` when the window closes; 0 when closed.
+    until: AtomicU64,
+    seen: Mutex<(HashSet<UnitRef>, Vec<UnitRef>)>,
+}
+
+/// The most units one recording keeps.
+const MAX_RECORDED: usize = 1 << 16;
+
+impl Recorder {
+    fn active(&self) -> bool {
+        let until = self.until.load(Ordering::Relaxed);
+        until != 0 && (self.started.elapsed().as_nanos() as u64) < until
+    }
+
+    fn note(&self, layer: u32, first: usize, last: usize) {
+        let mut g = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let (set, order) = &mut *g;
+        for u in first..=last {
+            if order.len() < MAX_RECORDED && set.insert((layer, u as u32)) {
+                order.push((layer, u as u32));
+            }
+        }
+    }
 }
 
 impl ImageView {
@@ -35,7 +71,52 @@ impl ImageView {
             store,
             layers,
             readahead_units: 2,
+            recorder: Recorder {
+                started: Instant::now(),
+                until: AtomicU64::new(0),
+                seen: Mutex::new((HashSet::new(), Vec::new())),
+            },
         }))
+    }
+
+    /// Opens (or extends) a recording window of `d` from now.
+    pub fn record_for(&self, d: Duration) {
+        let until = (self.recorder.started.elapsed() + d).as_nanos().min(u64::MAX as u128) as u64;
+        self.recorder.until.fetch_max(until.max(1), Ordering::Relaxed);
+    }
+
+    /// Closes the recording window and returns what it saw, in
+    /// first-access order (and forgets it).
+    pub fn take_recording(&self) -> Vec<UnitRef> {
+        self.recorder.until.store(0, Ordering::Relaxed);
+        let mut g = self.recorder.seen.lock().unwrap_or_else(|p| p.into_inner());
+        g.0.clear();
+        std::mem::take(&mut g.1)
+    }
+
+    /// Queues units for prefetching, in the given order (a profile's
+    /// replay); units the index does not have are skipped.
+    pub fn replay(&self, units: &[UnitRef]) -> usize {
+        let mut n = 0;
+        for &(layer, u) in units {
+            if let Some(l) = self.layers.get(layer as usize) {
+                if (u as usize) < l.layout.units.len() {
+                    self.store.prefetch(l, [u as usize], Priority::Replay);
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
+    /// Reads `len` bytes of layer `layer` at `pos` (recording the units).
+    fn read_layer(&self, layer: u32, l: &LayerRef, pos: u64, len: u64, out: &mut Vec<u8>) -> Result<(), ReadError> {
+        if len > 0 && self.recorder.active() {
+            let last_byte = (pos + len - 1).min(l.layout.uncompressed_size.saturating_sub(1));
+            self.recorder
+                .note(layer, l.layout.unit_at(pos), l.layout.unit_at(last_byte));
+        }
+        self.store.read(l, pos, len, out)
     }
 
     pub fn index(&self) -> &IndexFile {
@@ -72,7 +153,7 @@ impl ImageView {
             Data::None => out.resize((end - offset) as usize, 0),
             Data::Contiguous { layer, offset: base } => {
                 let l = self.layer(*layer)?;
-                self.store.read(l, base + offset, end - offset, &mut out)?;
+                self.read_layer(*layer, l, base + offset, end - offset, &mut out)?;
                 if sequential && end < node.size {
                     let first = l.layout.unit_at(base + end);
                     let last = l.layout.unit_at(base + node.size - 1);
@@ -98,7 +179,7 @@ impl ImageView {
                     }
                     if pos < end && pos >= s.logical {
                         let n = seg_end.min(end) - pos;
-                        self.store.read(l, s.offset + (pos - s.logical), n, &mut out)?;
+                        self.read_layer(*layer, l, s.offset + (pos - s.logical), n, &mut out)?;
                         pos += n;
                     }
                 }

@@ -79,7 +79,8 @@ pub fn handle(d: &Daemon, req: Request, send: &mut dyn FnMut(Reply)) -> Result<R
             index,
             id,
             fuse_overlayfs,
-        } => prepare(d, spec.as_ref(), index.as_deref(), &id, fuse_overlayfs, send),
+            record,
+        } => prepare(d, spec.as_ref(), index.as_deref(), &id, fuse_overlayfs, record, send),
         Request::Release { id } => {
             release(d, &id)?;
             Ok(Reply::Ok)
@@ -96,6 +97,11 @@ pub fn handle(d: &Daemon, req: Request, send: &mut dyn FnMut(Reply)) -> Result<R
                 "clip_mounts",
                 "Image mounts this clipd serves.",
                 lock(&d.mounts).len() as f64,
+            );
+            snap.set_gauge(
+                "clip_prefetch_queued",
+                "Units waiting in the prefetch queue (profile replay, read-ahead).",
+                d.store.queued() as f64,
             );
             let text = if json {
                 serde_json::to_string_pretty(&snap)? + "\n"
@@ -258,6 +264,7 @@ fn prepare(
     index: Option<&Path>,
     id: &str,
     fuse_overlayfs: bool,
+    record: bool,
     send: &mut dyn FnMut(Reply),
 ) -> Result<Reply> {
     clip_rootfs::validate_id(id)?;
@@ -296,6 +303,14 @@ fn prepare(
             return Err(e.into());
         }
     };
+    // What the container reads first goes into the image's profile: for
+    // its first seconds, or (clipctl record) until it is released.
+    let window = if record {
+        std::time::Duration::from_secs(365 * 24 * 3600)
+    } else {
+        std::time::Duration::from_secs(d.opts.record_secs)
+    };
+    d.record(&image_mount, window);
     Ok(Reply::Prepared(Prepared {
         id: id.into(),
         rootfs: r.rootfs,
@@ -314,6 +329,8 @@ fn release(d: &Daemon, id: &str) -> Result<()> {
     if let Some(key) = key {
         let gate = d.image_lock(&key);
         let _g = lock(&gate);
+        // A recording ends with its container (clipctl record).
+        d.flush_recording(&d.paths.image_mount(&key));
         if clip_rootfs::users(&d.paths, &key).is_empty() {
             let dir = d.paths.image_mount(&key);
             if lock(&d.mounts).contains_key(&dir) {

@@ -10,6 +10,7 @@
 mod handlers;
 mod handover;
 mod images;
+mod profiles;
 mod supervisor;
 mod worker;
 
@@ -40,6 +41,10 @@ pub struct Options {
     /// warning).
     #[arg(long, env = "CLIP_TAG_TTL", default_value_t = 60)]
     pub tag_ttl: u64,
+    /// Seconds after a container starts during which what it reads is
+    /// recorded into its image's prefetch profile (0: never).
+    #[arg(long, env = "CLIP_RECORD_SECS", default_value_t = 30)]
+    pub record_secs: u64,
     /// Threads serving each mount's FUSE requests.
     #[arg(long, default_value_t = 4)]
     pub fuse_threads: usize,

@@ -36,7 +36,10 @@ pub struct Mount {
     pub record: MountRecord,
     pub image: String,
     pub manifest_digest: String,
+    pub view: Arc<ImageView>,
     served: Option<Served>,
+    /// When its recording window closes and the profile is updated.
+    flush_at: Option<Instant>,
 }
 
 pub struct Daemon {
@@ -158,6 +161,12 @@ pub fn run(opts: &Options) -> Result<()> {
                     std::process::exit(0);
                 }
             })?;
+    }
+    {
+        let d = d.clone();
+        std::thread::Builder::new()
+            .name("clipd-profiles".into())
+            .spawn(move || d.flush_loop())?;
     }
     if let Some(secs) = opts.idle_exit {
         let d = d.clone();
@@ -296,7 +305,15 @@ impl Daemon {
         let reference = ImageRef::parse(&record.reference)?;
         let source = self.images.source(&reference, self.images.creds(&record.creds))?;
         let view = ImageView::new(index.clone(), self.store.clone(), source)?;
-        let served = clip_fs::serve_fd(view, fd, initialized, self.opts.fuse_threads)?;
+        if !initialized {
+            // A fresh mount: fetch what its containers read first, in the
+            // background, in the order they read it.
+            if let Some(p) = crate::profiles::load(&record.index, &index.index.image.manifest_digest) {
+                let n = view.replay(&p.units);
+                tracing::info!(dir = %record.dir.display(), units = n, "replaying the prefetch profile");
+            }
+        }
+        let served = clip_fs::serve_fd(view.clone(), fd, initialized, self.opts.fuse_threads)?;
         let dup = served.fd.try_clone()?;
         let dir = record.dir.clone();
         lock(&self.mounts).insert(
@@ -305,10 +322,64 @@ impl Daemon {
                 image: index.index.image.reference.clone(),
                 manifest_digest: index.index.image.manifest_digest.clone(),
                 record,
+                view,
                 served: Some(served),
+                flush_at: None,
             },
         );
         Ok(dup)
+    }
+
+    /// Records what the mount at `dir` serves for `d` (a container just
+    /// started on it); the profile is updated when the window closes.
+    pub fn record(&self, dir: &Path, d: Duration) {
+        if d.is_zero() {
+            return;
+        }
+        if let Some(m) = lock(&self.mounts).get_mut(dir) {
+            m.view.record_for(d);
+            let at = Instant::now() + d;
+            m.flush_at = Some(m.flush_at.map_or(at, |t| t.max(at)));
+        }
+    }
+
+    /// Adds what the mount at `dir` recorded to its image's profile.
+    pub fn flush_recording(&self, dir: &Path) {
+        let taken = {
+            let mut mounts = lock(&self.mounts);
+            let Some(m) = mounts.get_mut(dir) else { return };
+            m.flush_at = None;
+            (
+                m.view.take_recording(),
+                m.record.index.clone(),
+                m.manifest_digest.clone(),
+            )
+        };
+        let (units, index, digest) = taken;
+        if units.is_empty() {
+            return;
+        }
+        match crate::profiles::merge(&index, &digest, &units) {
+            Ok(total) => {
+                tracing::info!(index = %index.display(), recorded = units.len(), total, "prefetch profile updated")
+            }
+            Err(e) => tracing::warn!(error = format!("{e:#}"), "cannot update the prefetch profile"),
+        }
+    }
+
+    /// Flushes recordings whose window has closed; runs forever.
+    fn flush_loop(&self) {
+        loop {
+            std::thread::sleep(Duration::from_millis(500));
+            let due: Vec<PathBuf> = lock(&self.mounts)
+                .iter()
+                .filter(|(_, m)| m.flush_at.is_some_and(|t| t <= Instant::now()))
+                .map(|(d, _)| d.clone())
+                .collect();
+            for dir in due {
+                self.flush_recording(&dir);
+            }
+        }
     }
 
     /// Mounts `index_path` at `dir` and serves it; the supervisor holds it.
@@ -334,6 +405,7 @@ impl Daemon {
 
     /// Unmounts a mount this worker serves and forgets it.
     pub fn unmount(&self, dir: &Path, lazy: bool) -> Result<()> {
+        self.flush_recording(dir);
         self.mounter
             .unmount(dir, lazy)
             .with_context(|| format!("unmounting {}", dir.display()))?;
