@@ -279,3 +279,53 @@ fn ps_lists_what_is_mounted_and_who_uses_it() {
     ok(node_cmd(tmp.path(), &["umount", "--cid", "web"]));
     ok(node_cmd(tmp.path(), &["umount", dir.to_str().unwrap()]));
 }
+
+/// An image stays mounted for `CLIP_IMAGE_LINGER` seconds after its last
+/// container, so the next one finds the kernel's caches warm; a new
+/// container takes it up again, and an idle one is unmounted.
+#[test]
+fn an_image_lingers_after_its_last_container() {
+    let reg = registry();
+    let tmp = tempfile::tempdir().unwrap();
+    let _daemon = DaemonGuard::new(tmp.path());
+    let image = format!("{}/clip/busybox:latest", reg.host());
+    let run = || {
+        let mut c = node_cmd(tmp.path(), &["run", "--rm", &image, "cat", "/etc/motd"]);
+        c.env("CLIP_IMAGE_LINGER", "3");
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(o.stdout, b"hello from clip\n");
+    };
+    let mounts = || -> Vec<serde_json::Value> {
+        let ps: serde_json::Value = serde_json::from_slice(&ok(node_cmd(tmp.path(), &["ps", "--json"]))).unwrap();
+        ps["mounts"].as_array().unwrap().clone()
+    };
+    // The kernel's ids of the node's FUSE mounts.
+    let fuse_mounts = || -> Vec<String> {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(tmp.path().to_str().unwrap()) && l.contains("fuse.clip"))
+            .map(|l| l.split(' ').next().unwrap().to_string())
+            .collect()
+    };
+    run();
+    let first = mounts();
+    assert_eq!(first.len(), 1, "the image lingers: {first:?}");
+    assert_eq!(first[0]["containers"], serde_json::json!([]));
+    let id = fuse_mounts();
+    assert_eq!(id.len(), 1);
+    // The next container uses the same mount.
+    run();
+    assert_eq!(mounts().len(), 1);
+    assert_eq!(fuse_mounts(), id);
+    // Idle for 3 s, then unmounted (checked every half second).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !mounts().is_empty() {
+        assert!(Instant::now() < deadline, "never unmounted: {:?}", mounts());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(fuse_mounts().is_empty());
+    // It mounts again on demand.
+    run();
+}

@@ -219,7 +219,9 @@ pub fn registry() -> Registry {
 /// need a node of their own set the directories again (`mount::env`).
 pub fn clipctl() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_clipctl"));
+    // Image mounts go with their last container (the linger has its own test).
     c.env_remove("CLIP_CHECKPOINT_MIB")
+        .env("CLIP_IMAGE_LINGER", "0")
         .env("DOCKER_CONFIG", "/nonexistent-clip-test")
         .env("CLIP_RUN_DIR", fixtures_dir().join("run"))
         .env("CLIP_BASE_DIR", fixtures_dir().join("base"))

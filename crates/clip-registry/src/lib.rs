@@ -11,6 +11,7 @@ pub mod auth;
 mod client;
 mod layout;
 mod manifest;
+mod reference;
 mod registry;
 
 use std::io::Read;
@@ -148,12 +149,10 @@ impl ImageRef {
             let dir = std::path::absolute(dir).unwrap_or_else(|_| PathBuf::from(dir));
             return Ok(ImageRef::Layout { dir, tag });
         }
-        let r: Reference = s
-            .parse()
-            .map_err(|e: oci_spec::distribution::ParseError| Error::Reference {
-                reference: s.into(),
-                msg: e.to_string(),
-            })?;
+        let r = reference::parse(s).map_err(|e| Error::Reference {
+            reference: s.into(),
+            msg: e.to_string(),
+        })?;
         Ok(ImageRef::Registry(r))
     }
 

@@ -152,24 +152,19 @@ fn ensure(d: &Daemon, spec: &ImageSpec, send: &mut dyn FnMut(Reply)) -> Result<R
             });
         }
     };
-    let warn = |message: String| {
+    let warn = move |message: String| {
         tracing::warn!("{message}");
         let _ = tx.send(Reply::Warning { message });
     };
+    // The worker owns every sender: when it ends, the channel closes and
+    // this loop ends at once (no polling delay on the fast path).
     let r = std::thread::scope(|s| {
-        let h = s.spawn(|| d.images.ensure(spec, &progress, &warn));
-        loop {
-            match rx.recv_timeout(std::time::Duration::from_millis(50)) {
-                Ok(r) => send(r),
-                Err(_) if h.is_finished() => break,
-                Err(_) => {}
-            }
+        let h = s.spawn(move || d.images.ensure(spec, &progress, &warn));
+        while let Ok(r) = rx.recv() {
+            send(r);
         }
         h.join().map_err(|_| anyhow::anyhow!("indexing panicked"))?
     });
-    while let Ok(r) = rx.try_recv() {
-        send(r);
-    }
     r
 }
 
@@ -274,7 +269,13 @@ fn prepare(
     let image_mount = d.paths.image_mount(&key);
     let gate = d.image_lock(&key);
     let _g = lock(&gate);
-    let served = lock(&d.mounts).contains_key(&image_mount);
+    let served = match lock(&d.mounts).get_mut(&image_mount) {
+        Some(m) => {
+            m.idle_since = None;
+            true
+        }
+        None => false,
+    };
     if !served {
         if d.mounter.is_stale(&image_mount) || d.mounter.mount_at(&image_mount).is_some() {
             let _ = d.mounter.unmount(&image_mount, true);
@@ -327,19 +328,10 @@ fn release(d: &Daemon, id: &str) -> Result<()> {
     }
     let key = clip_rootfs::release(&d.paths, d.mounter.as_ref(), id)?;
     if let Some(key) = key {
-        let gate = d.image_lock(&key);
-        let _g = lock(&gate);
+        let dir = d.paths.image_mount(&key);
         // A recording ends with its container (clipctl record).
-        d.flush_recording(&d.paths.image_mount(&key));
-        if clip_rootfs::users(&d.paths, &key).is_empty() {
-            let dir = d.paths.image_mount(&key);
-            if lock(&d.mounts).contains_key(&dir) {
-                // Lazy: a process that still has a file of it open (a
-                // container's leftover) must not keep it mounted.
-                d.unmount(&dir, true)?;
-            }
-            let _ = std::fs::remove_dir_all(dir.parent().expect("images/KEY/mnt"));
-        }
+        d.flush_recording(&dir);
+        d.retire_image(&dir, &key, Some(std::time::Duration::from_secs(d.opts.image_linger)));
     }
     Ok(())
 }

@@ -241,16 +241,18 @@ impl Images {
         if let Some(mib) = spec.checkpoint_mib {
             opts.spacing = mib << 20;
         }
-        let done = std::sync::atomic::AtomicBool::new(false);
+        let (done, finished) = std::sync::mpsc::channel::<()>();
         let (file, stats) = std::thread::scope(|s| {
-            s.spawn(|| {
-                while !done.load(Ordering::Relaxed) {
-                    progress(counter.load(Ordering::Relaxed), total);
-                    std::thread::sleep(Duration::from_millis(200));
+            s.spawn(move || loop {
+                progress(counter.load(Ordering::Relaxed), total);
+                // Ends the moment the build does (the sender drops).
+                if finished.recv_timeout(Duration::from_millis(200)) != Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                {
+                    break;
                 }
             });
             let r = clip_index::build(source.as_ref(), &reference.canonical(), &resolved, &opts);
-            done.store(true, Ordering::Relaxed);
+            drop(done);
             r
         })?;
         let bytes = file.encode()?;

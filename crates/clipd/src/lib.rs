@@ -45,6 +45,12 @@ pub struct Options {
     /// recorded into its image's prefetch profile (0: never).
     #[arg(long, env = "CLIP_RECORD_SECS", default_value_t = 30)]
     pub record_secs: u64,
+    /// Seconds an image stays mounted after its last container is
+    /// removed, so that the next container of it starts with the kernel's
+    /// caches warm, as a containerd snapshot stays unpacked (0: unmount at
+    /// once).
+    #[arg(long, env = "CLIP_IMAGE_LINGER", default_value_t = 600)]
+    pub image_linger: u64,
     /// Threads serving each mount's FUSE requests.
     #[arg(long, default_value_t = 4)]
     pub fuse_threads: usize,

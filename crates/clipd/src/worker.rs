@@ -40,6 +40,9 @@ pub struct Mount {
     served: Option<Served>,
     /// When its recording window closes and the profile is updated.
     flush_at: Option<Instant>,
+    /// An image mount without containers: since when (it is unmounted
+    /// once it has lingered `--image-linger` seconds).
+    pub idle_since: Option<Instant>,
 }
 
 pub struct Daemon {
@@ -290,6 +293,15 @@ impl Daemon {
                 tracing::warn!(dir = %dir.display(), error = %e, "FUSE_NOTIFY_RESEND failed: requests the last worker had read may wait for their timeout");
             }
         }
+        for m in lock(&self.mounts).values_mut() {
+            if m.record
+                .key
+                .as_deref()
+                .is_some_and(|k| clip_rootfs::users(&self.paths, k).is_empty())
+            {
+                m.idle_since = Some(Instant::now());
+            }
+        }
         self.takeovers = 1;
         tracing::info!(
             mounts = lock(&self.mounts).len(),
@@ -325,6 +337,7 @@ impl Daemon {
                 view,
                 served: Some(served),
                 flush_at: None,
+                idle_since: None,
             },
         );
         Ok(dup)
@@ -367,19 +380,70 @@ impl Daemon {
         }
     }
 
-    /// Flushes recordings whose window has closed; runs forever.
+    /// Flushes recordings whose window has closed and unmounts images
+    /// that have lingered long enough; runs forever.
     fn flush_loop(&self) {
+        let linger = Duration::from_secs(self.opts.image_linger);
         loop {
             std::thread::sleep(Duration::from_millis(500));
-            let due: Vec<PathBuf> = lock(&self.mounts)
-                .iter()
-                .filter(|(_, m)| m.flush_at.is_some_and(|t| t <= Instant::now()))
-                .map(|(d, _)| d.clone())
-                .collect();
+            let (due, expired): (Vec<PathBuf>, Vec<(PathBuf, String)>) = {
+                let mounts = lock(&self.mounts);
+                (
+                    mounts
+                        .iter()
+                        .filter(|(_, m)| m.flush_at.is_some_and(|t| t <= Instant::now()))
+                        .map(|(d, _)| d.clone())
+                        .collect(),
+                    mounts
+                        .iter()
+                        .filter(|(_, m)| m.idle_since.is_some_and(|t| t.elapsed() >= linger))
+                        .filter_map(|(d, m)| Some((d.clone(), m.record.key.clone()?)))
+                        .collect(),
+                )
+            };
             for dir in due {
                 self.flush_recording(&dir);
             }
+            for (dir, key) in expired {
+                self.retire_image(&dir, &key, Some(linger));
+            }
         }
+    }
+
+    /// The last container of image `key` is gone: unmount it now, or
+    /// (`linger`) once it has been idle that long. Under the image's lock,
+    /// so that a container being prepared keeps it.
+    pub fn retire_image(&self, dir: &Path, key: &str, linger: Option<Duration>) {
+        let gate = self.image_lock(key);
+        let _g = lock(&gate);
+        if !clip_rootfs::users(&self.paths, key).is_empty() {
+            return;
+        }
+        let due = {
+            let mut mounts = lock(&self.mounts);
+            let Some(m) = mounts.get_mut(dir) else {
+                drop(mounts);
+                let _ = std::fs::remove_dir_all(dir.parent().expect("images/KEY/mnt"));
+                return;
+            };
+            match linger {
+                Some(l) if !l.is_zero() => {
+                    let since = *m.idle_since.get_or_insert_with(Instant::now);
+                    since.elapsed() >= l
+                }
+                _ => true,
+            }
+        };
+        if !due {
+            return;
+        }
+        // Lazy: a process that still has a file of it open (a container's
+        // leftover) must not keep it mounted.
+        if let Err(e) = self.unmount(dir, true) {
+            tracing::warn!(dir = %dir.display(), error = format!("{e:#}"), "cannot unmount an idle image");
+            return;
+        }
+        let _ = std::fs::remove_dir_all(dir.parent().expect("images/KEY/mnt"));
     }
 
     /// Mounts `index_path` at `dir` and serves it; the supervisor holds it.
@@ -481,12 +545,13 @@ impl Daemon {
     fn idle_exit(&self, after: Duration) {
         loop {
             std::thread::sleep(Duration::from_secs(1));
-            let idle = lock(&self.mounts).is_empty()
+            // Images that only linger do not keep clipd alive.
+            let idle = lock(&self.mounts).values().all(|m| m.idle_since.is_some())
                 && clip_rootfs::list(&self.paths).is_empty()
                 && self.busy.load(Ordering::SeqCst) == 0
                 && lock(&self.last_activity).elapsed() >= after;
             if idle {
-                tracing::info!(after = ?after, "nothing mounted and no requests: exiting");
+                tracing::info!(after = ?after, "no containers, no mounts in use and no requests: exiting");
                 self.shutdown();
             }
         }

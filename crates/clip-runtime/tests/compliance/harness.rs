@@ -128,7 +128,14 @@ pub fn new_id() -> String {
 pub fn rootfs() -> &'static Path {
     static R: OnceLock<PathBuf> = OnceLock::new();
     R.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("compliance-rootfs-{}", std::process::id()));
+        // Built once under a private name and renamed into place, so runs
+        // share one copy and a concurrent run never sees half of it.
+        let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        let done = tmp.join("compliance-rootfs");
+        if done.join("etc/group").exists() {
+            return done;
+        }
+        let dir = tmp.join(format!("compliance-rootfs.{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         for d in ["bin", "proc", "sys", "dev", "tmp", "etc", "out", "root"] {
             std::fs::create_dir_all(dir.join(d)).unwrap();
@@ -146,7 +153,11 @@ pub fn rootfs() -> &'static Path {
         )
         .unwrap();
         std::fs::write(dir.join("etc/group"), "root:x:0:\nuser:x:1000:\n").unwrap();
-        dir
+        if std::fs::rename(&dir, &done).is_err() {
+            // Another run got there first.
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        done
     })
 }
 
