@@ -23,6 +23,14 @@ pub enum Command {
     },
 }
 
+/// Whether process `pid` runs (a zombie has ended).
+fn running(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+    })
+}
+
 pub fn run(c: Command) -> Result<()> {
     match c {
         Command::Status { json } => match crate::client::call_running(&Request::Ping)? {
@@ -38,8 +46,19 @@ pub fn run(c: Command) -> Result<()> {
             }
         },
         Command::Stop => {
-            if crate::client::call_running(&Request::Stop)?.is_none() {
+            let Some(Reply::Pong(p)) = crate::client::call_running(&Request::Ping)? else {
                 println!("clipd is not running");
+                return Ok(());
+            };
+            crate::client::call_running(&Request::Stop)?;
+            // Returns once it is gone, so that a clipctl started next
+            // starts a new one instead of talking to one that is leaving.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            while running(p.supervisor_pid) {
+                if std::time::Instant::now() > deadline {
+                    bail!("clipd (pid {}) did not stop within 60 s", p.supervisor_pid);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
             }
         }
         Command::Upgrade { binary } => {

@@ -451,7 +451,8 @@ fn faults_give_right_bytes_or_eio_and_the_mount_keeps_serving() {
 }
 
 /// Relative paths of `n` files of the image's largest layer, each wholly
-/// inside its own span, the spans at least four apart.
+/// inside its own span, the spans at least eight apart: farther than a
+/// miss reads ahead (clip_store::StoreOptions::miss_readahead).
 fn files_in_distinct_spans(index: &Path, n: usize) -> Vec<String> {
     use clip_format::{Data, Kind};
     let f = clip_format::IndexFile::load(index).unwrap();
@@ -488,7 +489,7 @@ fn files_in_distinct_spans(index: &Path, n: usize) -> Vec<String> {
                 && k == k_end
                 && node.size > 1000
                 && node.nlink == 1
-                && chosen.iter().all(|(c, _)| c.abs_diff(k) >= 4)
+                && chosen.iter().all(|(c, _)| c.abs_diff(k) >= 8)
             {
                 chosen.push((k, paths[i + 1].clone()));
             }

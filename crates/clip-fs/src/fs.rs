@@ -2,24 +2,34 @@
 //! span reader.
 //!
 //! The tree never changes once indexed, so the kernel gets long entry and
-//! attribute timeouts and keeps its page cache across opens
-//! (`FOPEN_KEEP_CACHE`): most warm reads never reach this process. Writes
-//! never get here either: the mount is read-only and the kernel answers
-//! them with `EROFS`.
+//! attribute timeouts and keeps its page cache across opens: warm reads
+//! never reach this process. Writes never get here either: the mount is
+//! read-only and the kernel answers them with `EROFS`.
+//!
+//! Round trips a warm container would pay for nothing are refused once
+//! with `ENOSYS`, which makes the kernel stop asking for the connection's
+//! life:
+//! * `OPEN`/`OPENDIR` (and so `RELEASE`): a file here needs no per-open
+//!   state, and the kernel's default for a filesystem without open is
+//!   `FOPEN_KEEP_CACHE` (and `FOPEN_CACHE_DIR`), what clip answered anyway;
+//! * `GETXATTR` when the image has no extended attribute at all: overlayfs
+//!   asks its lower layer for `trusted.overlay.metacopy` at every file
+//!   lookup of every new container, about two thousand round trips for one
+//!   `import pandas`. Such a mount then answers "not supported", as a
+//!   filesystem without xattrs does; an image with any xattr is asked as
+//!   before.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clip_format::{Kind, Node};
 use clip_metrics::{defs, Counter, Histogram};
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner,
-    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr,
-    Request,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, Generation, INodeNo, KernelConfig, LockOwner, OpenFlags,
+    ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 
 use crate::view::ImageView;
@@ -30,9 +40,12 @@ const TTL: Duration = Duration::from_secs(24 * 3600);
 
 pub struct ClipFs {
     view: Arc<ImageView>,
-    /// Per open file: where the last read ended, to spot sequential reads.
-    handles: Mutex<HashMap<u64, u64>>,
-    next_fh: AtomicU64,
+    /// Per inode: where the last read ended, to spot sequential reads
+    /// (there are no per-open handles). Cleared when it grows large.
+    last_end: Mutex<HashMap<u64, u64>>,
+    /// The image has no extended attributes: GETXATTR is refused with
+    /// ENOSYS (see the module's comment).
+    no_xattrs: bool,
     metrics: OpMetrics,
 }
 
@@ -174,9 +187,9 @@ pub fn attr(ino: u64, n: &Node) -> FileAttr {
 impl ClipFs {
     pub fn new(view: Arc<ImageView>) -> Self {
         Self {
+            no_xattrs: view.index().index.nodes.iter().all(|n| n.xattrs.is_empty()),
             view,
-            handles: Mutex::new(HashMap::new()),
-            next_fh: AtomicU64::new(1),
+            last_end: Mutex::new(HashMap::new()),
             metrics: OpMetrics::new(),
         }
     }
@@ -276,11 +289,8 @@ impl Filesystem for ClipFs {
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         self.guarded(Op::Open, || match self.node(ino) {
             Some(n) if n.kind == Kind::Dir => reply.error(Errno::EISDIR),
-            Some(_) => {
-                let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-                self.handles.lock().expect("not poisoned").insert(fh, 0);
-                reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
-            }
+            // No per-open state: the kernel stops sending OPEN and RELEASE.
+            Some(_) => reply.error(Errno::ENOSYS),
             None => reply.error(Errno::ENOENT),
         });
     }
@@ -289,7 +299,7 @@ impl Filesystem for ClipFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        fh: FileHandle,
+        _fh: FileHandle,
         offset: u64,
         size: u32,
         _flags: OpenFlags,
@@ -304,8 +314,11 @@ impl Filesystem for ClipFs {
                 return reply.error(Errno::EINVAL);
             }
             let sequential = {
-                let mut h = self.handles.lock().expect("not poisoned");
-                let last = h.insert(fh.0, offset + u64::from(size));
+                let mut h = self.last_end.lock().expect("not poisoned");
+                if h.len() >= 4096 {
+                    h.clear();
+                }
+                let last = h.insert(ino.0, offset + u64::from(size));
                 last == Some(offset) && offset > 0
             };
             match self.view.read(n, offset, size, sequential) {
@@ -326,24 +339,19 @@ impl Filesystem for ClipFs {
         &self,
         _req: &Request,
         _ino: INodeNo,
-        fh: FileHandle,
+        _fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.guarded(Op::Release, || {
-            self.handles.lock().expect("not poisoned").remove(&fh.0);
-            reply.ok();
-        });
+        self.guarded(Op::Release, || reply.ok());
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         self.guarded(Op::Opendir, || match self.node(ino) {
-            Some(n) if n.kind == Kind::Dir => reply.opened(
-                FileHandle(0),
-                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
-            ),
+            // As OPEN: the kernel stops asking and caches listings.
+            Some(n) if n.kind == Kind::Dir => reply.error(Errno::ENOSYS),
             Some(_) => reply.error(Errno::ENOTDIR),
             None => reply.error(Errno::ENOENT),
         });
@@ -412,6 +420,9 @@ impl Filesystem for ClipFs {
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         self.guarded(Op::Getxattr, || {
+            if self.no_xattrs {
+                return reply.error(Errno::ENOSYS);
+            }
             let Some(n) = self.node(ino) else {
                 return reply.error(Errno::ENOENT);
             };

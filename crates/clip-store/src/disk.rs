@@ -158,6 +158,8 @@ impl Shared {
     }
 
     fn run(&self, rx: Receiver<Job>) {
+        // Writes are for later starts; the one under way comes first.
+        crate::prio::background(19, true);
         for job in rx {
             match job {
                 Job::Write(id, data) => {

@@ -233,6 +233,11 @@ fn setup(workers: usize) -> Setup {
 }
 
 fn setup_with(workers: usize, coalesce_bytes: u64) -> Setup {
+    // No readahead on misses: these tests count the requests they cause.
+    setup_ahead(workers, coalesce_bytes, 0)
+}
+
+fn setup_ahead(workers: usize, coalesce_bytes: u64, miss_readahead: usize) -> Setup {
     let data = sample(3 << 20, 1);
     let gz = gzip(&data);
     let (index, decoded) = index_of(&gz, Compression::Gzip, 256 << 10);
@@ -244,6 +249,7 @@ fn setup_with(workers: usize, coalesce_bytes: u64) -> Setup {
         coalesce_bytes,
         wait: Duration::from_secs(20),
         failure_memo: Duration::from_millis(100),
+        miss_readahead,
         ..StoreOptions::default()
     })
     .unwrap();
@@ -341,6 +347,26 @@ fn a_panicking_leader_answers_its_waiters_and_the_next_reader_tries_again() {
     assert!(matches!(err, ReadError::Abandoned { .. }), "{err}");
     assert_eq!(s.holders(2), 0, "nothing left in flight");
     s.expect(out, 10);
+}
+
+#[test]
+fn a_demand_miss_queues_the_spans_after_it() {
+    let s = setup_ahead(1, 8 << 20, 2);
+    let l = &s.layer.layout;
+    assert!(l.spans.len() > 4, "the sample has spans to read ahead");
+    let unit_of = |k: usize| l.spans[k].units.start;
+    let (out, _) = s.unit_range(unit_of(1));
+    s.expect(out, 10);
+    wait_until("the readahead", || {
+        s.store.queued() == 0 && s.store.cached(l, unit_of(2)) && s.store.cached(l, unit_of(3))
+    });
+    assert!(!s.store.cached(l, unit_of(0)), "nothing before the miss");
+    assert!(!s.store.cached(l, unit_of(4)), "no further than asked");
+    // The spans read ahead need no request of their own.
+    let reads = s.fake.reads.load(Ordering::SeqCst);
+    let (out3, _) = s.unit_range(unit_of(3));
+    s.expect(out3, 10);
+    assert_eq!(s.fake.reads.load(Ordering::SeqCst), reads);
 }
 
 #[test]

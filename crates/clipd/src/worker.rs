@@ -58,8 +58,8 @@ pub struct Daemon {
     pub takeovers: u64,
     last_activity: Mutex<Instant>,
     busy: AtomicUsize,
-    /// An upgrade is under way: accept no more connections (they wait in
-    /// the socket's backlog for the next worker).
+    /// An upgrade or a stop is under way: accept no more connections
+    /// (they wait in the socket's backlog for the next worker).
     pub handing_over: std::sync::atomic::AtomicBool,
 }
 
@@ -99,10 +99,18 @@ fn store_options() -> Result<StoreOptions> {
         }
         Err(_) => 10 << 30,
     };
+    let defaults = StoreOptions::default();
+    let miss_readahead = match std::env::var("CLIP_MISS_READAHEAD") {
+        Ok(v) => v
+            .parse()
+            .with_context(|| format!("CLIP_MISS_READAHEAD={v:?}: expected a number of spans"))?,
+        Err(_) => defaults.miss_readahead,
+    };
     Ok(StoreOptions {
         cache_dir: Some(cache_dir),
         cache_max,
-        ..StoreOptions::default()
+        miss_readahead,
+        ..defaults
     })
 }
 
@@ -528,6 +536,10 @@ impl Daemon {
 
     /// Asks the supervisor not to start another worker, then exits.
     pub fn shutdown(&self) -> ! {
+        // No new requests: one that came now would mount what is about to
+        // be unmounted. They wait in the backlog and fail when the
+        // supervisor closes the socket.
+        self.handing_over.store(true, Ordering::SeqCst);
         self.stop_all();
         let _ = self.supervisor(&Msg::Shutdown, None);
         std::process::exit(0);
