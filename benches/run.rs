@@ -18,7 +18,16 @@
 //! * warm floor: the same with the image's files in the page cache;
 //! * clip cold without a profile: index present, span cache empty;
 //! * clip cold with a profile (recorded once with `clipctl record`);
-//! * clip warm: spans cached on disk, a new container.
+//! * clip warm: spans cached on disk, a new container;
+//! * clip cached: spans on disk, but a fresh mount (clipd restarted) and
+//!   the page cache dropped: the read path alone, no network;
+//! * nydus (zran mode, FUSE, nydusd 2.2): bootstraps built with
+//!   `nydus-image create -t targz-ref` per layer and merged, pushed to the
+//!   same registry; each cold round starts nydusd with an empty blob
+//!   cache on a local bootstrap (as nydus-snapshotter does after a pull),
+//!   then the same overlay and `runc run` as the floor. Skipped, with a
+//!   note, when `/opt/nydus/bin` (or `$NYDUS_BIN`) has no nydus-image:
+//!   `cargo install nydus-rs --version 2.2.0 --locked --root /opt/nydus`.
 //!
 //! Printed: seconds (median), cold ÷ floor and warm ÷ warm floor, and the
 //! bytes fetched ÷ the bytes of the files the process read (the files it
@@ -47,6 +56,13 @@ fn sh(cmd: &str) {
 fn drop_caches() {
     sh("sync; echo 3 > /proc/sys/vm/drop_caches");
     std::thread::sleep(Duration::from_millis(200));
+}
+
+/// Before a timed run: the last container's writes flushed, so that their
+/// writeback does not land in this run.
+fn settle() {
+    sh("sync");
+    std::thread::sleep(Duration::from_millis(100));
 }
 
 fn timed(cmd: &mut Command) -> Duration {
@@ -90,6 +106,9 @@ impl Node {
             // Profiles only from `clipctl record`: every cold round sees
             // the same profile (or none).
             .env("CLIP_RECORD_SECS", "0")
+            // Every node indexes for itself (benches/published.rs measures
+            // published indexes).
+            .env("CLIP_PUBLISHED_INDEX", "0")
             .env("CLIP_TAG_TTL", "3600");
         c
     }
@@ -113,8 +132,8 @@ impl Node {
     }
 }
 
-/// A fresh container over the unpacked image: a new upper on kernel
-/// overlayfs, runc, then everything removed.
+/// A fresh container over `rootfs`: a new upper on kernel overlayfs, runc,
+/// then everything removed. Timed from the overlay mount.
 fn floor_run(work: &Path, rootfs: &Path, config: &[u8], cmd: &[String], id: &str) -> Duration {
     let c = work.join(id);
     let (upper, wdir, merged, bundle) = (c.join("upper"), c.join("work"), c.join("merged"), c.join("bundle"));
@@ -188,11 +207,26 @@ fn bytes_of_files_read(work: &Path, rootfs: &Path, config: &[u8], cmd: &[String]
     let exe = format!("execve(\"{}", cmd[0]);
     let mut pids = std::collections::HashSet::new();
     let mut files = BTreeSet::new();
+    // A call another thread interrupted is split in two lines: `call(args
+    // <unfinished ...>`, later `<... call resumed>) = ret`. Joined first.
+    let mut unfinished = std::collections::HashMap::new();
     for line in text.lines() {
         let Some((pid, call)) = line.split_once(' ') else {
             continue;
         };
         let call = call.trim_start();
+        if let Some(head) = call.strip_suffix(" <unfinished ...>") {
+            unfinished.insert(pid.to_string(), head.to_string());
+            continue;
+        }
+        let joined;
+        let call = match (call.strip_prefix("<... "), unfinished.remove(pid)) {
+            (Some(rest), Some(head)) => {
+                joined = format!("{head}{}", rest.split_once("resumed>").map_or("", |(_, r)| r));
+                joined.as_str()
+            }
+            _ => call,
+        };
         if call.starts_with("execve(") && call.contains(" = 0") && pids.is_empty() {
             // runc init execs the process: the first exec of something
             // other than runc, matching the command's name.
@@ -232,6 +266,129 @@ fn bytes_of_files_read(work: &Path, rootfs: &Path, config: &[u8], cmd: &[String]
         }
     }
     (bytes, n)
+}
+
+/// nydus's tools, if installed.
+fn nydus_bin() -> Option<PathBuf> {
+    let dir = std::env::var_os("NYDUS_BIN").map_or_else(|| PathBuf::from("/opt/nydus/bin"), PathBuf::from);
+    dir.join("nydus-image").exists().then_some(dir)
+}
+
+/// The image converted for nydus: one zran bootstrap per layer, merged,
+/// with the zran metadata blobs pushed next to the layers. Returns the
+/// merged bootstrap (local). nydusd names a layer's blob after its
+/// bootstrap's file name, so each is named by its layer's digest.
+fn nydus_convert(
+    bin: &Path,
+    dir: &Path,
+    layout: &Path,
+    layers: &[String],
+    reg: &harness::Registry,
+    repo: &str,
+) -> PathBuf {
+    let nd = dir.join("nydus");
+    let merged = nd.join("merged.boot");
+    if !merged.exists() {
+        let _ = std::fs::remove_dir_all(&nd);
+        std::fs::create_dir_all(nd.join("blobs")).unwrap();
+        let mut boots = Vec::new();
+        for hex in layers {
+            let boot = nd.join(format!("{hex}.boot"));
+            sh(&format!(
+                "{}/nydus-image create -t targz-ref --log-level warn -D {} -B {} {}",
+                bin.display(),
+                nd.join("blobs").display(),
+                boot.display(),
+                layout.join("blobs/sha256").join(hex).display()
+            ));
+            boots.push(boot.display().to_string());
+        }
+        sh(&format!(
+            "{}/nydus-image merge --log-level warn -B {}.tmp {} && mv {}.tmp {}",
+            bin.display(),
+            merged.display(),
+            boots.join(" "),
+            merged.display(),
+            merged.display()
+        ));
+    }
+    // The registry's storage may be new; pushing an existing blob is cheap.
+    for e in std::fs::read_dir(nd.join("blobs")).unwrap() {
+        let p = e.unwrap().path();
+        let hex = p.file_name().unwrap().to_str().unwrap().to_string();
+        sh(&format!(
+            "loc=$(curl -sf -D - -o /dev/null -X POST http://{host}/v2/{repo}/blobs/uploads/ | tr -d '\\r' | sed -n 's/^[Ll]ocation: //p'); \
+             case $loc in http*) ;; *) loc=http://{host}$loc;; esac; \
+             curl -sf -X PUT -H 'Content-Type: application/octet-stream' --data-binary @{} \"$loc&digest=sha256:{hex}\"",
+            p.display(),
+            host = reg.host(),
+        ));
+    }
+    merged
+}
+
+/// nydus set up for one image: its tools, the merged bootstrap and where
+/// the blobs are.
+struct Nydus {
+    bin: PathBuf,
+    boot: PathBuf,
+    host: String,
+    repo: String,
+}
+
+impl Nydus {
+    /// One cold nydus start: nydusd on an empty blob cache, then the floor's
+    /// overlay and runc over its mount. Timed from nydusd's start.
+    fn run(&self, work: &Path, config: &[u8], cmd: &[String], id: &str) -> Duration {
+        let d = work.join(format!("nydus-{id}"));
+        let (mnt, cache) = (d.join("mnt"), d.join("cache"));
+        std::fs::create_dir_all(&mnt).unwrap();
+        std::fs::create_dir_all(&cache).unwrap();
+        let cfg = serde_json::json!({
+            "device": {
+                "backend": {"type": "registry", "config": {
+                    "scheme": "http", "host": self.host, "repo": self.repo,
+                    "timeout": 30, "connect_timeout": 10, "retry_limit": 2}},
+                "cache": {"type": "blobcache", "config": {"work_dir": cache}}
+            },
+            "mode": "direct",
+            "digest_validate": false,
+            "iostats_files": false,
+            "enable_xattr": true,
+            "fs_prefetch": {"enable": false}
+        });
+        let cfg_path = d.join("config.json");
+        std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+        let mountinfo_has = |p: &Path| {
+            let needle = format!(" {} ", p.display());
+            std::fs::read_to_string("/proc/self/mountinfo")
+                .unwrap()
+                .contains(&needle)
+        };
+        let t = Instant::now();
+        let mut nydusd = Command::new(self.bin.join("nydusd"))
+            .args(["--log-level", "warn", "--rlimit-nofile", "0", "--config"])
+            .arg(&cfg_path)
+            .arg("--mountpoint")
+            .arg(&mnt)
+            .arg("--bootstrap")
+            .arg(&self.boot)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        while !mountinfo_has(&mnt) {
+            assert!(nydusd.try_wait().unwrap().is_none(), "nydusd exited before mounting");
+            assert!(t.elapsed() < Duration::from_secs(60), "nydusd did not mount");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let mounted = t.elapsed();
+        let run = floor_run(work, &mnt, config, cmd, id);
+        sh(&format!("umount {}", mnt.display()));
+        let _ = nydusd.wait();
+        let _ = std::fs::remove_dir_all(&d);
+        mounted + run
+    }
 }
 
 fn bench(img: &Image, root: &Path) {
@@ -289,7 +446,29 @@ fn bench(img: &Image, root: &Path) {
     rec.extend(img.cmd.iter().map(String::as_str));
     profiled.ok(&rec);
 
-    let mut t = [(); 5].map(|_| Vec::new());
+    let repo = format!("bench/{}", img.name);
+    let nydus = match nydus_bin() {
+        Some(bin) => {
+            let hexes: Vec<String> = resolved
+                .layers
+                .iter()
+                .map(|l| l.digest.trim_start_matches("sha256:").to_string())
+                .collect();
+            let boot = nydus_convert(&bin, &dir, &layout, &hexes, &reg, &repo);
+            Some(Nydus {
+                bin,
+                boot,
+                host: reg.host(),
+                repo: repo.clone(),
+            })
+        }
+        None => {
+            eprintln!("nydus skipped: no nydus-image in /opt/nydus/bin or $NYDUS_BIN (cargo install nydus-rs --version 2.2.0 --locked --root /opt/nydus)");
+            None
+        }
+    };
+
+    let mut t = [(); 7].map(|_| Vec::new());
     let mut fetched = [Vec::new(), Vec::new()];
     for round in 0..img.rounds {
         drop_caches();
@@ -300,6 +479,7 @@ fn bench(img: &Image, root: &Path) {
             &img.cmd,
             &format!("f{round}"),
         ));
+        settle();
         t[1].push(floor_run(
             work.path(),
             &rootfs,
@@ -314,13 +494,25 @@ fn bench(img: &Image, root: &Path) {
             std::thread::sleep(Duration::from_millis(500));
             fetched[i].push(reg.blob_bytes_served() - before);
         }
+        settle();
         t[4].push(profiled.run(&image, &img.cmd, &format!("w{round}")));
+        // Spans on disk, nothing else: a new clipd, page cache dropped.
+        profiled.ok(&["daemon", "stop"]);
+        drop_caches();
+        profiled.ok(&["ps"]);
+        t[5].push(profiled.run(&image, &img.cmd, &format!("d{round}")));
+        if let Some(n) = &nydus {
+            drop_caches();
+            t[6].push(n.run(work.path(), &resolved.config, &img.cmd, &format!("n{round}")));
+        }
     }
     // Fixed costs: `true` in a cached image against a bare runc run.
     let truecmd = vec!["true".to_string()];
     let mut fixed = (Vec::new(), Vec::new());
     for round in 0..5 {
+        settle();
         fixed.0.push(profiled.run(&image, &truecmd, &format!("t{round}")));
+        settle();
         fixed.1.push(floor_run(
             work.path(),
             &rootfs,
@@ -332,7 +524,8 @@ fn bench(img: &Image, root: &Path) {
     for n in [&plain, &profiled] {
         let _ = n.cmd(&["daemon", "stop"]).output();
     }
-    let [floor, warm_floor, cold, cold_p, warm] = t.map(median);
+    let nydus_t = (!t[6].is_empty()).then(|| median(t[6].clone()));
+    let [floor, warm_floor, cold, cold_p, warm, cached, _] = t.map(|v| if v.is_empty() { 0.0 } else { median(v) });
     let min = |v: &Vec<u64>| *v.iter().min().unwrap();
     let (fb, fbp) = (min(&fetched[0]), min(&fetched[1]));
     println!(
@@ -351,12 +544,24 @@ fn bench(img: &Image, root: &Path) {
     println!("| clip cold, no profile | {cold:.2} |");
     println!("| clip cold, profile | {cold_p:.2} |");
     println!("| clip warm (spans cached, new container) | {warm:.2} |");
+    println!("| clip cached (spans on disk, fresh clipd and mount, page cache dropped) | {cached:.2} |");
+    match nydus_t {
+        Some(n) => println!("| nydus cold (zran, FUSE, empty blob cache, local bootstrap) | {n:.2} |"),
+        None => println!("| nydus cold | not installed |"),
+    }
     println!();
     println!("| ratio | value | goal |");
     println!("|---|---:|---|");
     println!("| cold, profile ÷ floor | **{:.2}** | ≤ 1.2 |", cold_p / floor);
     println!("| cold, no profile ÷ floor | **{:.2}** | ≤ 1.6 |", cold / floor);
     println!("| warm ÷ warm floor | **{:.2}** | ≤ 1.05 |", warm / warm_floor);
+    println!("| cached (fresh mount) ÷ floor | {:.2} | |", cached / floor);
+    if let Some(n) = nydus_t {
+        println!(
+            "| nydus cold ÷ floor | {:.2} | clip's cold ratios below it |",
+            n / floor
+        );
+    }
     println!(
         "| bytes fetched, profile ÷ bytes of files read | **{:.2}** ({fbp} ÷ {read_bytes}, {read_files} files) | ≤ 1.3 |",
         fbp as f64 / read_bytes as f64
@@ -383,7 +588,7 @@ fn main() {
             script: "build-python-image.sh",
             tag: "py",
             cmd: py("import numpy, pandas, scipy.linalg; print(numpy.__version__, pandas.__version__)"),
-            rounds: 3,
+            rounds: 5,
         },
         Image {
             name: "torch",

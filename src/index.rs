@@ -23,9 +23,35 @@ pub struct Args {
     /// Layers indexed at once (default: one per core).
     #[arg(long)]
     jobs: Option<usize>,
+    /// Publish the index (and the prefetch profile, if one is recorded)
+    /// in the image's repository, attached to its manifest, so that other
+    /// nodes fetch it instead of indexing. Needs push access.
+    #[arg(long)]
+    push: bool,
     /// Print a machine-readable summary on stdout.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(clap::Args)]
+pub struct PushProfileArgs {
+    /// Image reference (it must be in a registry).
+    image: String,
+    /// Platform to pick from a multi-arch image (default: this host's).
+    #[arg(long, default_value_t = crate::client::host_platform())]
+    platform: String,
+}
+
+/// `clipctl push-profile`: publishes the index with the recorded profile.
+pub fn push_profile(a: PushProfileArgs) -> Result<()> {
+    let req = Request::PushProfile {
+        spec: crate::client::spec(&a.image, &a.platform, None),
+    };
+    match crate::client::call(&req)? {
+        Reply::Text { text } => println!("{text}"),
+        _ => bail!("clipd answered something else"),
+    }
+    Ok(())
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -39,6 +65,7 @@ pub fn run(a: Args) -> Result<()> {
         spec: crate::client::spec(&a.image, &a.platform, a.checkpoint_mib),
         out: a.out.as_ref().map(std::path::absolute).transpose()?,
         jobs: a.jobs,
+        push: a.push,
     };
     let Reply::Indexed(s) = crate::client::call(&req)? else {
         bail!("clipd answered something else");
@@ -58,6 +85,10 @@ pub fn run(a: Args) -> Result<()> {
             s.seconds,
             if s.built { "" } else { " (already indexed)" }
         );
+        println!("index origin: {}", s.origin);
+        if let Some(p) = &s.published {
+            println!("published: {p}");
+        }
     }
     Ok(())
 }

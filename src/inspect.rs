@@ -154,7 +154,7 @@ pub fn run(a: Args) -> Result<()> {
     let file = Arc::new(load(&a.file)?);
     let index = &file.index;
     let Some(ls) = &a.ls else {
-        return summary(&file, a.json);
+        return summary(&file, &a.file, a.json);
     };
     let root = index
         .resolve(ls.as_bytes())
@@ -237,8 +237,15 @@ pub fn run(a: Args) -> Result<()> {
     Ok(())
 }
 
-fn summary(file: &IndexFile, as_json: bool) -> Result<()> {
+/// Where a stored index came from, as clipd recorded it next to it.
+fn origin(path: &Path) -> String {
+    std::fs::read_to_string(path.with_extension("origin"))
+        .unwrap_or_else(|_| "not recorded (not an index from clipd's store)".into())
+}
+
+fn summary(file: &IndexFile, path: &Path, as_json: bool) -> Result<()> {
     let index = &file.index;
+    let origin = origin(path);
     let count = |k: Kind| index.nodes.iter().filter(|n| n.kind == k).count();
     let layers: Vec<Value> = index
         .layers
@@ -267,6 +274,7 @@ fn summary(file: &IndexFile, as_json: bool) -> Result<()> {
         "directories": count(Kind::Dir),
         "symlinks": count(Kind::Symlink),
         "window_bytes": file.windows_len(),
+        "origin": origin,
     });
     if as_json {
         println!("{v}");
@@ -279,6 +287,7 @@ fn summary(file: &IndexFile, as_json: bool) -> Result<()> {
     );
     println!("platform:  {}", index.image.platform);
     println!("config:    {}", index.image.config_digest);
+    println!("origin:    {origin}");
     println!(
         "tree:      {} inodes: {} files, {} directories, {} symlinks",
         index.nodes.len(),

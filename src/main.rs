@@ -30,6 +30,9 @@ struct Cli {
 enum Command {
     /// Read an image once and store its metadata-only .clip index.
     Index(index::Args),
+    /// Publish an image's index with its recorded prefetch profile in the
+    /// image's repository (replacing what was published).
+    PushProfile(index::PushProfileArgs),
     /// Summarise an index, or list its entries.
     Inspect(inspect::Args),
     /// Mount an image read-only, lazily fetching file data as it is read.
@@ -102,14 +105,20 @@ fn ps(json: bool) -> Result<()> {
         println!("{}", serde_json::to_string(&p)?);
         return Ok(());
     }
-    println!("{:<40} {:<24} MOUNT", "IMAGE", "CONTAINERS");
+    println!("{:<40} {:<24} {:<40} INDEX FROM", "IMAGE", "CONTAINERS", "MOUNT");
     for m in &p.mounts {
         let containers = if m.containers.is_empty() {
             "-".to_string()
         } else {
             m.containers.join(",")
         };
-        println!("{:<40} {:<24} {}", m.image, containers, m.dir.display());
+        println!(
+            "{:<40} {:<24} {:<40} {}",
+            m.image,
+            containers,
+            m.dir.display(),
+            m.origin
+        );
     }
     Ok(())
 }
@@ -129,6 +138,7 @@ fn main() {
     let mut code = 0;
     let result: Result<()> = match cli.command {
         Command::Index(a) => index::run(a),
+        Command::PushProfile(a) => index::push_profile(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Cat { index, path } => inspect::cat(&index, &path),
         Command::Mount(a) => mount::mount(a),

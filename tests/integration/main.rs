@@ -8,6 +8,7 @@ mod metrics;
 mod mount;
 mod profile;
 mod proxy;
+mod published;
 mod run;
 mod security;
 mod semantics;

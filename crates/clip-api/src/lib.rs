@@ -82,6 +82,15 @@ pub enum Request {
         spec: ImageSpec,
         out: Option<PathBuf>,
         jobs: Option<usize>,
+        /// Publish the index (and the profile, if any) in the image's
+        /// repository, attached to its manifest.
+        #[serde(default)]
+        push: bool,
+    },
+    /// Publishes the image's index with its recorded profile (which must
+    /// exist), replacing what was published before.
+    PushProfile {
+        spec: ImageSpec,
     },
     /// Mount an image (or an index file) read-only at `dir`.
     Mount {
@@ -163,6 +172,12 @@ pub struct IndexSummary {
     pub index_bytes: u64,
     pub seconds: f64,
     pub skipped: BTreeMap<String, u64>,
+    /// Where the index came from: built here, or a registry artifact.
+    #[serde(default)]
+    pub origin: String,
+    /// The artifact published by this request, and how it is listed.
+    #[serde(default)]
+    pub published: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -183,6 +198,9 @@ pub struct MountInfo {
     pub image: String,
     pub manifest_digest: String,
     pub index: PathBuf,
+    /// Where the index came from.
+    #[serde(default)]
+    pub origin: String,
     /// Containers whose rootfs is on it.
     pub containers: Vec<String>,
     /// Whether the worker serves it now (false: a stale mount).

@@ -12,6 +12,7 @@ mod client;
 mod layout;
 mod manifest;
 mod reference;
+pub mod referrers;
 mod registry;
 
 use std::io::Read;
@@ -203,6 +204,11 @@ pub trait ImageSource: Send + Sync {
     /// Where the blobs come from, for logs: `registry/repository` or the
     /// layout directory.
     fn describe(&self) -> String;
+    /// The registry behind this source, for what only registries do
+    /// (artifacts attached to a manifest).
+    fn registry(&self) -> Option<&RegistrySource> {
+        None
+    }
 }
 
 /// Opens the source a reference names: a registry through the shared

@@ -15,10 +15,10 @@ use crate::manifest::{self, Fetched, Fetcher, ACCEPT, MAX_DOC};
 use crate::{Descriptor, Error, ImageSource, Platform, ResolvedImage, Result};
 
 pub struct RegistrySource {
-    registries: Arc<Registries>,
-    host: Arc<Host>,
-    reference: Reference,
-    creds: Arc<dyn CredentialSource>,
+    pub(crate) registries: Arc<Registries>,
+    pub(crate) host: Arc<Host>,
+    pub(crate) reference: Reference,
+    pub(crate) creds: Arc<dyn CredentialSource>,
 }
 
 impl std::fmt::Debug for RegistrySource {
@@ -44,7 +44,7 @@ impl RegistrySource {
         })
     }
 
-    fn err(&self, what: impl Into<String>) -> impl FnOnce(HttpError) -> Error + '_ {
+    pub(crate) fn err(&self, what: impl Into<String>) -> impl FnOnce(HttpError) -> Error + '_ {
         let what = what.into();
         move |source| Error::Registry {
             registry: self.host.name.clone(),
@@ -53,15 +53,15 @@ impl RegistrySource {
         }
     }
 
-    fn scope(&self) -> String {
+    pub(crate) fn scope(&self) -> String {
         format!("repository:{}:pull", self.reference.repository())
     }
 
-    fn manifest_path(&self, r: &str) -> String {
+    pub(crate) fn manifest_path(&self, r: &str) -> String {
         format!("/v2/{}/manifests/{r}", self.reference.repository())
     }
 
-    fn blob_path(&self, digest: &str) -> String {
+    pub(crate) fn blob_path(&self, digest: &str) -> String {
         format!("/v2/{}/blobs/{digest}", self.reference.repository())
     }
 
@@ -286,6 +286,10 @@ impl ImageSource for RegistrySource {
 
     fn describe(&self) -> String {
         format!("{}/{}", self.reference.registry(), self.reference.repository())
+    }
+
+    fn registry(&self) -> Option<&RegistrySource> {
+        Some(self)
     }
 
     fn read_range(&self, desc: &Descriptor, offset: u64, len: u64) -> Result<Vec<u8>> {

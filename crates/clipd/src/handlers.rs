@@ -20,12 +20,31 @@ pub fn handle(d: &Daemon, req: Request, send: &mut dyn FnMut(Reply)) -> Result<R
             uptime: d.started.elapsed().as_secs_f64(),
             takeovers: d.takeovers,
         })),
-        Request::Index { spec, out, jobs: _ } => {
+        Request::Index {
+            spec,
+            out,
+            jobs: _,
+            push,
+        } => {
             let ready = ensure(d, &spec, send)?;
             if let Some(out) = &out {
                 write_atomic(out, &ready.index.encode()?)?;
             }
-            Ok(Reply::Indexed(summary(&ready)))
+            let mut s = summary(&ready);
+            if push {
+                s.published = Some(publish(d, &spec, &ready, false)?);
+            }
+            Ok(Reply::Indexed(s))
+        }
+        Request::PushProfile { spec } => {
+            let ready = ensure(d, &spec, send)?;
+            let published = publish(d, &spec, &ready, true)?;
+            Ok(Reply::Text {
+                text: format!(
+                    "published the index and profile of {}: {published}",
+                    ready.reference.canonical()
+                ),
+            })
         }
         Request::Mount { spec, index, dir } => {
             let dir = std::path::absolute(&dir)?;
@@ -201,7 +220,39 @@ fn summary(r: &Ready) -> IndexSummary {
         index_bytes: bytes,
         seconds,
         skipped,
+        origin: r.origin.clone(),
+        published: None,
     }
+}
+
+/// Publishes the stored index of `ready` (with its profile, which
+/// `need_profile` requires) in its registry; says what it pushed.
+fn publish(d: &Daemon, spec: &ImageSpec, ready: &Ready, need_profile: bool) -> Result<String> {
+    let source = d.images.source(&ready.reference, d.images.creds(&spec.creds))?;
+    let Some(reg) = source.registry() else {
+        bail!(
+            "{} is not in a registry: there is nowhere to publish its index",
+            ready.reference.canonical()
+        );
+    };
+    let bytes = std::fs::read(&ready.index_path).with_context(|| format!("reading {}", ready.index_path.display()))?;
+    let profile_path = crate::profiles::path_for(&ready.index_path);
+    let profile = match std::fs::read(&profile_path) {
+        Ok(p) => Some(p),
+        Err(_) if !need_profile => None,
+        Err(_) => bail!(
+            "no prefetch profile is recorded for {}: run `clipctl record {} CMD...` first",
+            ready.reference.canonical(),
+            spec.image
+        ),
+    };
+    let (artifact, via) = crate::published::publish(reg, &ready.index, &bytes, profile.as_deref())
+        .with_context(|| format!("publishing the index of {}", ready.reference.canonical()))?;
+    tracing::info!(image = %ready.reference.canonical(), %artifact, %via, "index published");
+    Ok(format!(
+        "artifact {artifact}{}, listed through {via}",
+        if profile.is_some() { " (index and profile)" } else { "" }
+    ))
 }
 
 /// The index to mount: an image's (stored or built) or a given file; with
@@ -215,7 +266,9 @@ fn index_for(
     match (spec, index) {
         (Some(spec), _) => {
             let r = ensure(d, spec, send)?;
-            Ok((r.index_path, r.index.index.image.reference.clone()))
+            // Blobs from where this request names the image: a published
+            // index records where it was built, maybe another registry.
+            Ok((r.index_path, r.reference.canonical()))
         }
         (None, Some(path)) => {
             let path = std::fs::canonicalize(path).with_context(|| format!("{}", path.display()))?;
@@ -360,6 +413,7 @@ fn ps(d: &Daemon) -> PsReply {
             image: m.image.clone(),
             manifest_digest: m.manifest_digest.clone(),
             index: m.record.index.clone(),
+            origin: crate::images::origin_of(&m.record.index),
             containers: m
                 .record
                 .key

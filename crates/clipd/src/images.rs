@@ -76,6 +76,13 @@ pub struct Ready {
     pub index: Arc<IndexFile>,
     /// Present when the index was built by this call.
     pub built: Option<(clip_index::Stats, f64, u64)>,
+    /// Where the index came from, for people.
+    pub origin: String,
+}
+
+/// Where the stored index at `path` came from (`INDEX.origin`).
+pub fn origin_of(path: &Path) -> String {
+    std::fs::read_to_string(path.with_extension("origin")).unwrap_or_else(|_| "built here".into())
 }
 
 pub struct Images {
@@ -83,6 +90,8 @@ pub struct Images {
     registries: Arc<Registries>,
     own_creds: Arc<dyn CredentialSource>,
     tag_ttl: Duration,
+    /// Look for an index published in the registry before indexing.
+    published: bool,
     tags: Tags,
     loaded: Mutex<HashMap<PathBuf, Arc<IndexFile>>>,
     building: Mutex<HashMap<PathBuf, Arc<Mutex<()>>>>,
@@ -100,6 +109,7 @@ impl Images {
         registries: Arc<Registries>,
         own_creds: Arc<dyn CredentialSource>,
         tag_ttl: Duration,
+        published: bool,
     ) -> Result<Self> {
         let index_dir = base.join("index");
         clip_rootfs::private_dir(&index_dir).context("creating the index directory")?;
@@ -108,6 +118,7 @@ impl Images {
             registries,
             own_creds,
             tag_ttl,
+            published,
             tags: Tags::open(base.join("tags.json")),
             loaded: Mutex::new(HashMap::new()),
             building: Mutex::new(HashMap::new()),
@@ -221,6 +232,7 @@ impl Images {
             Ok(i)
         }) {
             return Ok(Ready {
+                origin: origin_of(&path),
                 reference,
                 index_path: path,
                 index,
@@ -232,6 +244,23 @@ impl Images {
             .resolve(&platform)
             .with_context(|| format!("resolving {}", reference.canonical()))?;
         let path = self.path_for(&resolved.manifest_digest, &reference)?;
+        let mut origin = "built here".to_string();
+        if let Some(reg) = source.registry().filter(|_| self.published && wanted.is_none()) {
+            match crate::published::find(reg, &resolved) {
+                Ok(Some(found)) => return self.adopt(reference, path, found),
+                Ok(None) => {
+                    tracing::info!(image = %reference.canonical(), "no clip index published; indexing here");
+                    origin = "built here (none published)".into();
+                }
+                Err(e) => {
+                    warn(format!(
+                        "the clip index published for {} cannot be used ({e:#}); indexing here",
+                        reference.canonical()
+                    ));
+                    origin = "built here (the published one was unusable)".into();
+                }
+            }
+        }
         let total: u64 = resolved.layers.iter().map(|l| l.size).sum();
         let counter = Arc::new(AtomicU64::new(0));
         let mut opts = clip_index::Options {
@@ -257,6 +286,7 @@ impl Images {
         })?;
         let bytes = file.encode()?;
         write_atomic(&path, &bytes)?;
+        write_atomic(&path.with_extension("origin"), origin.as_bytes())?;
         let index = Arc::new(file);
         // Mounts of a replaced index keep the one they loaded.
         lock(&self.loaded).insert(path.clone(), index.clone());
@@ -265,6 +295,37 @@ impl Images {
             index_path: path,
             index,
             built: Some((stats, started.elapsed().as_secs_f64(), bytes.len() as u64)),
+            origin,
+        })
+    }
+
+    /// Stores an index found in the registry (and its profile, unless this
+    /// node has recorded one).
+    fn adopt(&self, reference: ImageRef, path: PathBuf, found: crate::published::Found) -> Result<Ready> {
+        write_atomic(&path, &found.bytes)?;
+        let digest = &found.index.index.image.manifest_digest;
+        if let Some(p) = &found.profile {
+            let profile = crate::profiles::path_for(&path);
+            match serde_json::from_slice::<crate::profiles::Profile>(p) {
+                Ok(pr) if pr.manifest_digest == *digest => {
+                    if !profile.exists() {
+                        write_atomic(&profile, p)?;
+                    }
+                }
+                _ => tracing::warn!(artifact = %found.artifact, "ignoring a published profile for another image"),
+            }
+        }
+        let origin = format!("registry (artifact {}, found through {})", found.artifact, found.via);
+        write_atomic(&path.with_extension("origin"), origin.as_bytes())?;
+        tracing::info!(image = %reference.canonical(), artifact = %found.artifact, "using the published index");
+        let index = Arc::new(found.index);
+        lock(&self.loaded).insert(path.clone(), index.clone());
+        Ok(Ready {
+            reference,
+            index_path: path,
+            index,
+            built: None,
+            origin,
         })
     }
 }

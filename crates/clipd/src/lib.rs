@@ -11,6 +11,7 @@ mod handlers;
 mod handover;
 mod images;
 mod profiles;
+mod published;
 mod supervisor;
 mod worker;
 

@@ -137,7 +137,15 @@ pub fn run(opts: &Options) -> Result<()> {
         None => Arc::new(clip_registry::auth::Anonymous),
     };
     let store = LayerStore::new(store_options()?).context("opening the layer store")?;
-    let images = Images::new(&paths.base, registries, own_creds, Duration::from_secs(opts.tag_ttl))?;
+    // CLIP_PUBLISHED_INDEX=0: always index here, never fetch an index.
+    let published = std::env::var("CLIP_PUBLISHED_INDEX").map_or(true, |v| v != "0");
+    let images = Images::new(
+        &paths.base,
+        registries,
+        own_creds,
+        Duration::from_secs(opts.tag_ttl),
+        published,
+    )?;
     let mut d = Daemon {
         opts: opts.clone(),
         paths,
