@@ -12,6 +12,8 @@ PACKAGES=(
     runc crun runsc fuse-overlayfs # runtimes and the overlay fallback
     libseccomp-dev pkg-config    # clip-runtime links libseccomp (via libcontainer)
     fuse3 curl ca-certificates gzip tar unzip
+    containerd         # the snapshotter tests drive a real containerd (ctr, CRI)
+    protobuf-compiler  # protoc: containerd's snapshots API and the CRI's bindings
 )
 
 missing=()

@@ -58,6 +58,13 @@ enum Command {
         /// Path of the file inside the image.
         path: String,
     },
+    /// Print the sections of containerd's config.toml that make clip its
+    /// snapshotter (for clipd run with CLIP_SNAPSHOTTER_SOCKET).
+    ContainerdConfig {
+        /// clipd's snapshotter socket.
+        #[arg(long, env = "CLIP_SNAPSHOTTER_SOCKET", default_value = "/run/clip/snapshotter.sock")]
+        socket: PathBuf,
+    },
     /// The node service: status, stop, upgrade.
     #[command(subcommand)]
     Daemon(daemon::Command),
@@ -95,6 +102,27 @@ fn init_logging() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+}
+
+/// containerd's side of the snapshotter: the proxy plugin, and the CRI
+/// settings that pass each layer's image reference and digests to it.
+fn containerd_config(socket: &Path) -> String {
+    format!(
+        r#"# clip as containerd's snapshotter: add to /etc/containerd/config.toml
+# (version = 2), then restart containerd. clipd must serve the socket
+# (CLIP_SNAPSHOTTER_SOCKET, as in contrib/systemd/clipd.service).
+[proxy_plugins.clip]
+  type = "snapshot"
+  address = "{}"
+
+[plugins."io.containerd.grpc.v1.cri".containerd]
+  snapshotter = "clip"
+  # The CRI passes each layer's image reference, manifest and layer digests
+  # to the snapshotter only with this off.
+  disable_snapshot_annotations = false
+"#,
+        socket.display()
+    )
 }
 
 fn ps(json: bool) -> Result<()> {
@@ -148,6 +176,10 @@ fn main() {
         Command::Ps { json } => ps(json),
         Command::Metrics(a) => metrics::run(a),
         Command::Daemon(c) => daemon::run(c),
+        Command::ContainerdConfig { socket } => {
+            print!("{}", containerd_config(&socket));
+            Ok(())
+        }
     };
     if let Err(e) = result {
         eprintln!("clipctl: {e:#}");

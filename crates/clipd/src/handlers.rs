@@ -159,7 +159,7 @@ pub fn handle(d: &Daemon, req: Request, send: &mut dyn FnMut(Reply)) -> Result<R
 }
 
 /// The stored index for a spec (built if missing), with progress frames.
-fn ensure(d: &Daemon, spec: &ImageSpec, send: &mut dyn FnMut(Reply)) -> Result<Ready> {
+pub(crate) fn ensure(d: &Daemon, spec: &ImageSpec, send: &mut dyn FnMut(Reply)) -> Result<Ready> {
     let (tx, rx) = std::sync::mpsc::channel::<Reply>();
     let progress = {
         let tx = std::sync::Mutex::new(tx.clone());
@@ -298,7 +298,7 @@ fn check_mount_point(dir: &Path) -> Result<()> {
 
 /// An image mount's key: the manifest digest and where its blobs come
 /// from (an index fetches from the source it names).
-fn mount_key(index: &clip_format::IndexFile) -> Result<String> {
+pub(crate) fn mount_key(index: &clip_format::IndexFile) -> Result<String> {
     use sha2::Digest;
     let hex = clip_registry::digest_hex(&index.index.image.manifest_digest)?;
     let reference = clip_registry::ImageRef::parse(&index.index.image.reference)?;
@@ -316,6 +316,27 @@ fn prepare(
     send: &mut dyn FnMut(Reply),
 ) -> Result<Reply> {
     clip_rootfs::validate_id(id)?;
+    image_mount(d, spec, index, send, |m| prepare_on(d, m, id, fuse_overlayfs, record))
+}
+
+/// An image's shared mount, made if it is not there.
+pub(crate) struct ImageMount {
+    pub dir: PathBuf,
+    pub key: String,
+    pub file: std::sync::Arc<clip_format::IndexFile>,
+    pub reference: String,
+    pub index_path: PathBuf,
+}
+
+/// Mounts the image (once per image, shared) and runs `then` on it while
+/// no one can retire the mount.
+pub(crate) fn image_mount<T>(
+    d: &Daemon,
+    spec: Option<&ImageSpec>,
+    index: Option<&Path>,
+    send: &mut dyn FnMut(Reply),
+    then: impl FnOnce(&ImageMount) -> Result<T>,
+) -> Result<T> {
     let (index_path, reference) = index_for(d, spec, index, send)?;
     let file = d.images.load(&index_path)?;
     let key = mount_key(&file)?;
@@ -343,16 +364,27 @@ fn prepare(
             creds: spec.map(|s| s.creds.clone()).unwrap_or_default(),
         })?;
     }
+    then(&ImageMount {
+        dir: image_mount,
+        key,
+        file,
+        reference,
+        index_path,
+    })
+}
+
+fn prepare_on(d: &Daemon, m: &ImageMount, id: &str, fuse_overlayfs: bool, record: bool) -> Result<Reply> {
+    let (key, image_mount, file) = (&m.key, &m.dir, &m.file);
     let kind = if fuse_overlayfs {
         OverlayKind::Fuse
     } else {
         OverlayKind::Auto
     };
-    let r = match clip_rootfs::create(&d.paths, d.mounter.as_ref(), &key, &image_mount, id, kind) {
+    let r = match clip_rootfs::create(&d.paths, d.mounter.as_ref(), key, image_mount, id, kind) {
         Ok(r) => r,
         Err(e) => {
-            if clip_rootfs::users(&d.paths, &key).is_empty() {
-                let _ = d.unmount(&image_mount, true);
+            if clip_rootfs::users(&d.paths, key).is_empty() && !lock(&d.pinned).contains(key) {
+                let _ = d.unmount(image_mount, true);
             }
             return Err(e.into());
         }
@@ -364,14 +396,14 @@ fn prepare(
     } else {
         std::time::Duration::from_secs(d.opts.record_secs)
     };
-    d.record(&image_mount, window);
+    d.record(image_mount, window);
     Ok(Reply::Prepared(Prepared {
         id: id.into(),
         rootfs: r.rootfs,
         bundle: d.paths.bundle(id),
         config: String::from_utf8_lossy(&file.index.image.config).into_owned(),
-        image: reference,
-        index: index_path,
+        image: m.reference.clone(),
+        index: m.index_path.clone(),
     }))
 }
 

@@ -12,6 +12,7 @@ mod handover;
 mod images;
 mod profiles;
 mod published;
+mod snapshotter;
 mod supervisor;
 mod worker;
 
@@ -52,6 +53,19 @@ pub struct Options {
     /// once).
     #[arg(long, env = "CLIP_IMAGE_LINGER", default_value_t = 600)]
     pub image_linger: u64,
+    /// Serve containerd's snapshots API (a proxy snapshotter plugin) on
+    /// this socket (`clipctl containerd-config` prints containerd's side).
+    #[arg(long, env = "CLIP_SNAPSHOTTER_SOCKET")]
+    pub snapshotter_socket: Option<PathBuf>,
+    /// The snapshotter's root: snapshot metadata and the directories of
+    /// layers containerd unpacks itself. Under containerd's root, where
+    /// the kubelet looks for image filesystem stats.
+    #[arg(
+        long,
+        env = "CLIP_SNAPSHOTTER_ROOT",
+        default_value = "/var/lib/containerd/io.containerd.snapshotter.v1.clip"
+    )]
+    pub snapshotter_root: PathBuf,
     /// Threads serving each mount's FUSE requests.
     #[arg(long, default_value_t = 4)]
     pub fuse_threads: usize,

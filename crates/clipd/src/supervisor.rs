@@ -242,6 +242,10 @@ fn pass_through(cmd: &mut std::process::Command, opts: &Options) {
     cmd.arg("--record-secs").arg(opts.record_secs.to_string());
     cmd.arg("--image-linger").arg(opts.image_linger.to_string());
     cmd.arg("--fuse-threads").arg(opts.fuse_threads.to_string());
+    if let Some(s) = &opts.snapshotter_socket {
+        cmd.arg("--snapshotter-socket").arg(s);
+    }
+    cmd.arg("--snapshotter-root").arg(&opts.snapshotter_root);
 }
 
 fn spawn_worker(opts: &Options, sock: &OwnedFd, listener: &OwnedFd, mask: &SigSet) -> Result<std::process::Child> {

@@ -61,6 +61,8 @@ pub struct Daemon {
     /// An upgrade or a stop is under way: accept no more connections
     /// (they wait in the socket's backlog for the next worker).
     pub handing_over: std::sync::atomic::AtomicBool,
+    /// Image mounts containerd's snapshots use (by key): never retired.
+    pub pinned: Mutex<std::collections::HashSet<String>>,
 }
 
 fn env_fd(name: &str) -> Result<OwnedFd> {
@@ -160,6 +162,7 @@ pub fn run(opts: &Options) -> Result<()> {
         last_activity: Mutex::new(Instant::now()),
         busy: AtomicUsize::new(0),
         handing_over: std::sync::atomic::AtomicBool::new(false),
+        pinned: Mutex::new(Default::default()),
     };
     d.take_over()?;
     d.clean_stale();
@@ -187,7 +190,11 @@ pub fn run(opts: &Options) -> Result<()> {
             .name("clipd-profiles".into())
             .spawn(move || d.flush_loop())?;
     }
-    if let Some(secs) = opts.idle_exit {
+    if let Some(sock) = &opts.snapshotter_socket {
+        crate::snapshotter::start(d.clone(), sock, &opts.snapshotter_root)?;
+    }
+    // containerd depends on a snapshotter being there: no idle exit.
+    if let Some(secs) = opts.idle_exit.filter(|_| opts.snapshotter_socket.is_none()) {
         let d = d.clone();
         std::thread::Builder::new()
             .name("clipd-idle".into())
@@ -432,7 +439,7 @@ impl Daemon {
     pub fn retire_image(&self, dir: &Path, key: &str, linger: Option<Duration>) {
         let gate = self.image_lock(key);
         let _g = lock(&gate);
-        if !clip_rootfs::users(&self.paths, key).is_empty() {
+        if !clip_rootfs::users(&self.paths, key).is_empty() || lock(&self.pinned).contains(key) {
             return;
         }
         let due = {

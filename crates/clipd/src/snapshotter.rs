@@ -1,0 +1,122 @@
+//! containerd's snapshotter, served from the worker (`clip-snapshots`):
+//! images are readied and mounted through the daemon's own image store and
+//! mounts, so containerd's containers share them with clipctl's.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clip_api::ImageSpec;
+use clip_snapshots::{Images, Snapshotter, Store};
+
+use crate::worker::{lock, Daemon};
+
+pub struct ClipImages {
+    d: Arc<Daemon>,
+}
+
+/// The image as the CRI names it, pinned to the manifest it resolved.
+fn spec(image: &str, manifest: &str) -> ImageSpec {
+    let image = if image.contains('@') {
+        image.to_string()
+    } else {
+        format!("{image}@{manifest}")
+    };
+    ImageSpec {
+        image,
+        platform: clip_registry::Platform::default().to_string(),
+        // The CRI's pull secret does not reach a snapshotter: clipd's own
+        // credentials (CLIP_AUTH_FILE) are used.
+        creds: Default::default(),
+        checkpoint_mib: None,
+    }
+}
+
+impl ClipImages {
+    fn mount(&self, image: &str, manifest: &str) -> Result<(PathBuf, String)> {
+        let s = spec(image, manifest);
+        crate::handlers::image_mount(&self.d, Some(&s), None, &mut |_| {}, |m| {
+            lock(&self.d.pinned).insert(m.key.clone());
+            Ok((m.dir.clone(), m.key.clone()))
+        })
+    }
+}
+
+impl Images for ClipImages {
+    fn ensure(&self, image: &str, manifest: &str) -> std::result::Result<(), String> {
+        crate::handlers::ensure(&self.d, &spec(image, manifest), &mut |_| {})
+            .map(|_| ())
+            .map_err(|e| format!("{e:#}"))
+    }
+
+    fn mount(&self, image: &str, manifest: &str) -> std::result::Result<PathBuf, String> {
+        ClipImages::mount(self, image, manifest)
+            .map(|(dir, _)| dir)
+            .map_err(|e| format!("{e:#}"))
+    }
+
+    fn release(&self, image: &str, manifest: &str) {
+        let s = spec(image, manifest);
+        let key = crate::handlers::ensure(&self.d, &s, &mut |_| {}).and_then(|r| crate::handlers::mount_key(&r.index));
+        if let Ok(key) = key {
+            lock(&self.d.pinned).remove(&key);
+            let dir = self.d.paths.image_mount(&key);
+            self.d.retire_image(
+                &dir,
+                &key,
+                Some(std::time::Duration::from_secs(self.d.opts.image_linger)),
+            );
+        }
+    }
+}
+
+/// Serves the snapshots API on `socket` from a thread of its own.
+pub fn start(d: Arc<Daemon>, socket: &Path, root: &Path) -> Result<()> {
+    let store =
+        Arc::new(Store::open(root).with_context(|| format!("opening the snapshotter root {}", root.display()))?);
+    let images = Arc::new(ClipImages { d });
+    // Images that snapshots use stay mounted (mounted again when asked).
+    for r in store.lock().remotes() {
+        if let Err(e) = images.ensure(&r.image, &r.manifest).and_then(|_| {
+            let key = crate::handlers::ensure(&images.d, &spec(&r.image, &r.manifest), &mut |_| {})
+                .and_then(|x| crate::handlers::mount_key(&x.index))
+                .map_err(|e| format!("{e:#}"))?;
+            lock(&images.d.pinned).insert(key);
+            Ok(())
+        }) {
+            tracing::warn!(image = %r.image, error = %e, "a snapshot's image is not ready");
+        }
+    }
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let _ = std::fs::remove_file(socket);
+    let std_listener =
+        std::os::unix::net::UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
+    std::fs::set_permissions(socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    std_listener.set_nonblocking(true)?;
+    let snapshotter = Arc::new(Snapshotter::new(store, images));
+    std::thread::Builder::new()
+        .name("clipd-snapshots".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => return tracing::error!(error = %e, "cannot start the snapshotter's runtime"),
+            };
+            rt.block_on(async move {
+                let listener = match tokio::net::UnixListener::from_std(std_listener) {
+                    Ok(l) => l,
+                    Err(e) => return tracing::error!(error = %e, "cannot serve the snapshotter socket"),
+                };
+                if let Err(e) = clip_snapshots::serve(listener, snapshotter).await {
+                    tracing::error!(error = %e, "the snapshotter stopped");
+                }
+            });
+        })?;
+    tracing::info!(socket = %socket.display(), root = %root.display(), "serving containerd's snapshots API");
+    Ok(())
+}
