@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use k8s_cri::v1 as cri;
 
 use crate::harness::{layout, Registry};
-use crate::proxy::FaultProxy;
 
 fn run(cmd: &mut Command) -> String {
     let o = cmd.output().unwrap();
@@ -32,14 +31,14 @@ fn wait_for(what: &str, f: impl Fn() -> bool) {
 }
 
 /// A node: clipd with the snapshotter, and containerd using it.
-struct Node {
+pub(crate) struct Node {
     dir: tempfile::TempDir,
     clipd: Child,
     containerd: Child,
 }
 
 impl Node {
-    fn path(&self, p: &str) -> PathBuf {
+    pub(crate) fn path(&self, p: &str) -> PathBuf {
         self.dir.path().join(p)
     }
 
@@ -67,7 +66,13 @@ impl Node {
 
     /// A node pulling over plain HTTP from `registries`, its sandbox image
     /// from the first.
-    fn start(registries: &[&str]) -> Node {
+    pub(crate) fn start(registries: &[&str]) -> Node {
+        Self::start_with(registries, true)
+    }
+
+    /// The same; with `clip` false the CRI uses containerd's own overlayfs
+    /// snapshotter (clipd still runs).
+    pub(crate) fn start_with(registries: &[&str], clip: bool) -> Node {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         let clipd = Self::start_clipd(d);
@@ -87,7 +92,7 @@ impl Node {
             .arg("containerd-config")
             .arg("--socket")
             .arg(d.join("snapshotter.sock"));
-        let snippet = run(&mut snippet);
+        let snippet = if clip { run(&mut snippet) } else { String::new() };
         let config = format!(
             r#"version = 2
 root = "{root}"
@@ -159,7 +164,7 @@ impl Drop for Node {
 
 /// A registry of the test's own with debian, busybox and a pause image
 /// (busybox sleeping: nothing outside is reachable).
-fn registry_with_images(tmp: &Path) -> Registry {
+pub(crate) fn registry_with_images(tmp: &Path) -> Registry {
     let storage = tmp.join("registry");
     let reg = Registry::start(&storage);
     for tag in ["debian", "busybox"] {
@@ -185,14 +190,14 @@ fn registry_with_images(tmp: &Path) -> Registry {
 }
 
 /// A CRI client on containerd's socket.
-struct Cri {
-    rt: tokio::runtime::Runtime,
-    runtime: cri::runtime_service_client::RuntimeServiceClient<tonic::transport::Channel>,
-    images: cri::image_service_client::ImageServiceClient<tonic::transport::Channel>,
+pub(crate) struct Cri {
+    pub(crate) rt: tokio::runtime::Runtime,
+    pub(crate) runtime: cri::runtime_service_client::RuntimeServiceClient<tonic::transport::Channel>,
+    pub(crate) images: cri::image_service_client::ImageServiceClient<tonic::transport::Channel>,
 }
 
 impl Cri {
-    fn connect(sock: PathBuf) -> Cri {
+    pub(crate) fn connect(sock: PathBuf) -> Cri {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -227,7 +232,7 @@ impl Cri {
         c
     }
 
-    fn pull(&mut self, image: &str) {
+    pub(crate) fn pull(&mut self, image: &str) {
         let mut i = self.images.clone();
         self.rt
             .block_on(i.pull_image(cri::PullImageRequest {
@@ -240,7 +245,7 @@ impl Cri {
             .unwrap_or_else(|e| panic!("pulling {image}: {e}"));
     }
 
-    fn sandbox_config(name: &str, logs: &Path) -> cri::PodSandboxConfig {
+    pub(crate) fn sandbox_config(name: &str, logs: &Path) -> cri::PodSandboxConfig {
         cri::PodSandboxConfig {
             metadata: Some(cri::PodSandboxMetadata {
                 name: name.into(),
@@ -263,7 +268,7 @@ impl Cri {
         }
     }
 
-    fn sandbox(&mut self, config: &cri::PodSandboxConfig) -> String {
+    pub(crate) fn sandbox(&mut self, config: &cri::PodSandboxConfig) -> String {
         let mut r = self.runtime.clone();
         self.rt
             .block_on(r.run_pod_sandbox(cri::RunPodSandboxRequest {
@@ -276,7 +281,7 @@ impl Cri {
     }
 
     /// Creates and starts a container; returns its id once it has exited.
-    fn run_to_exit(
+    pub(crate) fn run_to_exit(
         &mut self,
         pod: &str,
         config: &cri::PodSandboxConfig,
@@ -342,7 +347,7 @@ impl Cri {
         id
     }
 
-    fn remove_container(&mut self, id: &str) {
+    pub(crate) fn remove_container(&mut self, id: &str) {
         let mut r = self.runtime.clone();
         self.rt
             .block_on(r.remove_container(cri::RemoveContainerRequest {
@@ -351,7 +356,7 @@ impl Cri {
             .unwrap();
     }
 
-    fn remove_sandbox(&mut self, pod: &str) {
+    pub(crate) fn remove_sandbox(&mut self, pod: &str) {
         let mut r = self.runtime.clone();
         self.rt
             .block_on(r.stop_pod_sandbox(cri::StopPodSandboxRequest {
@@ -367,7 +372,7 @@ impl Cri {
 }
 
 /// The output lines of a CRI log file (`TIME STREAM TAG TEXT`).
-fn cri_log(path: &Path) -> String {
+pub(crate) fn cri_log(path: &Path) -> String {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
@@ -391,7 +396,7 @@ fn md5_of_unpacked(files: &[&str]) -> String {
 fn the_cri_starts_containers_lazily_from_clip() {
     let tmp = tempfile::tempdir().unwrap();
     let reg = registry_with_images(tmp.path());
-    let proxy = FaultProxy::start(reg.port);
+    let proxy = crate::proxy::FaultProxy::start(reg.port);
     // The image's index is published (as CI would, after the push): the
     // node reads no layer whole, not even to index it.
     let ci = tempfile::tempdir().unwrap();
@@ -589,7 +594,7 @@ fn ctr_pulls_into_clip_snapshots_without_cri_labels() {
 fn an_image_clip_cannot_serve_falls_back_to_containerds_pull() {
     let tmp = tempfile::tempdir().unwrap();
     let reg = registry_with_images(tmp.path());
-    let proxy = FaultProxy::start(reg.port);
+    let proxy = crate::proxy::FaultProxy::start(reg.port);
     proxy.bearer("alice", "secret");
     // The sandbox image from the registry itself, without credentials.
     let node = Node::start(&[&reg.host(), &proxy.host()]);

@@ -151,12 +151,59 @@ fn cleanup_failed(root: &Root, id: &str) {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// Starts a created container: as libcontainer's `Container::start`, but
+/// it returns only once the container's process has exec'd, as runc's
+/// does (its exec fifo), so that poststart hooks, and a signal sent right
+/// after `start`, find the container's own process; and a failing
+/// poststart hook is a warning, and the other hooks still run (the spec).
 pub fn start(root: &Root, id: &str) -> Result<()> {
+    use libcontainer::notify_socket::{NotifySocket, NOTIFY_FILE};
     let mut c = root.load(id)?;
+    c.refresh_status()?;
     if c.status() != ContainerStatus::Created {
         return Err(state_error(&c, "only a created container can be started"));
     }
-    Ok(c.start()?)
+    let config =
+        libcontainer::config::YoukiConfig::load(&c.root).map_err(libcontainer::error::LibcontainerError::from)?;
+    let pid = c.pid();
+    let before = pid.and_then(|p| exe_of(p.as_raw()));
+    NotifySocket::new(c.root.join(NOTIFY_FILE))
+        .notify_container_start()
+        .map_err(libcontainer::error::LibcontainerError::from)?;
+    if let (Some(p), Some(before)) = (pid, before) {
+        wait_for_exec(p.as_raw(), before);
+    }
+    c.set_status(ContainerStatus::Running).save()?;
+    if let Some(hooks) = config.hooks.as_ref() {
+        for hook in hooks.poststart().iter().flatten() {
+            let one = vec![hook.clone()];
+            if let Err(e) = libcontainer::hooks::run_hooks(Some(&one), Some(&c.state), Some(&c.root), None, None) {
+                tracing::warn!(path = %hook.path().display(), error = %e, "a poststart hook failed");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The (device, inode) of process `pid`'s executable.
+fn exe_of(pid: i32) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(format!("/proc/{pid}/exe"))
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+/// Waits until process `pid` runs another executable than `before` (it
+/// exec'd the container's process) or is gone (it exec'd and exited).
+fn wait_for_exec(pid: i32, before: (u64, u64)) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while exe_of(pid) == Some(before) {
+        if std::time::Instant::now() > deadline {
+            tracing::warn!(pid, "the container's process did not exec within 10 s");
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
 }
 
 fn status_name(s: ContainerStatus) -> &'static str {
