@@ -200,4 +200,49 @@ fn a_published_index_is_used_by_other_nodes_and_a_bad_one_is_refused() {
     let (out, err) = ok(d, &["run", "--rm", &image("debian"), "sh", "-c", cmd]);
     assert_eq!(out, expected);
     assert!(err.contains("cannot be used") && err.contains("digest"), "{err}");
+
+    // A multi-platform image: one index per platform manifest, each
+    // attached to its own manifest, none to the image index.
+    let o = Command::new("skopeo")
+        .args([
+            "copy",
+            "--all",
+            "--quiet",
+            "--preserve-digests",
+            "--dest-tls-verify=false",
+        ])
+        .arg(format!("oci:{}:multi", layout().display()))
+        .arg(format!("docker://{}/clip/app:multi", reg.host()))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for platform in ["linux/amd64", "linux/arm64"] {
+        let (out, _) = ok(
+            a,
+            &["index", "--image", &direct("multi"), "--platform", platform, "--push"],
+        );
+        assert!(out.contains("published"), "{out}");
+    }
+    let (_, multi) = manifest_of(&layout(), "multi");
+    let lists = |digest: &str| {
+        Command::new("curl")
+            .args(["-sf", "-H", &format!("Accept: {OCI_INDEX}")])
+            .arg(format!(
+                "http://{}/v2/clip/app/manifests/{}",
+                reg.host(),
+                digest.replacen(':', "-", 1)
+            ))
+            .output()
+            .unwrap()
+    };
+    for m in multi["manifests"].as_array().unwrap() {
+        let o = lists(m["digest"].as_str().unwrap());
+        assert!(o.status.success(), "no referrers of the {} manifest", m["platform"]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["manifests"][0]["artifactType"], "application/vnd.clip.index");
+    }
+    assert!(
+        !lists(&digest_of("multi")).status.success(),
+        "an index attached to the image index"
+    );
 }
