@@ -14,6 +14,7 @@ PACKAGES=(
     fuse3 curl ca-certificates gzip tar unzip
     containerd         # the snapshotter tests drive a real containerd (ctr, CRI)
     protobuf-compiler  # protoc: containerd's snapshots API and the CRI's bindings
+    golang-1.19-go make # builds runtime-tools' validation suite (clip-runtime's conformance test)
 )
 
 missing=()

@@ -97,7 +97,27 @@ pub struct CreateOptions {
 }
 
 fn load_spec(bundle: &Path) -> Result<Spec> {
-    Spec::load(bundle.join("config.json")).map_err(|e| Error::Spec(bundle.to_path_buf(), e.to_string()))
+    let spec = Spec::load(bundle.join("config.json")).map_err(|e| Error::Spec(bundle.to_path_buf(), e.to_string()))?;
+    check_process(&spec).map_err(|why| Error::Spec(bundle.to_path_buf(), why))?;
+    Ok(spec)
+}
+
+/// Process fields libcontainer would trip on (an environment entry
+/// without a name made it panic): refused with a clear error.
+fn check_process(spec: &Spec) -> std::result::Result<(), String> {
+    let Some(p) = spec.process() else {
+        return Ok(());
+    };
+    for e in p.env().iter().flatten() {
+        match e.split_once('=') {
+            Some((name, _)) if !name.is_empty() && !name.contains('\0') => {}
+            _ => return Err(format!("process.env entry {e:?} is not NAME=VALUE")),
+        }
+    }
+    if p.args().as_ref().is_none_or(|a| a.is_empty()) && p.command_line().is_none() {
+        return Err("process.args is empty: there is nothing to run".into());
+    }
+    Ok(())
 }
 
 fn builder(root: &Root, id: &str, console: Option<&Path>, pid_file: Option<&Path>) -> Result<ContainerBuilder> {
@@ -133,12 +153,54 @@ pub fn create(root: &Root, id: &str, o: &CreateOptions, detach: bool) -> Result<
             return Err(e.into());
         }
     };
-    if let Err(e) = readonly_cgroups::enforce(&container, &spec) {
+    let applied = readonly_cgroups::enforce(&container, &spec).and_then(|_| disable_oom_killer(&container, &spec));
+    if let Err(e) = applied {
         let _ = container.delete(true);
         cleanup_failed(root, id);
         return Err(e);
     }
     Ok(container)
+}
+
+/// `linux.resources.memory.disableOOMKiller`, which libcontainer 0.7
+/// never applies: `memory.oom_control` of the container's memory cgroup
+/// (cgroup v1; cgroup v2 has no such switch).
+fn disable_oom_killer(c: &Container, spec: &Spec) -> Result<()> {
+    let wanted = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.resources().as_ref())
+        .and_then(|r| r.memory().as_ref())
+        .and_then(|m| m.disable_oom_killer());
+    let (Some(true), Some(pid)) = (wanted, c.pid()) else {
+        return Ok(());
+    };
+    let cgroups =
+        std::fs::read_to_string(format!("/proc/{pid}/cgroup")).map_err(io("reading the container's cgroups"))?;
+    let Some(path) = cgroups.lines().find_map(|l| {
+        let mut f = l.splitn(3, ':');
+        let (_, controllers, path) = (f.next()?, f.next()?, f.next()?);
+        controllers.split(',').any(|c| c == "memory").then(|| path.to_string())
+    }) else {
+        return Ok(()); // no v1 memory controller
+    };
+    let mounts = procfs::process::Process::myself()
+        .and_then(|p| p.mountinfo())
+        .map_err(|e| Error::Io {
+            what: "reading the mount table".into(),
+            source: std::io::Error::other(e),
+        })?;
+    let Some(mount) = mounts
+        .into_iter()
+        .find(|m| m.fs_type == "cgroup" && m.super_options.contains_key("memory"))
+    else {
+        return Ok(());
+    };
+    let file = mount
+        .mount_point
+        .join(path.trim_start_matches('/'))
+        .join("memory.oom_control");
+    std::fs::write(&file, "1").map_err(io(format!("writing {}", file.display())))
 }
 
 /// Removes what a failed create may have left (libcontainer cleans up
@@ -432,4 +494,29 @@ pub fn foreground(pid: i32) -> Result<i32> {
         }
     });
     result.expect("forward returns once done")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_process(env: &[&str], args: &[&str]) -> Spec {
+        let mut spec = Spec::default();
+        let mut p = spec.process().clone().unwrap_or_default();
+        p.set_env(Some(env.iter().map(|s| s.to_string()).collect()));
+        p.set_args(Some(args.iter().map(|s| s.to_string()).collect()));
+        spec.set_process(Some(p));
+        spec
+    }
+
+    #[test]
+    fn process_fields_libcontainer_trips_on_are_refused() {
+        assert!(check_process(&with_process(&["A=1", "B="], &["sh"])).is_ok());
+        let e = check_process(&with_process(&["=value"], &["sh"])).unwrap_err();
+        assert!(e.contains("\"=value\""), "{e}");
+        assert!(check_process(&with_process(&["NOEQUALS"], &["sh"])).is_err());
+        assert!(check_process(&with_process(&[], &[]))
+            .unwrap_err()
+            .contains("nothing to run"));
+    }
 }

@@ -101,7 +101,16 @@ fn compliance() {
     }
     std::fs::write(concat!(env!("CARGO_TARGET_TMPDIR"), "/COMPLIANCE.md"), &md).unwrap();
     if only.is_none() && std::env::var("CLIP_UPDATE_COMPLIANCE").is_ok_and(|v| v == "1") {
-        std::fs::write(concat!(env!("CARGO_MANIFEST_DIR"), "/../../COMPLIANCE.md"), &md).unwrap();
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../COMPLIANCE.md");
+        // The runtime-tools section (tests/conformance.rs) stays.
+        let old = std::fs::read_to_string(path).unwrap_or_default();
+        let begin = "<!-- runtime-tools:";
+        let end = "<!-- /runtime-tools -->";
+        let kept = match (old.find(begin), old.find(end)) {
+            (Some(a), Some(b)) => format!("{}\n", &old[a..b + end.len()]),
+            _ => String::new(),
+        };
+        std::fs::write(path, format!("{kept}\n{md}")).unwrap();
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
