@@ -237,17 +237,36 @@ fn runtime_tools_validation() {
         .collect();
     tests.sort();
     assert!(!tests.is_empty());
+    // CLIP_CONFORMANCE_REPEAT=N: N runs; a test whose result on
+    // clip-runtime differs between runs is a failure (flaky).
+    let repeat: usize = std::env::var("CLIP_CONFORMANCE_REPEAT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1);
     let mut results: BTreeMap<String, Vec<Outcome>> = BTreeMap::new();
-    for t in &tests {
-        let row: Vec<Outcome> = rts.iter().map(|rt| run_one(&suite, t, rt)).collect();
-        eprintln!(
-            "{t:<34} {}",
-            row.iter()
-                .map(|o| if o.ok() { "pass" } else { "FAIL" })
-                .collect::<Vec<_>>()
-                .join(" ")
-        );
-        results.insert(t.clone(), row);
+    let mut flips = Vec::new();
+    for round in 0..repeat {
+        for t in &tests {
+            let row: Vec<Outcome> = rts.iter().map(|rt| run_one(&suite, t, rt)).collect();
+            eprintln!(
+                "{round} {t:<34} {}",
+                row.iter()
+                    .map(|o| if o.ok() { "pass" } else { "FAIL" })
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+            if let Some(first) = results.get(t) {
+                if first[0].ok() != row[0].ok() || first[0].failed != row[0].failed {
+                    flips.push(format!(
+                        "{t}: clip-runtime's result changed in run {round}: {:?}",
+                        row[0]
+                    ));
+                }
+            } else {
+                results.insert(t.clone(), row);
+            }
+        }
     }
 
     let mut md = String::new();
@@ -262,7 +281,7 @@ fn runtime_tools_validation() {
         count(1),
         count(2)
     ));
-    let mut problems = Vec::new();
+    let mut problems = flips;
     let cell = |o: &Outcome| if o.ok() { "pass".to_string() } else { "FAIL".to_string() };
     for (t, row) in &results {
         let any_fail = row.iter().any(|o| !o.ok());
