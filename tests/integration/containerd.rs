@@ -202,20 +202,21 @@ impl Cri {
             .enable_all()
             .build()
             .unwrap();
-        let channel = rt
-            .block_on(
-                tonic::transport::Endpoint::try_from("http://[::]")
-                    .unwrap()
-                    .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-                        let sock = sock.clone();
-                        async move {
-                            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                                tokio::net::UnixStream::connect(sock).await?,
-                            ))
-                        }
-                    })),
-            )
-            .unwrap();
+        // Lazy: containerd may have made its socket and not yet listen on
+        // it; the Version calls below wait until it answers.
+        let channel = {
+            let _guard = rt.enter();
+            tonic::transport::Endpoint::try_from("http://[::]")
+                .unwrap()
+                .connect_with_connector_lazy(tower::service_fn(move |_: tonic::transport::Uri| {
+                    let sock = sock.clone();
+                    async move {
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                            tokio::net::UnixStream::connect(sock).await?,
+                        ))
+                    }
+                }))
+        };
         let runtime = cri::runtime_service_client::RuntimeServiceClient::new(channel.clone());
         let images = cri::image_service_client::ImageServiceClient::new(channel);
         let mut c = Cri { rt, runtime, images };
@@ -313,9 +314,9 @@ impl Cri {
         let id = loop {
             match self.rt.block_on(r.create_container(req.clone())) {
                 Ok(resp) => break resp.into_inner().container_id,
-                Err(e) if e.code() == tonic::Code::Unavailable && tries < 20 => {
+                Err(e) if e.code() == tonic::Code::Unavailable && tries < 60 => {
                     tries += 1;
-                    std::thread::sleep(Duration::from_millis(250));
+                    std::thread::sleep(Duration::from_millis(500));
                 }
                 Err(e) => panic!("CreateContainer: {e}"),
             }

@@ -17,6 +17,12 @@
 //! index) are pulled and unpacked by containerd into directories under the
 //! root. Metadata is one JSON file under the root, written atomically at
 //! each change, so snapshots survive a restart of clipd.
+//!
+//! The service is generated from containerd's `snapshots.proto` (copied
+//! to `proto/`) with the tonic already in the tree for the CRI tests,
+//! rather than taken from the `containerd-snapshots` crate: that one is on
+//! tonic 0.9 / prost 0.11 (a second gRPC stack to build) and its trait
+//! drops the request's metadata, where the containerd namespace travels.
 
 pub mod filter;
 mod meta;
