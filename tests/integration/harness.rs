@@ -281,6 +281,17 @@ pub fn manifest_of(layout: &Path, tag: &str) -> (PathBuf, serde_json::Value) {
     (path, v)
 }
 
+/// The digests of `tag`'s layers in the test layout.
+pub fn layer_digests(tag: &str) -> Vec<String> {
+    let (_, m) = manifest_of(&layout(), tag);
+    m["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap().to_string())
+        .collect()
+}
+
 /// The blob of layer `i` of `tag` in the test layout.
 pub fn layer_blob(tag: &str, i: usize) -> PathBuf {
     let lay = layout();

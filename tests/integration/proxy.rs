@@ -333,3 +333,17 @@ fn serve(
     }
     client.shutdown(Shutdown::Both)
 }
+
+/// Asserts that every request in `log` for one of `layers` read a bounded
+/// range (no whole-layer GET); returns how many there were.
+pub fn assert_ranges_only(log: &RequestLog, layers: &[String]) -> usize {
+    let mut n = 0;
+    for (path, range, ..) in log {
+        if layers.iter().any(|l| path.ends_with(l.as_str())) {
+            let r = range.as_deref().unwrap_or_else(|| panic!("a full-layer GET of {path}"));
+            assert!(!r.ends_with('-'), "an open-ended range of {path}: {r}");
+            n += 1;
+        }
+    }
+    n
+}

@@ -107,29 +107,14 @@ fn a_published_index_is_used_by_other_nodes_and_a_bad_one_is_refused() {
 
     // Node B, empty: runs the image with the published index, reading
     // only ranges of the layers.
-    let layers: Vec<String> = {
-        let (_, m) = manifest_of(&layout(), "debian");
-        m["layers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|l| l["digest"].as_str().unwrap().to_string())
-            .collect()
-    };
+    let layers = crate::harness::layer_digests("debian");
     proxy.log.lock().unwrap().clear();
     let (out, err) = ok(b, &["run", "--rm", &image("debian"), "sh", "-c", cmd]);
     assert_eq!(out, expected);
     assert!(!err.contains("cannot be used"), "{err}");
     let log = proxy.log.lock().unwrap().clone();
-    let layer_gets: Vec<_> = log
-        .iter()
-        .filter(|(path, ..)| layers.iter().any(|l| path.ends_with(l.as_str())))
-        .collect();
-    assert!(!layer_gets.is_empty(), "{log:?} {layers:?}");
-    for (path, range, ..) in &layer_gets {
-        let r = range.as_deref().unwrap_or_else(|| panic!("a full-layer GET of {path}"));
-        assert!(!r.ends_with('-'), "an open-ended range of {path}: {r}");
-    }
+    let n = crate::proxy::assert_ranges_only(&log, &layers);
+    assert!(n > 0, "no layer reads: {log:?} {layers:?}");
     let (info, _) = ok(b, &["inspect", stored_index(b).to_str().unwrap()]);
     assert!(info.contains("origin:    registry (artifact sha256:"), "{info}");
 

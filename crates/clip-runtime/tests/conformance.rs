@@ -38,7 +38,8 @@ const REASONS: &[(&str, Option<&str>, &str)] = &[
     ("linux_mount_label", None, "runc 1.1.5 cannot mount /dev with the label option here (no SELinux)"),
     ("poststart", None, "runc 1.1.5: `The post-start hooks MUST be called before the start operation returns`"),
     ("poststart_fail", None, "runc 1.1.5 fails create when a poststart hook fails"),
-    ("poststop_fail", None, "runc 1.1.5 stops at a failing poststop hook"),
+    ("poststop_fail", None, "runc 1.1.5 stops at a failing poststop hook; crun 1.8.1 failed it in one of several runs here"),
+    ("poststop", None, "crun 1.8.1 failed it in one of several runs here (`signal: broken pipe`)"),
     ("hooks_stdin", None, "runc 1.1.5 passes `creating` to prestart and `created` to poststart hooks"),
     ("linux_seccomp", None, "runc 1.1.5: `failed to verify if current working directory is safe: operation not permitted`"),
     ("linux_cgroups_devices", None, "runc 1.1.5 reads back its device rules in another order (`expect: c 10:229 rwm, actual: b 0:0 m`)"),
@@ -314,7 +315,10 @@ fn runtime_tools_validation() {
                 mark(fails[2]),
                 why.unwrap_or("**no reason stated**")
             ));
-            if why.is_none() {
+            // Every failure of clip-runtime needs its reason; the reference
+            // runtimes' are shown without one rather than failing the run
+            // (crun's hook tests fail in some runs only).
+            if why.is_none() && fails[0] {
                 problems.push(format!("{t}: {p}: a failure without a stated reason"));
             }
         }
