@@ -38,9 +38,9 @@ impl<I: Images> Snapshotter<I> {
 }
 
 /// The containerd namespace a request is for, from gRPC metadata when the
-/// caller sends it. containerd 1.6 does not for proxy plugins: its
-/// metadata store puts the namespace into every key it passes
-/// (`NS/ID/NAME`), so those share one space here.
+/// caller sends it. containerd 1.6 sends it on some calls only (none on
+/// ctr's pulls); the keys its metadata store passes carry the namespace
+/// (`NS/ID/NAME`), so calls without it share one space here.
 fn namespace<T>(r: &Request<T>) -> Result<String, Status> {
     match r.metadata().get("containerd-namespace").map(|v| v.to_str()) {
         Some(Ok(ns)) => Ok(ns.to_string()),
