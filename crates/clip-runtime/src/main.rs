@@ -195,7 +195,9 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Delete { force, id } => clip_runtime::delete(&root, &id, force)?,
         Command::Run { create, detach, keep } => {
             let mut c = clip_runtime::create(&root, &create.id, &create.options(), detach)?;
-            if let Err(e) = c.start() {
+            // The same start as `start`: it waits for the exec, then runs
+            // poststart hooks.
+            if let Err(e) = clip_runtime::start(&root, &create.id) {
                 let _ = c.delete(true);
                 return Err(e.into());
             }
