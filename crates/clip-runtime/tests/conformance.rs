@@ -148,7 +148,9 @@ fn suite() -> PathBuf {
             )
             .env("GOFLAGS", "-mod=vendor")
             .env("GOPROXY", "off")
-            .env("GOCACHE", dir.join(".gocache")));
+            // Offline and self-contained, whatever HOME is.
+            .env("GOCACHE", dir.join(".gocache"))
+            .env("GOPATH", dir.join(".gopath")));
         std::fs::write(&stamp, "").unwrap();
     }
     dir
