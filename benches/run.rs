@@ -132,33 +132,65 @@ impl Node {
     }
 }
 
+/// A container's directories under `work/id`, its bundle written for
+/// `cmd` over `config`; `mount` puts a fresh overlay over `rootfs` at its
+/// root, `remove` takes it all away.
+struct Fresh {
+    dir: PathBuf,
+    upper: PathBuf,
+    wdir: PathBuf,
+    merged: PathBuf,
+    bundle: PathBuf,
+}
+
+impl Fresh {
+    fn new(work: &Path, id: &str, config: &[u8], cmd: &[String], hostname: Option<&str>) -> Self {
+        let dir = work.join(id);
+        let f = Fresh {
+            upper: dir.join("upper"),
+            wdir: dir.join("work"),
+            merged: dir.join("merged"),
+            bundle: dir.join("bundle"),
+            dir,
+        };
+        for d in [&f.upper, &f.wdir, &f.merged, &f.bundle] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let opts = clip_run::RunOptions {
+            cmd: cmd.to_vec(),
+            hostname: hostname.map(String::from),
+            ..Default::default()
+        };
+        let spec = clip_run::build_spec(config, &f.merged, &opts).unwrap();
+        clip_run::write_bundle(&f.bundle, &spec).unwrap();
+        f
+    }
+
+    fn mount(&self, rootfs: &Path) {
+        sh(&format!(
+            "mount -t overlay overlay -o lowerdir={},upperdir={},workdir={},index=off,metacopy=off {}",
+            rootfs.display(),
+            self.upper.display(),
+            self.wdir.display(),
+            self.merged.display()
+        ));
+    }
+
+    fn remove(self) {
+        sh(&format!("umount {}", self.merged.display()));
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// A fresh container over `rootfs`: a new upper on kernel overlayfs, runc,
 /// then everything removed. Timed from the overlay mount.
 fn floor_run(work: &Path, rootfs: &Path, config: &[u8], cmd: &[String], id: &str) -> Duration {
-    let c = work.join(id);
-    let (upper, wdir, merged, bundle) = (c.join("upper"), c.join("work"), c.join("merged"), c.join("bundle"));
-    for d in [&upper, &wdir, &merged, &bundle] {
-        std::fs::create_dir_all(d).unwrap();
-    }
-    let opts = clip_run::RunOptions {
-        cmd: cmd.to_vec(),
-        hostname: Some(id.into()),
-        ..Default::default()
-    };
-    let spec = clip_run::build_spec(config, &merged, &opts).unwrap();
-    clip_run::write_bundle(&bundle, &spec).unwrap();
+    let f = Fresh::new(work, id, config, cmd, Some(id));
     let t = Instant::now();
-    sh(&format!(
-        "mount -t overlay overlay -o lowerdir={},upperdir={},workdir={},index=off,metacopy=off {}",
-        rootfs.display(),
-        upper.display(),
-        wdir.display(),
-        merged.display()
-    ));
-    timed(Command::new("runc").arg("run").arg("--bundle").arg(&bundle).arg(id));
+    f.mount(rootfs);
+    timed(Command::new("runc").arg("run").arg("--bundle").arg(&f.bundle).arg(id));
     let total = t.elapsed();
-    sh(&format!("umount {}", merged.display()));
-    let _ = std::fs::remove_dir_all(&c);
+    f.remove();
     total
 }
 
@@ -166,24 +198,8 @@ fn floor_run(work: &Path, rootfs: &Path, config: &[u8], cmd: &[String], id: &str
 /// run under strace. runc is traced from the host; only the opens of the
 /// container's process (from its exec on) and of what it forks count.
 fn bytes_of_files_read(work: &Path, rootfs: &Path, config: &[u8], cmd: &[String]) -> (u64, usize) {
-    let c = work.join("trace");
-    let (upper, wdir, merged, bundle) = (c.join("upper"), c.join("work"), c.join("merged"), c.join("bundle"));
-    for d in [&upper, &wdir, &merged, &bundle] {
-        std::fs::create_dir_all(d).unwrap();
-    }
-    let opts = clip_run::RunOptions {
-        cmd: cmd.to_vec(),
-        ..Default::default()
-    };
-    let spec = clip_run::build_spec(config, &merged, &opts).unwrap();
-    clip_run::write_bundle(&bundle, &spec).unwrap();
-    sh(&format!(
-        "mount -t overlay overlay -o lowerdir={},upperdir={},workdir={},index=off,metacopy=off {}",
-        rootfs.display(),
-        upper.display(),
-        wdir.display(),
-        merged.display()
-    ));
+    let f = Fresh::new(work, "trace", config, cmd, None);
+    f.mount(rootfs);
     let log = work.join("strace.log");
     let ok = Command::new("strace")
         .args([
@@ -195,12 +211,11 @@ fn bytes_of_files_read(work: &Path, rootfs: &Path, config: &[u8], cmd: &[String]
         ])
         .arg(&log)
         .args(["runc", "run", "--bundle"])
-        .arg(&bundle)
+        .arg(&f.bundle)
         .arg("strace")
         .stdout(Stdio::null())
         .status();
-    sh(&format!("umount {}", merged.display()));
-    let _ = std::fs::remove_dir_all(&c);
+    f.remove();
     assert!(ok.is_ok_and(|s| s.success()), "the traced run failed");
     let text = std::fs::read_to_string(&log).unwrap();
     let _ = std::fs::remove_file(&log);

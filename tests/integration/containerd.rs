@@ -281,8 +281,8 @@ impl Cri {
             .pod_sandbox_id
     }
 
-    /// Creates and starts a container; returns its id once it has exited.
-    pub(crate) fn run_to_exit(
+    /// Creates and starts a container; returns its id.
+    pub(crate) fn start(
         &mut self,
         pod: &str,
         config: &cri::PodSandboxConfig,
@@ -326,6 +326,20 @@ impl Cri {
                 container_id: id.clone(),
             }))
             .unwrap_or_else(|e| panic!("StartContainer: {e}"));
+        id
+    }
+
+    /// Creates and starts a container; returns its id once it has exited.
+    pub(crate) fn run_to_exit(
+        &mut self,
+        pod: &str,
+        config: &cri::PodSandboxConfig,
+        name: &str,
+        image: &str,
+        cmd: &[&str],
+    ) -> String {
+        let id = self.start(pod, config, name, image, cmd);
+        let mut r = self.runtime.clone();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let st = self
@@ -471,35 +485,17 @@ fn the_cri_starts_containers_lazily_from_clip() {
     // clipd's worker restarts (killed) under a running container: it goes
     // on, and a new container of the image starts.
     let mut r = c.runtime.clone();
-    let long =
-        c.rt.block_on(r.create_container(cri::CreateContainerRequest {
-            pod_sandbox_id: pod.clone(),
-            config: Some(cri::ContainerConfig {
-                metadata: Some(cri::ContainerMetadata {
-                    name: "long".into(),
-                    attempt: 0,
-                }),
-                image: Some(cri::ImageSpec {
-                    image: image.clone(),
-                    ..Default::default()
-                }),
-                command: vec![
-                    "sh".into(),
-                    "-c".into(),
-                    "while sleep 0.1; do cat /usr/bin/bash | md5sum > /tmp/sum; done".into(),
-                ],
-                log_path: "long.log".into(),
-                ..Default::default()
-            }),
-            sandbox_config: Some(config.clone()),
-        }))
-        .unwrap()
-        .into_inner()
-        .container_id;
-    c.rt.block_on(r.start_container(cri::StartContainerRequest {
-        container_id: long.clone(),
-    }))
-    .unwrap();
+    let long = c.start(
+        &pod,
+        &config,
+        "long",
+        &image,
+        &[
+            "sh",
+            "-c",
+            "while sleep 0.1; do cat /usr/bin/bash | md5sum > /tmp/sum; done",
+        ],
+    );
     let status = run(&mut node.clipctl(&["daemon", "status", "--json"]));
     let worker = serde_json::from_str::<serde_json::Value>(&status).unwrap()["worker_pid"]
         .as_i64()

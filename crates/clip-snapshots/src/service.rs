@@ -573,13 +573,18 @@ pub async fn serve<I: Images>(
 impl Meta {
     /// Snapshots whose image clip serves, for a restart to mount again.
     pub fn remotes(&self) -> Vec<Remote> {
-        let mut v: Vec<Remote> = self
+        // Each image once, however many of its layers are snapshots.
+        let mut v: Vec<Remote> = Vec::new();
+        for r in self
             .spaces
             .values()
             .flat_map(|s| s.values())
-            .filter_map(|s| s.remote.clone())
-            .collect();
-        v.dedup();
+            .filter_map(|s| s.remote.as_ref())
+        {
+            if !v.contains(r) {
+                v.push(r.clone());
+            }
+        }
         v
     }
 }

@@ -33,6 +33,12 @@ fn spec(image: &str, manifest: &str) -> ImageSpec {
 }
 
 impl ClipImages {
+    /// The key of the image's shared mount (its index readied).
+    fn key(&self, image: &str, manifest: &str) -> Result<String> {
+        let ready = crate::handlers::ensure(&self.d, &spec(image, manifest), &mut |_| {})?;
+        crate::handlers::mount_key(&ready.index)
+    }
+
     fn mount(&self, image: &str, manifest: &str) -> Result<(PathBuf, String)> {
         let s = spec(image, manifest);
         crate::handlers::image_mount(&self.d, Some(&s), None, &mut |_| {}, |m| {
@@ -56,9 +62,7 @@ impl Images for ClipImages {
     }
 
     fn release(&self, image: &str, manifest: &str) {
-        let s = spec(image, manifest);
-        let key = crate::handlers::ensure(&self.d, &s, &mut |_| {}).and_then(|r| crate::handlers::mount_key(&r.index));
-        if let Ok(key) = key {
+        if let Ok(key) = self.key(image, manifest) {
             lock(&self.d.pinned).remove(&key);
             let dir = self.d.paths.image_mount(&key);
             self.d.retire_image(
@@ -75,16 +79,13 @@ pub fn start(d: Arc<Daemon>, socket: &Path, root: &Path) -> Result<()> {
     let store =
         Arc::new(Store::open(root).with_context(|| format!("opening the snapshotter root {}", root.display()))?);
     let images = Arc::new(ClipImages { d });
-    // Images that snapshots use stay mounted (mounted again when asked).
+    // Images that snapshots use stay pinned (mounted again when asked).
     for r in store.lock().remotes() {
-        if let Err(e) = images.ensure(&r.image, &r.manifest).and_then(|_| {
-            let key = crate::handlers::ensure(&images.d, &spec(&r.image, &r.manifest), &mut |_| {})
-                .and_then(|x| crate::handlers::mount_key(&x.index))
-                .map_err(|e| format!("{e:#}"))?;
-            lock(&images.d.pinned).insert(key);
-            Ok(())
-        }) {
-            tracing::warn!(image = %r.image, error = %e, "a snapshot's image is not ready");
+        match images.key(&r.image, &r.manifest) {
+            Ok(key) => {
+                lock(&images.d.pinned).insert(key);
+            }
+            Err(e) => tracing::warn!(image = %r.image, error = %format!("{e:#}"), "a snapshot's image is not ready"),
         }
     }
     if let Some(dir) = socket.parent() {
