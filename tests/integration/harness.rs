@@ -196,7 +196,7 @@ pub fn registry() -> Registry {
         let reg = Registry::start(&storage);
         for tag in TAGS
             .iter()
-            .chain(&["multi", "debian-base", "debian-alt", "app", "suid"])
+            .chain(&["multi", "debian-base", "debian-alt", "app", "suid", "large"])
             .chain(&SEMANTICS)
         {
             run(Command::new("skopeo")

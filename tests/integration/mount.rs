@@ -138,6 +138,39 @@ fn zstd_mount_equals_umoci_unpack() {
     mounted_tree_equals_unpack("edge-zstd");
 }
 
+/// An old-GNU sparse file of 5 GiB (sizes and offsets past 32 bits): its
+/// data sits where the writer put it and the holes read as zeros. (Not
+/// compared with umoci unpack, which writes every zero to disk.)
+#[test]
+fn a_sparse_file_over_4_gib_reads_back_at_its_offsets() {
+    use std::os::unix::fs::FileExt;
+    let reg = registry();
+    let m = Mounted::new(&format!("{}/clip/large:latest", reg.host()));
+    let path = m.dir.join("big/sparse-5g");
+    let f = std::fs::File::open(&path).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), 5 << 30);
+    let at = |off: u64, len: usize| {
+        let mut buf = vec![0xaau8; len];
+        f.read_exact_at(&mut buf, off).unwrap();
+        buf
+    };
+    assert_eq!(at(2 << 30, 18), b"data in the middle");
+    assert_eq!(at((5 << 30) - 15, 15), b"data at the end");
+    // Holes on both sides of the data, and a read that spans hole and data.
+    for off in [0, 1 << 30, (2 << 30) + 18, (4 << 30) + 12345] {
+        assert!(at(off, 65536).iter().all(|&b| b == 0), "hole at {off}");
+    }
+    let mut span = vec![0u8; 10];
+    span.extend_from_slice(b"data in the middle");
+    span.extend_from_slice(&[0; 10]);
+    assert_eq!(at((2 << 30) - 10, 38), span);
+    // Reading past the end gives nothing.
+    let mut tail = [0u8; 16];
+    assert_eq!(f.read_at(&mut tail, 5 << 30).unwrap(), 0);
+    drop(f);
+    m.umount();
+}
+
 /// Largest compressed span of any layer of an index.
 fn max_span(index: &Path) -> u64 {
     let f = clip_format::IndexFile::load(index).unwrap();

@@ -206,17 +206,23 @@ fn clean(rt: &Runtime) {
     }
 }
 
-fn run_one(suite: &Path, test: &str, rt: &Runtime) -> Outcome {
+fn run_one(suite: &Path, test: &str, rt: &Runtime, tmp: &Path) -> Outcome {
     let t = suite.join("validation").join(test).join(format!("{test}.t"));
+    // The suite leaves its bundles (ocitest*) in TMPDIR: keep them in the
+    // test's own temporary directory, removed with it.
+    let scratch = tmp.join("scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
     let out = Command::new("unshare")
         .args(["-m", "--propagation", "private", "sh", "-c"])
         .arg("umount /sys/fs/cgroup/unified 2>/dev/null; exec timeout 120 \"$0\"")
         .arg(&t)
         .current_dir(suite)
         .env("RUNTIME", &rt.wrapper)
+        .env("TMPDIR", &scratch)
         .output()
         .unwrap();
     clean(rt);
+    let _ = std::fs::remove_dir_all(&scratch);
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -251,7 +257,7 @@ fn runtime_tools_validation() {
     let mut flips = Vec::new();
     for round in 0..repeat {
         for t in &tests {
-            let row: Vec<Outcome> = rts.iter().map(|rt| run_one(&suite, t, rt)).collect();
+            let row: Vec<Outcome> = rts.iter().map(|rt| run_one(&suite, t, rt, tmp.path())).collect();
             eprintln!(
                 "{round} {t:<34} {}",
                 row.iter()
