@@ -10,6 +10,7 @@ PACKAGES=(
     zstd pigz libcap2-bin python3 # building edge-case layers
     apache2-utils      # htpasswd, for the registry auth test
     runc crun runsc fuse-overlayfs # runtimes and the overlay fallback
+    tini               # run --init (tini-static, bind-mounted as docker-init)
     libseccomp-dev pkg-config    # clip-runtime links libseccomp (via libcontainer)
     fuse3 curl ca-certificates gzip tar unzip
     containerd         # the snapshotter tests drive a real containerd (ctr, CRI)

@@ -2,7 +2,9 @@
 //! `inspect` and `cat`, reads an index itself), prints.
 
 mod client;
+mod containers;
 mod daemon;
+mod exit;
 mod index;
 mod inspect;
 mod metrics;
@@ -41,14 +43,20 @@ enum Command {
     Umount(mount::UmountArgs),
     /// Run a container from an image, lazily: index, mount, run.
     Run(run::Args),
+    /// Run a command in a running container.
+    Exec(containers::ExecArgs),
+    /// Print what a detached container wrote.
+    Logs(containers::LogsArgs),
+    /// Stop running containers: SIGTERM, then SIGKILL after a grace period.
+    Stop(containers::StopArgs),
+    /// Remove containers: runtime state, rootfs and log.
+    Rm(containers::RmArgs),
     /// Run a container and record what it reads into its image's prefetch
     /// profile (replayed whenever the image is mounted); removed on exit.
     Record(run::Args),
-    /// What is mounted, and which containers use it.
-    Ps {
-        #[arg(long)]
-        json: bool,
-    },
+    /// Containers (running ones; -a for all), or with --mounts the image
+    /// mounts and which containers use each.
+    Ps(containers::PsArgs),
     /// Print clipd's metrics, or serve them for Prometheus.
     Metrics(metrics::Args),
     /// Print a file of the image, read through the index's checkpoints.
@@ -70,9 +78,34 @@ enum Command {
     Daemon(daemon::Command),
 }
 
-/// `CLIP_CHECKPOINT_MIB`, when set.
-pub fn checkpoint_mib_env() -> Option<u64> {
-    std::env::var("CLIP_CHECKPOINT_MIB").ok().and_then(|v| v.parse().ok())
+/// Checkpoint spacing bounds: below 1 MiB the index outgrows the data it
+/// saves; above 64 MiB one small read inflates tens of megabytes.
+pub const CHECKPOINT_MIB: std::ops::RangeInclusive<u64> = 1..=64;
+
+/// `CLIP_CHECKPOINT_MIB`, when set; an error when it is not a whole
+/// number of MiB within [`CHECKPOINT_MIB`].
+pub fn checkpoint_mib_env() -> Result<Option<u64>> {
+    match std::env::var("CLIP_CHECKPOINT_MIB") {
+        Err(_) => Ok(None),
+        Ok(v) => match v.trim().parse::<u64>() {
+            Ok(n) if CHECKPOINT_MIB.contains(&n) => Ok(Some(n)),
+            _ => anyhow::bail!(
+                "CLIP_CHECKPOINT_MIB={v:?}: expected a whole number of MiB from {} to {}",
+                CHECKPOINT_MIB.start(),
+                CHECKPOINT_MIB.end()
+            ),
+        },
+    }
+}
+
+/// Commands that mount, run or talk to clipd need root; said plainly
+/// before anything else goes wrong.
+pub fn require_root() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        anyhow::bail!("this command needs root (clip mounts filesystems and runs containers): run it with sudo");
+    }
+    Ok(())
 }
 
 /// Fails now, before any work, if `out` cannot be written.
@@ -125,45 +158,21 @@ fn containerd_config(socket: &Path) -> String {
     )
 }
 
-fn ps(json: bool) -> Result<()> {
-    let clip_api::Reply::Ps(p) = client::call(&clip_api::Request::Ps)? else {
-        anyhow::bail!("clipd answered something else");
-    };
-    if json {
-        println!("{}", serde_json::to_string(&p)?);
-        return Ok(());
-    }
-    println!("{:<40} {:<24} {:<40} INDEX FROM", "IMAGE", "CONTAINERS", "MOUNT");
-    for m in &p.mounts {
-        let containers = if m.containers.is_empty() {
-            "-".to_string()
-        } else {
-            m.containers.join(",")
-        };
-        println!(
-            "{:<40} {:<24} {:<40} {}",
-            m.image,
-            containers,
-            m.dir.display(),
-            m.origin
-        );
-    }
-    Ok(())
-}
-
 fn main() {
     // Die quietly on a closed pipe (`clipctl inspect ... | head`), like
     // other Unix tools, instead of reporting EPIPE as an error.
     // SAFETY: setting a signal disposition before any thread starts.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
-    if matches!(cli.command, Command::Run(_) | Command::Record(_)) {
+    if matches!(cli.command, Command::Run(_) | Command::Record(_) | Command::Exec(_)) {
         // Before any thread exists: every thread then keeps them blocked
         // and the runtime's forwarder gets them.
         clip_run::block_forwarded_signals();
     }
     init_logging();
     let mut code = 0;
+    // docker's codes for the commands that run containers (exit.rs).
+    let runs = matches!(cli.command, Command::Run(_) | Command::Record(_) | Command::Exec(_));
     let result: Result<()> = match cli.command {
         Command::Index(a) => index::run(a),
         Command::PushProfile(a) => index::push_profile(a),
@@ -173,7 +182,11 @@ fn main() {
         Command::Umount(a) => mount::umount(a),
         Command::Run(a) => run::run(a, false).map(|c| code = c),
         Command::Record(a) => run::run(a, true).map(|c| code = c),
-        Command::Ps { json } => ps(json),
+        Command::Ps(a) => containers::ps(a),
+        Command::Exec(a) => containers::exec(a).map(|c| code = c),
+        Command::Logs(a) => containers::logs(a),
+        Command::Stop(a) => containers::stop(a),
+        Command::Rm(a) => containers::rm(a),
         Command::Metrics(a) => metrics::run(a),
         Command::Daemon(c) => daemon::run(c),
         Command::ContainerdConfig { socket } => {
@@ -183,7 +196,7 @@ fn main() {
     };
     if let Err(e) = result {
         eprintln!("clipctl: {e:#}");
-        std::process::exit(1);
+        std::process::exit(if runs { exit::code_of(&e) } else { 1 });
     }
     std::process::exit(code);
 }

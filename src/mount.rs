@@ -35,15 +35,20 @@ pub struct UmountArgs {
     /// Remove this container's rootfs (and the image mount once unused).
     #[arg(long, conflicts_with = "dir")]
     cid: Option<String>,
+    /// With --cid: stop the container first if it runs.
+    #[arg(long, requires = "cid")]
+    force: bool,
     #[arg(required_unless_present = "cid")]
     dir: Option<PathBuf>,
 }
 
 pub fn mount(a: MountArgs) -> Result<()> {
-    let spec = a
-        .image
-        .as_deref()
-        .map(|i| crate::client::spec(i, &a.platform, crate::checkpoint_mib_env()));
+    crate::require_root()?;
+    if let Some(dir) = &a.dir {
+        check_mount_point(dir)?;
+    }
+    let mib = crate::checkpoint_mib_env()?;
+    let spec = a.image.as_deref().map(|i| crate::client::spec(i, &a.platform, mib));
     let index = a.index.as_ref().map(std::path::absolute).transpose()?;
     let req = match (&a.cid, &a.dir) {
         (Some(id), _) => Request::Prepare {
@@ -68,7 +73,35 @@ pub fn mount(a: MountArgs) -> Result<()> {
     Ok(())
 }
 
+/// A mount point must be an empty directory, as mount(8) users expect
+/// from FUSE (which refuses to hide files under a mount unless told).
+fn check_mount_point(dir: &std::path::Path) -> Result<()> {
+    match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(anyhow::Error::new(e).context(format!("mount point {}", dir.display()))),
+        Ok(m) if !m.is_dir() => bail!("mount point {} is not a directory", dir.display()),
+        Ok(_) => {
+            if std::fs::read_dir(dir)?.next().is_some() {
+                bail!(
+                    "mount point {} is not empty: mount on an empty directory (its files would be hidden)",
+                    dir.display()
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
 pub fn umount(a: UmountArgs) -> Result<()> {
+    crate::require_root()?;
+    if let Some(id) = &a.cid {
+        if crate::containers::running_on(id) {
+            if !a.force {
+                bail!("container {id} is running: stop it first (clipctl stop {id}), or umount --cid {id} --force");
+            }
+            crate::containers::stop(crate::containers::StopArgs::now(id))?;
+        }
+    }
     let req = match (&a.cid, &a.dir) {
         (Some(id), _) => Request::Release { id: id.clone() },
         (None, Some(dir)) => Request::Umount {

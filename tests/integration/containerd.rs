@@ -461,7 +461,7 @@ fn the_cri_starts_containers_lazily_from_clip() {
         .filter_map(|s| s["labels"]["containerd.io/snapshot/cri.layer-digest"].as_str())
         .collect();
     assert_eq!(served.len(), layers.len(), "{meta}");
-    let ps = run(&mut node.clipctl(&["ps"]));
+    let ps = run(&mut node.clipctl(&["ps", "--mounts"]));
     assert!(ps.contains("clip/debian"), "{ps}");
     c.remove_container(&id);
 

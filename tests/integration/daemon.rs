@@ -273,7 +273,7 @@ fn ps_lists_what_is_mounted_and_who_uses_it() {
         .iter()
         .any(|m| m["dir"] == dir.canonicalize().unwrap().to_str().unwrap()));
     assert_eq!(ps["containers"][0]["id"], "web");
-    let text = String::from_utf8(ok(node_cmd(tmp.path(), &["ps"]))).unwrap();
+    let text = String::from_utf8(ok(node_cmd(tmp.path(), &["ps", "--mounts"]))).unwrap();
     assert!(text.lines().next().unwrap().starts_with("IMAGE"), "{text}");
     assert!(text.contains("web"), "{text}");
     ok(node_cmd(tmp.path(), &["umount", "--cid", "web"]));

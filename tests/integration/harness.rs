@@ -196,7 +196,7 @@ pub fn registry() -> Registry {
         let reg = Registry::start(&storage);
         for tag in TAGS
             .iter()
-            .chain(&["multi", "debian-base", "debian-alt", "app", "suid", "large"])
+            .chain(&["multi", "debian-base", "debian-alt", "app", "suid", "large", "arm"])
             .chain(&SEMANTICS)
         {
             run(Command::new("skopeo")

@@ -1,6 +1,7 @@
 //! Integration tests: the real clipctl binary against a real registry,
 //! real images and their real `umoci unpack`.
 
+mod cli;
 mod containerd;
 mod daemon;
 mod harness;

@@ -38,7 +38,19 @@ pub fn block(set: &libc::sigset_t) {
 /// until `done` says to stop; `done` is asked after every signal and at
 /// least every `tick`. SIGCHLD, if in `set`, only wakes the loop (for a
 /// `done` that reaps children).
-pub fn forward(set: &libc::sigset_t, pid: i32, tick: Duration, mut done: impl FnMut() -> bool) {
+pub fn forward(set: &libc::sigset_t, pid: i32, tick: Duration, done: impl FnMut() -> bool) {
+    forward_except(set, pid, tick, done, |_| false)
+}
+
+/// [`forward`], but a signal for which `handle` returns true is handled
+/// here and not passed on (SIGWINCH, when this process owns the terminal).
+pub fn forward_except(
+    set: &libc::sigset_t,
+    pid: i32,
+    tick: Duration,
+    mut done: impl FnMut() -> bool,
+    mut handle: impl FnMut(i32) -> bool,
+) {
     let ts = libc::timespec {
         tv_sec: tick.as_secs() as libc::time_t,
         tv_nsec: tick.subsec_nanos() as libc::c_long,
@@ -46,7 +58,7 @@ pub fn forward(set: &libc::sigset_t, pid: i32, tick: Duration, mut done: impl Fn
     while !done() {
         // SAFETY: a valid set of blocked signals; null info is allowed.
         let sig = unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), &ts) };
-        if sig > 0 && sig != libc::SIGCHLD {
+        if sig > 0 && sig != libc::SIGCHLD && !handle(sig) {
             // SAFETY: signalling the process we were asked to.
             unsafe { libc::kill(pid, sig) };
         }

@@ -151,10 +151,15 @@ fn init_logging(cli: &Cli) -> Result<()> {
     // rdma, ...) on each command, libcontainer about ambient capabilities
     // it cannot raise (runc's default spec asks for some): errors only
     // from them unless debugging, as runc is quiet about both.
+    // On a terminal, the error that ends the command is printed once, as
+    // one line (main); libcontainer's own copies of it (one per layer it
+    // passes through) go to a log file only.
     let level = if cli.debug {
         "debug"
-    } else {
+    } else if cli.log.is_some() {
         "warn,libcgroups=error,libcontainer=error"
+    } else {
+        "warn,libcgroups=off,libcontainer=off"
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     let b = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false);
@@ -339,10 +344,13 @@ fn main() {
         eprintln!("clip-runtime: {e:#}");
         std::process::exit(1);
     }
+    let cli_logs_to_file = cli.log.is_some();
     match run(cli) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            tracing::error!("{e:#}");
+            if cli_logs_to_file {
+                tracing::error!("{e:#}");
+            }
             eprintln!("clip-runtime: {e:#}");
             std::process::exit(1);
         }
