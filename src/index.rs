@@ -55,6 +55,7 @@ pub fn push_profile(a: PushProfileArgs) -> Result<()> {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    crate::require_root()?;
     if let Some(m) = a.checkpoint_mib {
         anyhow::ensure!((1..=64).contains(&m), "--checkpoint-mib must be between 1 and 64");
     }

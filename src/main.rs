@@ -5,6 +5,7 @@ mod client;
 mod containers;
 mod daemon;
 mod exit;
+mod images;
 mod index;
 mod inspect;
 mod metrics;
@@ -43,6 +44,20 @@ enum Command {
     Umount(mount::UmountArgs),
     /// Run a container from an image, lazily: index, mount, run.
     Run(run::Args),
+    /// The stored indexes: image, digest, when indexed, size.
+    Images {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove stored indexes (by reference, digest or digest prefix);
+    /// refused while mounted.
+    Rmi {
+        #[arg(required = true)]
+        images: Vec<String>,
+    },
+    /// Remove every stored index no mount uses, and the cached spans when
+    /// no image is mounted.
+    Prune,
     /// Run a command in a running container.
     Exec(containers::ExecArgs),
     /// Print what a detached container wrote.
@@ -183,6 +198,9 @@ fn main() {
         Command::Run(a) => run::run(a, false).map(|c| code = c),
         Command::Record(a) => run::run(a, true).map(|c| code = c),
         Command::Ps(a) => containers::ps(a),
+        Command::Images { json } => images::list(json),
+        Command::Rmi { images } => images::rmi(&images),
+        Command::Prune => images::prune(),
         Command::Exec(a) => containers::exec(a).map(|c| code = c),
         Command::Logs(a) => containers::logs(a),
         Command::Stop(a) => containers::stop(a),

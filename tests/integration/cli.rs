@@ -375,3 +375,37 @@ fn an_interactive_terminal_behaves_like_one() {
         }
     }
 }
+
+#[test]
+fn images_are_listed_removed_and_pruned() {
+    let n = Node::new();
+    let bb = n.image("busybox");
+    let app = n.image("app");
+    // `index` fills the node's store: `images` shows it and `run` uses it,
+    // with the registry gone.
+    n.ok(&["index", "--image", &bb]);
+    n.ok(&["index", "--image", &app]);
+    let list = n.ok(&["images"]);
+    let header = list.lines().next().unwrap();
+    assert!(header.starts_with("IMAGE") && header.contains("SIZE"), "{list}");
+    assert!(list.contains("/clip/busybox:latest") && list.contains("MiB"), "{list}");
+    let v: serde_json::Value = serde_json::from_str(&n.ok(&["images", "--json"])).unwrap();
+    assert_eq!(v["format_version"], 1);
+    assert_eq!(v["images"].as_array().unwrap().len(), 2, "{v}");
+    // A mounted image is kept; an unused one goes.
+    let mnt = n.tmp.path().join("mnt");
+    n.ok(&["mount", "--image", &bb, mnt.to_str().unwrap()]);
+    let o = n.run(&["rmi", &bb]);
+    assert!(err(&o).contains("is mounted"), "{}", err(&o));
+    n.ok(&["rmi", &app]);
+    let o = n.run(&["rmi", &app]);
+    assert!(err(&o).contains("no stored index"), "{}", err(&o));
+    assert!(n.ok(&["prune"]).contains("removed 0 indexes (1 in use kept)"));
+    n.ok(&["umount", mnt.to_str().unwrap()]);
+    let out = n.ok(&["prune"]);
+    assert!(out.contains("removed 1 indexes") && out.contains("bytes of cached spans"), "{out}");
+    let v: serde_json::Value = serde_json::from_str(&n.ok(&["images", "--json"])).unwrap();
+    assert!(v["images"].as_array().unwrap().is_empty(), "{v}");
+    // Removed is removed: the next run indexes the image again.
+    assert_eq!(n.ok(&["run", "--rm", &bb, "echo", "again"]), "again\n");
+}

@@ -120,6 +120,14 @@ pub enum Request {
     },
     /// What is mounted, and which containers use it.
     Ps,
+    /// The stored indexes.
+    Images,
+    /// Removes a stored index (by reference, digest or its prefix), refused
+    /// while it is mounted.
+    RemoveImage { image: String },
+    /// Removes every stored index no mount uses, and the cached spans when
+    /// no image is mounted.
+    Prune,
     /// The daemon's metrics, as OpenMetrics text or JSON.
     Metrics {
         json: bool,
@@ -215,6 +223,21 @@ pub struct ContainerInfo {
     pub overlay: String,
 }
 
+/// A stored index.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageInfo {
+    pub reference: String,
+    pub manifest_digest: String,
+    pub index: PathBuf,
+    pub index_bytes: u64,
+    /// Seconds since the epoch the index was written.
+    pub created: u64,
+    /// Bytes of the image's files (uncompressed).
+    pub size: u64,
+    pub mounted: bool,
+    pub origin: String,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PsReply {
     pub mounts: Vec<MountInfo>,
@@ -237,6 +260,7 @@ pub enum Reply {
     },
     Prepared(Prepared),
     Ps(PsReply),
+    Images { images: Vec<ImageInfo> },
     Text {
         text: String,
     },

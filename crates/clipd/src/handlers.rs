@@ -105,6 +105,12 @@ pub fn handle(d: &Daemon, req: Request, send: &mut dyn FnMut(Reply)) -> Result<R
             Ok(Reply::Ok)
         }
         Request::Ps => Ok(Reply::Ps(ps(d))),
+        Request::Images => Ok(Reply::Images { images: images(d) }),
+        Request::RemoveImage { image } => {
+            let gone = remove_image(d, &image)?;
+            Ok(Reply::Text { text: gone })
+        }
+        Request::Prune => Ok(Reply::Text { text: prune(d)? }),
         Request::Metrics { json } => {
             let mut snap = clip_metrics::global().snapshot();
             snap.set_gauge(
@@ -456,4 +462,106 @@ fn ps(d: &Daemon) -> PsReply {
         })
         .collect();
     PsReply { mounts, containers }
+}
+
+/// Index files in use by a mount (the ones `rmi` and `prune` keep).
+fn indexes_in_use(d: &Daemon) -> std::collections::HashSet<PathBuf> {
+    lock(&d.mounts).values().map(|m| m.record.index.clone()).collect()
+}
+
+fn images(d: &Daemon) -> Vec<clip_api::ImageInfo> {
+    let used = indexes_in_use(d);
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir(d.paths.index_dir()) else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let path = e.path();
+        if path.extension().is_none_or(|x| x != "clip") {
+            continue;
+        }
+        let Ok(f) = d.images.load(&path) else { continue };
+        let md = e.metadata().ok();
+        out.push(clip_api::ImageInfo {
+            reference: f.index.image.reference.clone(),
+            manifest_digest: f.index.image.manifest_digest.clone(),
+            index_bytes: md.as_ref().map_or(0, |m| m.len()),
+            created: md
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |t| t.as_secs()),
+            size: f.index.layers.iter().map(|l| l.uncompressed_size).sum(),
+            mounted: used.contains(&path),
+            origin: crate::images::origin_of(&path),
+            index: path,
+        });
+    }
+    out.sort_by(|a, b| a.reference.cmp(&b.reference).then(a.index.cmp(&b.index)));
+    out
+}
+
+/// Deletes a stored index and what sits beside it (profile, origin).
+fn delete_index(d: &Daemon, path: &Path) -> Result<()> {
+    std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
+    for ext in ["profile", "origin"] {
+        let _ = std::fs::remove_file(path.with_extension(ext));
+    }
+    d.images.forget(path);
+    Ok(())
+}
+
+fn remove_image(d: &Daemon, name: &str) -> Result<String> {
+    let all = images(d);
+    let bare = name.strip_prefix("sha256:").unwrap_or(name);
+    let matches: Vec<&clip_api::ImageInfo> = all
+        .iter()
+        .filter(|i| {
+            let reference_matches = i.reference == name
+                || i.reference == format!("{name}:latest")
+                || i.reference.rsplit_once('/').is_some_and(|(_, last)| last == name);
+            let digest_matches =
+                bare.len() >= 12 && i.manifest_digest.trim_start_matches("sha256:").starts_with(bare);
+            reference_matches || digest_matches || i.index == Path::new(name)
+        })
+        .collect();
+    match matches.as_slice() {
+        [] => bail!("no stored index for {name} (see clipctl images)"),
+        [one] => {
+            if one.mounted {
+                bail!(
+                    "{} is mounted: unmount it (and remove its containers) first",
+                    one.reference
+                );
+            }
+            delete_index(d, &one.index)?;
+            Ok(format!("removed {} ({})", one.reference, one.manifest_digest))
+        }
+        many => bail!(
+            "{name} names {} stored indexes: give the digest ({})",
+            many.len(),
+            many.iter().map(|i| i.manifest_digest.as_str()).collect::<Vec<_>>().join(", ")
+        ),
+    }
+}
+
+fn prune(d: &Daemon) -> Result<String> {
+    let mut removed = 0;
+    let mut kept = 0;
+    for i in images(d) {
+        if i.mounted {
+            kept += 1;
+        } else {
+            delete_index(d, &i.index)?;
+            removed += 1;
+        }
+    }
+    let spans = if kept == 0 && lock(&d.mounts).is_empty() {
+        match d.store.disk() {
+            Some(c) => format!(", {} bytes of cached spans", c.clear()?),
+            None => String::new(),
+        }
+    } else {
+        ", cached spans kept (images are mounted)".to_string()
+    };
+    Ok(format!("removed {removed} indexes ({kept} in use kept){spans}"))
 }

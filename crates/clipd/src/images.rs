@@ -141,6 +141,12 @@ impl Images {
         Ok(Arc::from(clip_registry::open(reference, &self.registries, creds)?))
     }
 
+    /// Drops a removed index from the loaded ones (the next use of its
+    /// image indexes it again).
+    pub fn forget(&self, path: &Path) {
+        lock(&self.loaded).remove(path);
+    }
+
     /// An index file, loaded (and checked) once per daemon.
     pub fn load(&self, path: &Path) -> Result<Arc<IndexFile>> {
         if let Some(f) = lock(&self.loaded).get(path) {
