@@ -262,6 +262,7 @@ fn summary(file: &IndexFile, path: &Path, as_json: bool) -> Result<()> {
         .collect();
     let config: Value = serde_json::from_slice(&index.image.config).unwrap_or(Value::Null);
     let v = json!({
+        "format_version": 1,
         "reference": index.image.reference,
         "manifest_digest": index.image.manifest_digest,
         "manifest_media_type": index.image.manifest_media_type,
@@ -280,28 +281,45 @@ fn summary(file: &IndexFile, path: &Path, as_json: bool) -> Result<()> {
         println!("{v}");
         return Ok(());
     }
-    println!("image:     {}", index.image.reference);
+    let human = crate::images::human;
+    let c = &config["config"];
+    let list = |v: &Value| match v.as_array() {
+        Some(a) if !a.is_empty() => serde_json::to_string(a).unwrap_or_default(),
+        _ => "-".to_string(),
+    };
+    let text = |v: &Value| v.as_str().filter(|s| !s.is_empty()).unwrap_or("-").to_string();
+    let size: u64 = index.layers.iter().map(|l| l.uncompressed_size).sum();
+    let compressed: u64 = index.layers.iter().map(|l| l.compressed_size).sum();
+    println!("image:       {}", index.image.reference);
     println!(
-        "manifest:  {} ({})",
+        "manifest:    {} ({})",
         index.image.manifest_digest, index.image.manifest_media_type
     );
-    println!("platform:  {}", index.image.platform);
-    println!("config:    {}", index.image.config_digest);
-    println!("origin:    {origin}");
+    println!("platform:    {}", index.image.platform);
+    println!("created:     {}", text(&config["created"]));
+    println!("entrypoint:  {}", list(&c["Entrypoint"]));
+    println!("cmd:         {}", list(&c["Cmd"]));
+    println!("user:        {}", text(&c["User"]));
+    println!("workdir:     {}", text(&c["WorkingDir"]));
+    println!("size:        {} ({} compressed)", human(size), human(compressed));
+    println!("config:      {}", index.image.config_digest);
+    println!("origin:      {origin}");
     println!(
-        "tree:      {} inodes: {} files, {} directories, {} symlinks",
+        "tree:        {} inodes: {} files, {} directories, {} symlinks",
         index.nodes.len(),
         count(Kind::File),
         count(Kind::Dir),
         count(Kind::Symlink)
     );
-    println!("layers:");
+    println!();
+    println!("{:<21} {:>10} {:>10} {:>11}  MEDIA TYPE", "LAYER", "COMPRESSED", "SIZE", "CHECKPOINTS");
     for l in &index.layers {
+        let hex = l.digest.trim_start_matches("sha256:");
         println!(
-            "  {}  {:>12} -> {:>12} bytes  {:>5} checkpoints  {}",
-            l.digest,
-            l.compressed_size,
-            l.uncompressed_size,
+            "sha256:{:<14} {:>10} {:>10} {:>11}  {}",
+            &hex[..hex.len().min(12)],
+            human(l.compressed_size),
+            human(l.uncompressed_size),
             l.checkpoints.len(),
             l.media_type
         );

@@ -391,6 +391,14 @@ fn images_are_listed_removed_and_pruned() {
     assert!(list.contains("/clip/busybox:latest") && list.contains("MiB"), "{list}");
     let v: serde_json::Value = serde_json::from_str(&n.ok(&["images", "--json"])).unwrap();
     assert_eq!(v["format_version"], 1);
+    // inspect reads well: sizes in units, dates, Cmd, a header row.
+    let stored = v["images"][0]["index"].as_str().unwrap().to_string();
+    let info = n.ok(&["inspect", &stored]);
+    for want in ["created:     20", "cmd:         [\"", "size:        ", "MiB", "LAYER  "] {
+        assert!(info.contains(want), "{want:?} in {info}");
+    }
+    let j: serde_json::Value = serde_json::from_str(&n.ok(&["inspect", &stored, "--json"])).unwrap();
+    assert_eq!(j["format_version"], 1);
     assert_eq!(v["images"].as_array().unwrap().len(), 2, "{v}");
     // A mounted image is kept; an unused one goes.
     let mnt = n.tmp.path().join("mnt");

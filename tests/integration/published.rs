@@ -116,7 +116,7 @@ fn a_published_index_is_used_by_other_nodes_and_a_bad_one_is_refused() {
     let n = crate::proxy::assert_ranges_only(&log, &layers);
     assert!(n > 0, "no layer reads: {log:?} {layers:?}");
     let (info, _) = ok(b, &["inspect", stored_index(b).to_str().unwrap()]);
-    assert!(info.contains("origin:    registry (artifact sha256:"), "{info}");
+    assert!(info.contains("origin:      registry (artifact sha256:"), "{info}");
 
     // An artifact copied from another image: node A publishes busybox's,
     // then its referrers list is put under Debian's tag.
@@ -159,7 +159,7 @@ fn a_published_index_is_used_by_other_nodes_and_a_bad_one_is_refused() {
     assert!(stored_index(c).with_extension("origin").exists());
     let (info, _) = ok(c, &["inspect", stored_index(c).to_str().unwrap()]);
     assert!(
-        info.contains("origin:    built here (the published one was unusable)"),
+        info.contains("origin:      built here (the published one was unusable)"),
         "{info}"
     );
 
