@@ -131,7 +131,13 @@ pub fn ps(a: PsArgs) -> Result<()> {
             } else {
                 m.containers.join(",")
             };
-            println!("{:<40} {:<24} {:<40} {}", m.image, containers, m.dir.display(), m.origin);
+            println!(
+                "{:<40} {:<24} {:<40} {}",
+                m.image,
+                containers,
+                m.dir.display(),
+                m.origin
+            );
         }
         return Ok(());
     }
@@ -152,7 +158,14 @@ pub fn ps(a: PsArgs) -> Result<()> {
             continue;
         }
         let command: String = command.chars().take(22).collect();
-        println!("{:<24} {:<36} {:<24} {:<16} {:<10} {rt}", c.id, image, format!("\"{command}\""), created, st);
+        println!(
+            "{:<24} {:<36} {:<24} {:<16} {:<10} {rt}",
+            c.id,
+            image,
+            format!("\"{command}\""),
+            created,
+            st
+        );
     }
     Ok(())
 }
@@ -169,7 +182,10 @@ pub fn logs(a: LogsArgs) -> Result<()> {
     crate::require_root()?;
     let r = load(&a.id)?;
     if !r.detached {
-        bail!("container {} ran in the foreground: its output went to the terminal that ran it", a.id);
+        bail!(
+            "container {} ran in the foreground: its output went to the terminal that ran it",
+            a.id
+        );
     }
     let path = dir(&a.id).join("container.log");
     let mut f = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;

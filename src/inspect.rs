@@ -312,7 +312,10 @@ fn summary(file: &IndexFile, path: &Path, as_json: bool) -> Result<()> {
         count(Kind::Symlink)
     );
     println!();
-    println!("{:<21} {:>10} {:>10} {:>11}  MEDIA TYPE", "LAYER", "COMPRESSED", "SIZE", "CHECKPOINTS");
+    println!(
+        "{:<21} {:>10} {:>10} {:>11}  MEDIA TYPE",
+        "LAYER", "COMPRESSED", "SIZE", "CHECKPOINTS"
+    );
     for l in &index.layers {
         let hex = l.digest.trim_start_matches("sha256:");
         println!(

@@ -150,7 +150,11 @@ fn env_file(path: &Path, out: &mut Vec<String>) -> Result<()> {
         }
         let key = line.split('=').next().unwrap_or_default();
         if key.is_empty() || key.contains(char::is_whitespace) {
-            bail!("--env-file {}, line {}: {line:?} is not KEY=VALUE", path.display(), n + 1);
+            bail!(
+                "--env-file {}, line {}: {line:?} is not KEY=VALUE",
+                path.display(),
+                n + 1
+            );
         }
         env_entry(line, out);
     }
@@ -239,7 +243,10 @@ fn etc_files(dir: &Path, hostname: &str, network: Network) -> Result<Vec<(PathBu
     if network == Network::Host {
         // The host's own names resolve as on the host.
         let host = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
-        for l in host.lines().filter(|l| !l.trim_start().starts_with('#') && !l.trim().is_empty()) {
+        for l in host
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('#') && !l.trim().is_empty())
+        {
             if !l.contains("localhost") {
                 hosts.push_str(l);
                 hosts.push('\n');
@@ -300,11 +307,7 @@ fn resolve_in_root(root: &Path, path: &str) -> PathBuf {
 /// mount are left to the runtime.
 fn check_command(rootfs: &Path, spec: &Proc, binds: &[Bind]) -> Result<()> {
     let args = spec.args.as_slice();
-    let Some(cmd) = args
-        .iter()
-        .skip_while(|a| *a == "/sbin/docker-init" || *a == "--")
-        .next()
-    else {
+    let Some(cmd) = args.iter().find(|a| *a != "/sbin/docker-init" && *a != "--") else {
         return Ok(());
     };
     let under_bind = |p: &str| binds.iter().any(|b| Path::new(p).starts_with(&b.target));
@@ -315,7 +318,11 @@ fn check_command(rootfs: &Path, spec: &Proc, binds: &[Bind]) -> Result<()> {
             vec![format!("{}/{cmd}", spec.cwd)]
         }
     } else {
-        spec.path.split(':').filter(|d| !d.is_empty()).map(|d| format!("{d}/{cmd}")).collect()
+        spec.path
+            .split(':')
+            .filter(|d| !d.is_empty())
+            .map(|d| format!("{d}/{cmd}"))
+            .collect()
     };
     let mut not_exec = None;
     for c in &candidates {
@@ -338,9 +345,7 @@ fn check_command(rootfs: &Path, spec: &Proc, binds: &[Bind]) -> Result<()> {
     }
     match not_exec {
         Some(why) => Err(Failure::new(CANNOT_RUN, format!("cannot run {cmd:?}: {why}")).into()),
-        None if cmd.contains('/') => {
-            Err(Failure::new(NOT_FOUND, format!("{cmd:?}: no such file in the image")).into())
-        }
+        None if cmd.contains('/') => Err(Failure::new(NOT_FOUND, format!("{cmd:?}: no such file in the image")).into()),
         None => Err(Failure::new(
             NOT_FOUND,
             format!("{cmd:?}: executable file not found in $PATH ({})", spec.path),
@@ -440,10 +445,7 @@ pub fn run(mut a: Args, record: bool) -> Result<i32> {
     let mib = crate::checkpoint_mib_env()?;
     let platform = a.platform.clone().unwrap_or_else(crate::client::host_platform);
     let req = Request::Prepare {
-        spec: a
-            .image
-            .as_deref()
-            .map(|i| crate::client::spec(i, &platform, mib)),
+        spec: a.image.as_deref().map(|i| crate::client::spec(i, &platform, mib)),
         index: a.index.as_ref().map(std::path::absolute).transpose()?,
         id: id.clone(),
         fuse_overlayfs: a.fuse_overlayfs,

@@ -102,11 +102,25 @@ fn the_default_container_matches_containerds_on_every_runtime() {
         assert_eq!(lines[at + 2], "box1", "{rt}: /etc/hostname: {out}");
         // The default network is the host's (documented in the README).
         assert_eq!(lines[at + 3], format!("links {host_links}"), "{rt}: {out}");
-        assert_eq!(lines[at + 4], "1", "{rt}: /run is a tmpfs, as containerd mounts it: {out}");
+        assert_eq!(
+            lines[at + 4],
+            "1",
+            "{rt}: /run is a tmpfs, as containerd mounts it: {out}"
+        );
         let inside = n.ok(&["run", "--rm", "--runtime", rt, &bb, "cat", "/etc/resolv.conf"]);
         assert_eq!(inside, resolv, "{rt}: resolv.conf is the host's");
         // --network none: a namespace with only lo.
-        let out = n.ok(&["run", "--rm", "--runtime", rt, "--network", "none", &bb, "ls", "/sys/class/net"]);
+        let out = n.ok(&[
+            "run",
+            "--rm",
+            "--runtime",
+            rt,
+            "--network",
+            "none",
+            &bb,
+            "ls",
+            "/sys/class/net",
+        ]);
         assert_eq!(out.trim(), "lo", "{rt}");
     }
     let o = n.run(&["run", "--rm", "--network", "bridge", &bb, "true"]);
@@ -124,7 +138,10 @@ fn capabilities_are_added_dropped_and_all_when_privileged() {
         args.extend_from_slice(&[bb.as_str(), "grep", "CapEff", "/proc/self/status"]);
         cap_line(&n.ok(&args), "CapEff")
     };
-    assert_eq!(caps(&["--cap-drop", "ALL", "--cap-add", "net_admin"]), "0000000000001000");
+    assert_eq!(
+        caps(&["--cap-drop", "ALL", "--cap-add", "net_admin"]),
+        "0000000000001000"
+    );
     assert_eq!(caps(&["--cap-drop", "CAP_CHOWN"]), "00000000a80425fa");
     assert_eq!(caps(&["--cap-add", "SYS_PTRACE"]), "00000000a80c25fb");
     // Privileged: everything this host's bounding set holds.
@@ -141,7 +158,10 @@ fn run_flags_users_reach_for() {
     let bb = n.image("busybox");
     let app = n.image("app");
     // --entrypoint replaces the image's (and its Cmd).
-    assert_eq!(n.ok(&["run", "--rm", "--entrypoint", "/bin/echo", &app, "a", "b"]), "a b\n");
+    assert_eq!(
+        n.ok(&["run", "--rm", "--entrypoint", "/bin/echo", &app, "a", "b"]),
+        "a b\n"
+    );
     assert_eq!(n.ok(&["run", "--rm", "--entrypoint", "/bin/pwd", &app]), "/home/user\n");
     // -e NAME takes this shell's value; unset names stay unset.
     let tmp = n.tmp.path();
@@ -166,7 +186,12 @@ fn run_flags_users_reach_for() {
         .env_remove("NOT_SET_ANYWHERE")
         .output()
         .unwrap();
-    assert_eq!(String::from_utf8_lossy(&o.stdout), "from-host yes unset\n", "{}", err(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "from-host yes unset\n",
+        "{}",
+        err(&o)
+    );
     // -v and --mount binds, read-only ones too.
     let data = tmp.join("data");
     std::fs::create_dir_all(&data).unwrap();
@@ -189,9 +214,21 @@ fn run_flags_users_reach_for() {
     assert_eq!(std::fs::read_to_string(data.join("out.txt")).unwrap(), "written\n");
     let o = n.run(&["run", "--rm", "-v", "/nonexistent-clip:/x", &bb, "true"]);
     assert_eq!(o.status.code(), Some(125));
-    assert!(err(&o).contains("no such file or directory on this host"), "{}", err(&o));
+    assert!(
+        err(&o).contains("no such file or directory on this host"),
+        "{}",
+        err(&o)
+    );
     // --read-only: the rootfs refuses writes; binds still take them.
-    let out = n.ok(&["run", "--rm", "--read-only", &bb, "sh", "-c", "touch /x 2>/dev/null || echo refused"]);
+    let out = n.ok(&[
+        "run",
+        "--rm",
+        "--read-only",
+        &bb,
+        "sh",
+        "-c",
+        "touch /x 2>/dev/null || echo refused",
+    ]);
     assert_eq!(out, "refused\n");
     // --init: tini is PID 1, the command its child.
     let out = n.ok(&["run", "--rm", "--init", &bb, "sh", "-c", "cat /proc/1/comm; echo $$"]);
@@ -215,7 +252,8 @@ fn run_flags_users_reach_for() {
     assert_eq!(o.status.code(), Some(125));
     // Without -i stdin is empty; with it, it reaches the container.
     let mut c = n.cmd(&["run", "--rm", "-i", &bb, "cat"]);
-    c.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped());
+    c.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
     let mut child = c.spawn().unwrap();
     use std::io::Write;
     child.stdin.take().unwrap().write_all(b"piped in\n").unwrap();
@@ -249,7 +287,11 @@ fn exit_codes_follow_docker() {
     let o = n.run(&["run", "--rm", &format!("{}/clip/busybox:no-such-tag", n.host), "true"]);
     assert_eq!(o.status.code(), Some(125));
     assert_eq!(err(&o).lines().count(), 1, "{}", err(&o));
-    assert!(err(&o).contains("no-such-tag"), "{}", err(&o));
+    assert!(
+        err(&o).contains("no-such-tag") && err(&o).contains("check the repository name and tag"),
+        "{}",
+        err(&o)
+    );
     // Nothing is left behind by the failures.
     assert!(!n.ok(&["ps", "-a"]).contains("clip-"), "{}", n.ok(&["ps", "-a"]));
 }
@@ -286,7 +328,10 @@ fn detached_containers_are_listed_logged_stopped_execd_and_removed() {
     let logs = n.ok(&["logs", id]);
     assert!(logs.starts_with("started\n") && logs.contains("stopping"), "{logs}");
     assert!(!n.ok(&["ps"]).contains(id));
-    assert!(n.ok(&["ps", "-a"]).lines().any(|l| l.starts_with(id) && l.contains("exited")));
+    assert!(n
+        .ok(&["ps", "-a"])
+        .lines()
+        .any(|l| l.starts_with(id) && l.contains("exited")));
     n.ok(&["rm", id]);
     assert!(!n.ok(&["ps", "-a"]).contains(id));
     // A foreground container without --rm or --name: its id on stderr, and
@@ -340,10 +385,25 @@ fn names_platforms_and_mount_points_are_checked() {
     assert!(err(&o).contains("/nonexistent/x.clip"), "{}", err(&o));
     let index = n.tmp.path().join("bb.clip");
     n.ok(&["index", "--image", &bb, "--out", index.to_str().unwrap()]);
-    assert_eq!(n.ok(&["run", "--rm", "--index", index.to_str().unwrap(), "echo", "from", "index"]), "from index
-");
+    assert_eq!(
+        n.ok(&[
+            "run",
+            "--rm",
+            "--index",
+            index.to_str().unwrap(),
+            "echo",
+            "from",
+            "index"
+        ]),
+        "from index
+"
+    );
     // Strict settings.
-    let o = n.cmd(&["run", "--rm", &bb, "true"]).env("CLIP_CHECKPOINT_MIB", "0").output().unwrap();
+    let o = n
+        .cmd(&["run", "--rm", &bb, "true"])
+        .env("CLIP_CHECKPOINT_MIB", "0")
+        .output()
+        .unwrap();
     assert!(err(&o).contains("CLIP_CHECKPOINT_MIB"), "{}", err(&o));
 }
 
@@ -411,7 +471,10 @@ fn images_are_listed_removed_and_pruned() {
     assert!(n.ok(&["prune"]).contains("removed 0 indexes (1 in use kept)"));
     n.ok(&["umount", mnt.to_str().unwrap()]);
     let out = n.ok(&["prune"]);
-    assert!(out.contains("removed 1 indexes") && out.contains("bytes of cached spans"), "{out}");
+    assert!(
+        out.contains("removed 1 indexes") && out.contains("bytes of cached spans"),
+        "{out}"
+    );
     let v: serde_json::Value = serde_json::from_str(&n.ok(&["images", "--json"])).unwrap();
     assert!(v["images"].as_array().unwrap().is_empty(), "{v}");
     // Removed is removed: the next run indexes the image again.

@@ -124,7 +124,9 @@ pub enum Request {
     Images,
     /// Removes a stored index (by reference, digest or its prefix), refused
     /// while it is mounted.
-    RemoveImage { image: String },
+    RemoveImage {
+        image: String,
+    },
     /// Removes every stored index no mount uses, and the cached spans when
     /// no image is mounted.
     Prune,
@@ -260,7 +262,9 @@ pub enum Reply {
     },
     Prepared(Prepared),
     Ps(PsReply),
-    Images { images: Vec<ImageInfo> },
+    Images {
+        images: Vec<ImageInfo>,
+    },
     Text {
         text: String,
     },

@@ -38,6 +38,12 @@ pub struct Descriptor {
 pub enum Error {
     #[error("invalid image reference {reference:?}: {msg}")]
     Reference { reference: String, msg: String },
+    #[error("{registry} has no {repository}:{tag} (HTTP 404): check the repository name and tag")]
+    NoSuchImage {
+        registry: String,
+        repository: String,
+        tag: String,
+    },
     #[error("invalid platform {0:?}: expected os/arch[/variant]")]
     Platform(String),
     #[error("malformed manifest {digest}: {msg}")]

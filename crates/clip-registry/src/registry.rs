@@ -108,10 +108,18 @@ impl RegistrySource {
     }
 
     fn fetch_manifest(&self, r: &str) -> Result<Fetched> {
-        let (bytes, media_type) = self
-            .registries
-            .block_on(self.get_manifest(r))
-            .map_err(self.err(format!("manifest {}:{r}", self.reference.repository())))?;
+        let (bytes, media_type) = match self.registries.block_on(self.get_manifest(r)) {
+            Ok(got) => got,
+            // The usual cause is a typo in the name or tag: say so, once.
+            Err(HttpError::NotFound(_)) => {
+                return Err(Error::NoSuchImage {
+                    registry: self.host.name.clone(),
+                    repository: self.reference.repository().to_string(),
+                    tag: r.to_string(),
+                })
+            }
+            Err(e) => return Err(self.err(format!("manifest {}:{r}", self.reference.repository()))(e)),
+        };
         let digest = crate::sha256_digest(&bytes);
         if r.starts_with("sha256:") {
             crate::verify_digest("manifest", r, &bytes)?;

@@ -52,8 +52,13 @@ impl ConsoleSocket {
         let mut name = [0u8; 4096];
         let mut iov = [std::io::IoSliceMut::new(&mut name)];
         let mut space = nix::cmsg_space!([RawFd; 1]);
-        let msg = recvmsg::<()>(stream.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
-            .map_err(std::io::Error::from)?;
+        let msg = recvmsg::<()>(
+            stream.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .map_err(std::io::Error::from)?;
         for c in msg.cmsgs().map_err(std::io::Error::from)? {
             if let ControlMessageOwned::ScmRights(fds) = c {
                 if let Some(&fd) = fds.first() {
@@ -62,7 +67,9 @@ impl ConsoleSocket {
                 }
             }
         }
-        Err(std::io::Error::other("the runtime sent no terminal on the console socket"))
+        Err(std::io::Error::other(
+            "the runtime sent no terminal on the console socket",
+        ))
     }
 }
 

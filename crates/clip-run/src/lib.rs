@@ -153,11 +153,47 @@ fn all_caps() -> Vec<Capability> {
 fn cap_of_number(n: u32) -> Option<Capability> {
     use Capability::*;
     const ORDER: [Capability; 41] = [
-        Chown, DacOverride, DacReadSearch, Fowner, Fsetid, Kill, Setgid, Setuid, Setpcap, LinuxImmutable,
-        NetBindService, NetBroadcast, NetAdmin, NetRaw, IpcLock, IpcOwner, SysModule, SysRawio, SysChroot,
-        SysPtrace, SysPacct, SysAdmin, SysBoot, SysNice, SysResource, SysTime, SysTtyConfig, Mknod, Lease,
-        AuditWrite, AuditControl, Setfcap, MacOverride, MacAdmin, Syslog, WakeAlarm, BlockSuspend, AuditRead,
-        Perfmon, Bpf, CheckpointRestore,
+        Chown,
+        DacOverride,
+        DacReadSearch,
+        Fowner,
+        Fsetid,
+        Kill,
+        Setgid,
+        Setuid,
+        Setpcap,
+        LinuxImmutable,
+        NetBindService,
+        NetBroadcast,
+        NetAdmin,
+        NetRaw,
+        IpcLock,
+        IpcOwner,
+        SysModule,
+        SysRawio,
+        SysChroot,
+        SysPtrace,
+        SysPacct,
+        SysAdmin,
+        SysBoot,
+        SysNice,
+        SysResource,
+        SysTime,
+        SysTtyConfig,
+        Mknod,
+        Lease,
+        AuditWrite,
+        AuditControl,
+        Setfcap,
+        MacOverride,
+        MacAdmin,
+        Syslog,
+        WakeAlarm,
+        BlockSuspend,
+        AuditRead,
+        Perfmon,
+        Bpf,
+        CheckpointRestore,
     ];
     ORDER.get(n as usize).copied()
 }
@@ -166,8 +202,11 @@ fn cap_of_number(n: u32) -> Option<Capability> {
 pub fn parse_cap(name: &str) -> Result<Capability> {
     let up = name.trim().to_ascii_uppercase();
     let bare = up.strip_prefix("CAP_").unwrap_or(&up);
-    bare.parse()
-        .map_err(|_| Error::Option(format!("{name:?} is not a capability (such as NET_ADMIN or CAP_SYS_PTRACE)")))
+    bare.parse().map_err(|_| {
+        Error::Option(format!(
+            "{name:?} is not a capability (such as NET_ADMIN or CAP_SYS_PTRACE)"
+        ))
+    })
 }
 
 /// The capability set of a container: containerd's defaults (or all,
@@ -184,7 +223,10 @@ pub fn capabilities(privileged: bool, add: &[String], drop: &[String]) -> Result
         DEFAULT_CAPS.to_vec()
     };
     let named = |v: &[String]| -> Result<Vec<Capability>> {
-        v.iter().filter(|c| !c.eq_ignore_ascii_case("all")).map(|c| parse_cap(c)).collect()
+        v.iter()
+            .filter(|c| !c.eq_ignore_ascii_case("all"))
+            .map(|c| parse_cap(c))
+            .collect()
     };
     let (add, drop) = (named(add)?, named(drop)?);
     caps.retain(|c| !drop.contains(c));
@@ -322,8 +364,9 @@ pub fn build_spec(config: &[u8], rootfs: &Path, opts: &RunOptions) -> Result<Spe
     if !extra.is_empty() {
         user = user.additional_gids(extra);
     }
-    let caps: std::collections::HashSet<Capability> =
-        capabilities(opts.privileged, &opts.cap_add, &opts.cap_drop)?.into_iter().collect();
+    let caps: std::collections::HashSet<Capability> = capabilities(opts.privileged, &opts.cap_add, &opts.cap_drop)?
+        .into_iter()
+        .collect();
     // containerd sets bounding, permitted and effective alike; a non-root
     // process keeps only what its uid earns (no ambient set).
     let caps = LinuxCapabilitiesBuilder::default()
@@ -346,7 +389,9 @@ pub fn build_spec(config: &[u8], rootfs: &Path, opts: &RunOptions) -> Result<Spe
         .no_new_privileges(false)
         .build()?;
     spec.set_process(Some(process));
-    spec.set_root(Some(RootBuilder::default().path(rootfs).readonly(opts.read_only).build()?));
+    spec.set_root(Some(
+        RootBuilder::default().path(rootfs).readonly(opts.read_only).build()?,
+    ));
     spec.set_hostname(opts.hostname.clone().or_else(|| Some("clip".into())));
 
     let mut mounts = spec.mounts().clone().unwrap_or_default();
@@ -356,12 +401,22 @@ pub fn build_spec(config: &[u8], rootfs: &Path, opts: &RunOptions) -> Result<Spe
             .destination("/run")
             .typ("tmpfs")
             .source("tmpfs")
-            .options(["nosuid", "strictatime", "mode=755", "size=65536k"].map(String::from).to_vec())
+            .options(
+                ["nosuid", "strictatime", "mode=755", "size=65536k"]
+                    .map(String::from)
+                    .to_vec(),
+            )
             .build()?,
     );
     if opts.privileged {
         for m in mounts.iter_mut().filter(|m| m.destination() == Path::new("/sys")) {
-            let o: Vec<String> = m.options().clone().unwrap_or_default().into_iter().filter(|o| o != "ro").collect();
+            let o: Vec<String> = m
+                .options()
+                .clone()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|o| o != "ro")
+                .collect();
             m.set_options(Some(o));
         }
         mounts.retain(|m| m.destination() != Path::new("/sys/fs/cgroup"));
@@ -590,7 +645,9 @@ impl Runtime {
         // runc refuses a console socket in the foreground; it makes and
         // serves the pty itself from its own stdio (raw mode, SIGWINCH).
         let io = &match io {
-            Io::Terminal { stdin, .. } if matches!(self, Runtime::Runc | Runtime::Runsc) => Io::Inherit { stdin: *stdin },
+            Io::Terminal { stdin, .. } if matches!(self, Runtime::Runc | Runtime::Runsc) => {
+                Io::Inherit { stdin: *stdin }
+            }
             other => other.clone(),
         };
         let console = match io {
@@ -616,9 +673,7 @@ impl Runtime {
                     .append(true)
                     .open(log)
                     .map_err(err)?;
-                cmd.stdin(Stdio::null())
-                    .stdout(f.try_clone().map_err(err)?)
-                    .stderr(f);
+                cmd.stdin(Stdio::null()).stdout(f.try_clone().map_err(err)?).stderr(f);
             }
         }
         let crun_fix = *self == Runtime::Crun && hybrid_cgroups();
@@ -663,10 +718,7 @@ impl Runtime {
         let mut raw = None;
         let master_fd = std::sync::Arc::new(std::sync::atomic::AtomicI32::new(-1));
         if let (Some(c), Io::Terminal { stdin, .. }) = (&console, io) {
-            if let Some(master) = c
-                .receive(|| matches!(child.try_wait(), Ok(None)))
-                .map_err(err)?
-            {
+            if let Some(master) = c.receive(|| matches!(child.try_wait(), Ok(None))).map_err(err)? {
                 console::copy_size(libc::STDIN_FILENO, master.as_raw_fd());
                 master_fd.store(master.as_raw_fd(), std::sync::atomic::Ordering::Relaxed);
                 if *stdin {
@@ -743,7 +795,10 @@ impl Runtime {
         } else {
             let text = String::from_utf8_lossy(&out.stderr);
             let line = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("failed");
-            Err(Error::Runtime(self.name(), std::io::Error::other(line.trim().to_string())))
+            Err(Error::Runtime(
+                self.name(),
+                std::io::Error::other(line.trim().to_string()),
+            ))
         }
     }
 

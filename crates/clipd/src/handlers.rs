@@ -519,8 +519,7 @@ fn remove_image(d: &Daemon, name: &str) -> Result<String> {
             let reference_matches = i.reference == name
                 || i.reference == format!("{name}:latest")
                 || i.reference.rsplit_once('/').is_some_and(|(_, last)| last == name);
-            let digest_matches =
-                bare.len() >= 12 && i.manifest_digest.trim_start_matches("sha256:").starts_with(bare);
+            let digest_matches = bare.len() >= 12 && i.manifest_digest.trim_start_matches("sha256:").starts_with(bare);
             reference_matches || digest_matches || i.index == Path::new(name)
         })
         .collect();
@@ -539,7 +538,10 @@ fn remove_image(d: &Daemon, name: &str) -> Result<String> {
         many => bail!(
             "{name} names {} stored indexes: give the digest ({})",
             many.len(),
-            many.iter().map(|i| i.manifest_digest.as_str()).collect::<Vec<_>>().join(", ")
+            many.iter()
+                .map(|i| i.manifest_digest.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     }
 }

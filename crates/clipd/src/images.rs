@@ -205,6 +205,8 @@ impl Images {
                     ));
                     Ok(k.digest)
                 }
+                // It names the image itself.
+                None if matches!(e, clip_registry::Error::NoSuchImage { .. }) => Err(e.into()),
                 None => Err(e).with_context(|| format!("resolving {}", reference.canonical())),
             },
         }
