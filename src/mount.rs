@@ -80,6 +80,9 @@ fn check_mount_point(dir: &std::path::Path) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(anyhow::Error::new(e).context(format!("mount point {}", dir.display()))),
         Ok(m) if !m.is_dir() => bail!("mount point {} is not a directory", dir.display()),
+        // Already a mount point (clip's own, say, mounted again or stale):
+        // clipd decides.
+        Ok(m) if is_mount_point(dir, &m) => Ok(()),
         Ok(_) => {
             if std::fs::read_dir(dir)?.next().is_some() {
                 bail!(
@@ -92,6 +95,15 @@ fn check_mount_point(dir: &std::path::Path) -> Result<()> {
     }
 }
 
+fn is_mount_point(dir: &std::path::Path, m: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    std::fs::metadata(parent).is_ok_and(|p| p.dev() != m.dev())
+}
+
 pub fn umount(a: UmountArgs) -> Result<()> {
     crate::require_root()?;
     if let Some(id) = &a.cid {
@@ -100,6 +112,11 @@ pub fn umount(a: UmountArgs) -> Result<()> {
                 bail!("container {id} is running: stop it first (clipctl stop {id}), or umount --cid {id} --force");
             }
             crate::containers::stop(crate::containers::StopArgs::now(id))?;
+        }
+        // The runtime's state goes with the rootfs (a container clipctl ran).
+        if let Ok(r) = crate::containers::load(id) {
+            let rt: clip_run::Runtime = r.runtime.parse().expect("infallible");
+            rt.delete(id);
         }
     }
     let req = match (&a.cid, &a.dir) {

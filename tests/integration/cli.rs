@@ -342,12 +342,16 @@ fn detached_containers_are_listed_logged_stopped_execd_and_removed() {
     assert!(n.ok(&["ps", "-a"]).contains(&id));
     n.ok(&["rm", &id]);
     // A running container's rootfs: umount --cid --force stops it first.
-    let id = n.ok(&["run", "-d", "--name", "sleeper", &bb, "sleep", "1000"]);
-    assert_eq!(id.trim(), "sleeper");
-    n.ok(&["umount", "--cid", "sleeper", "--force"]);
-    assert!(!n.ok(&["ps", "-a"]).contains("sleeper"));
-    let o = n.run(&["rm", "sleeper"]);
-    assert!(err(&o).contains("no container sleeper"), "{}", err(&o));
+    // (A name of its own: runtimes keep their state host-wide.)
+    let name = format!("sleeper-{}", std::process::id());
+    let id = n.ok(&["run", "-d", "--name", &name, &bb, "sleep", "1000"]);
+    assert_eq!(id.trim(), name);
+    n.ok(&["umount", "--cid", &name, "--force"]);
+    assert!(!n.ok(&["ps", "-a"]).contains(&name));
+    let o = n.run(&["rm", &name]);
+    assert!(err(&o).contains(&format!("no container {name}")), "{}", err(&o));
+    // ...and the runtime's state went with it: the name can be used again.
+    n.ok(&["run", "--rm", "--name", &name, &bb, "true"]);
 }
 
 #[test]

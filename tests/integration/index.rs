@@ -368,7 +368,7 @@ fn missing_image_on_registry_is_a_clear_error() {
             "--out",
             out.to_str().unwrap(),
         ],
-        "manifest",
+        "has no clip/nope:latest (HTTP 404)",
     );
 }
 

@@ -134,12 +134,19 @@ fn scraped_range_get_bytes_equal_what_the_registry_served() {
         total(&e, "clip_range_get_bytes", Some(("status", "206"))),
         served as f64 + base
     );
-    // One request per histogram observation; every layer is labelled by digest.
+    // One request per histogram observation; layers are labelled by a short
+    // digest, and the latency histogram has no per-layer series by default.
     let requests = total(&e, "clip_range_get_requests", None);
     assert!(requests > 0.0);
     assert_eq!(total(&e, "clip_range_get_seconds", None), requests);
     for (labels, _) in samples(&e, "clip_range_get_requests") {
-        assert!(labels["layer"].starts_with("sha256:"), "{labels:?}");
+        assert!(
+            labels["layer"].starts_with("sha256:") && labels["layer"].len() == 19,
+            "{labels:?}"
+        );
+    }
+    for (labels, _) in samples(&e, "clip_range_get_seconds") {
+        assert!(!labels.contains_key("layer"), "{labels:?}");
     }
     // Every fetched span was inflated, served bytes came through FUSE reads.
     // A coalesced request carries several units.

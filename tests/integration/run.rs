@@ -97,10 +97,10 @@ fn overlay_rootfs_behaves_like_any_overlay() {
     let tmp = tempfile::tempdir().unwrap();
     let _daemon = crate::harness::DaemonGuard::new(tmp.path());
     let deb = format!("{}/clip/debian:latest", reg.host());
-    let script = "set -e; echo new > /root/new; rm /etc/motd; mv /etc/hostname /etc/hostname2; \
+    let script = "set -e; echo new > /root/new; rm /etc/motd; mv /etc/issue /etc/issue2; \
                   ln /etc/os-release /root/os-link; test \"$(stat -c %h /root/os-link)\" = 2; \
                   mkdir -p /opt/clip/sub && echo x > /opt/clip/sub/f; rm -rf /usr/share/zoneinfo; \
-                  test ! -e /etc/motd; cat /etc/hostname2 > /dev/null; echo done";
+                  test ! -e /etc/motd; cat /etc/issue2 > /dev/null; echo done";
     let o = clip(tmp.path(), &["run", "--name", "ovl", &deb, "sh", "-c", script]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(stdout(&o), "done\n");

@@ -143,11 +143,16 @@ impl RegistrySource {
                     Ok(_) => "206".to_string(),
                     Err(e) => e.status().map_or_else(|| "error".to_string(), |c| c.to_string()),
                 };
-                let labels = [("layer", desc.digest.as_str()), ("status", status.as_str())];
+                // Label values stay bounded: a short digest, and latency
+                // per layer only when asked (CLIP_METRICS_PER_LAYER=1).
+                let hex = desc.digest.trim_start_matches("sha256:");
+                let short = format!("sha256:{}", &hex[..hex.len().min(12)]);
+                let labels = [("layer", short.as_str()), ("status", status.as_str())];
                 defs::RANGE_GET_REQUESTS.with(&labels).inc();
                 defs::RANGE_GET_BYTES.with(&labels).inc_by(received);
+                let per_layer = std::env::var("CLIP_METRICS_PER_LAYER").is_ok_and(|v| v == "1");
                 defs::RANGE_GET_SECONDS
-                    .with(&labels)
+                    .with(if per_layer { &labels[..] } else { &labels[1..] })
                     .observe_duration(started.elapsed());
                 result
             })
