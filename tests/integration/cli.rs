@@ -412,11 +412,12 @@ fn names_platforms_and_mount_points_are_checked() {
 }
 
 /// `run -it` in a pseudo-terminal: a shell prompt, the terminal's size,
-/// Ctrl-C interrupting the foreground job (not clipctl), and the exit code.
+/// Ctrl-C interrupting the foreground job (not clipctl), and the exit code;
+/// the first run of an image not yet indexed shows the progress bar.
 #[test]
 fn an_interactive_terminal_behaves_like_one() {
     let n = Node::new();
-    let bb = n.image("busybox");
+    let bb = n.image("debian");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pty_session.py");
     for rt in ["clip", "runc", "crun"] {
         let mut c = std::process::Command::new("python3");
@@ -437,6 +438,8 @@ fn an_interactive_terminal_behaves_like_one() {
         for want in ["tty /dev/pts/0", "size 31 97", "interrupted", "exit 7"] {
             assert!(out.contains(want), "{rt}: {want:?} missing in {out}");
         }
+        // Indexed on the first run only.
+        assert_eq!(out.contains("indexing ["), rt == "clip", "{rt}: {out}");
     }
 }
 
@@ -483,4 +486,91 @@ fn images_are_listed_removed_and_pruned() {
     assert!(v["images"].as_array().unwrap().is_empty(), "{v}");
     // Removed is removed: the next run indexes the image again.
     assert_eq!(n.ok(&["run", "--rm", &bb, "echo", "again"]), "again\n");
+}
+
+/// Errors that say what to do, before any work: not root, an output that
+/// cannot be written, a registry speaking plain HTTP where TLS is expected,
+/// and a registry that accepts connections and never answers.
+#[test]
+fn errors_say_what_to_do() {
+    let n = Node::new();
+    let bb = n.image("busybox");
+    // Not root: one line, before anything else (exit 125 for run).
+    for args in [
+        vec!["run", "--rm", bb.as_str(), "true"],
+        vec!["index", "--image", bb.as_str()],
+    ] {
+        let o = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(env!("CARGO_BIN_EXE_clipctl"))
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(!o.status.success());
+        assert!(
+            err(&o).contains("needs root") && err(&o).lines().count() == 1,
+            "{}",
+            err(&o)
+        );
+        if args[0] == "run" {
+            assert_eq!(o.status.code(), Some(125));
+        }
+    }
+    // --out is checked before the image is read (this registry port is
+    // closed: reading it would fail otherwise).
+    let o = n.run(&[
+        "index",
+        "--image",
+        "127.0.0.1:1/x/y:latest",
+        "--out",
+        "/proc/nope/x.clip",
+    ]);
+    assert!(err(&o).contains("/proc/nope/x.clip cannot be written"), "{}", err(&o));
+    // TLS: this host's own name resolves to loopback but is not a loopback
+    // name, so clip speaks HTTPS to the plain-HTTP test registry.
+    let host = String::from_utf8(std::process::Command::new("hostname").output().unwrap().stdout).unwrap();
+    let host = host.trim();
+    let resolved = std::process::Command::new("getent")
+        .args(["hosts", host])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&resolved.stdout).starts_with("127."),
+        "this test needs the host name {host:?} in /etc/hosts on a loopback address (as Debian installs it)"
+    );
+    let port = n.host.rsplit(':').next().unwrap();
+    let o = n.run(&["index", "--image", &format!("{host}:{port}/clip/busybox:latest")]);
+    let e = err(&o);
+    assert!(e.contains("TLS with") && e.contains("CLIP_INSECURE_REGISTRIES"), "{e}");
+    assert!(
+        e.contains("/etc/containers/certs.d/") && e.contains("/etc/docker/certs.d/"),
+        "{e}"
+    );
+    // A registry that accepts the connection and never answers: the
+    // manifest lookup ends at the deadline (CLIP_REGISTRY_DEADLINE, here
+    // 3 s; 20 s by default) instead of hanging.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let held = std::thread::spawn(move || silent.incoming().take(20).flatten().collect::<Vec<_>>());
+    let tmp = tempfile::tempdir().unwrap();
+    let _daemon = DaemonGuard::new(tmp.path());
+    let mut c = clipctl();
+    c.args(["index", "--image", &format!("127.0.0.1:{port}/x/y:latest")]);
+    env(&mut c, tmp.path());
+    c.env("CLIP_REGISTRY_DEADLINE", "3");
+    let mut child = c.stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        // Far beyond the deadline: only a hang gets here.
+        assert!(started.elapsed() < std::time::Duration::from_secs(120), "index hung");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let o = child.wait_with_output().unwrap();
+    assert!(!o.status.success());
+    assert!(
+        err(&o).contains("manifest x/y:latest: no response within 3s"),
+        "{}",
+        err(&o)
+    );
+    drop(held);
 }

@@ -179,13 +179,18 @@ impl HttpError {
 
 /// Whether a reqwest error is, underneath, a TLS failure.
 fn is_tls(e: &reqwest::Error) -> bool {
+    // An io::Error's source() skips the error it wraps, and the TLS stack
+    // wraps rustls's error in an io::Error inside another: unwrap them all.
+    fn wraps_rustls(io: &std::io::Error) -> bool {
+        match io.get_ref() {
+            Some(inner) if inner.is::<rustls::Error>() => true,
+            Some(inner) => inner.downcast_ref::<std::io::Error>().is_some_and(wraps_rustls),
+            None => false,
+        }
+    }
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(c) = cur {
-        if c.is::<rustls::Error>()
-            || c.downcast_ref::<std::io::Error>()
-                .and_then(|io| io.get_ref())
-                .is_some_and(|inner| inner.is::<rustls::Error>())
-        {
+        if c.is::<rustls::Error>() || c.downcast_ref::<std::io::Error>().is_some_and(wraps_rustls) {
             return true;
         }
         cur = c.source();
@@ -797,6 +802,41 @@ impl Registries {
 
 #[cfg(test)]
 mod tests {
+    /// A registry without TLS reached over https: the error names the way
+    /// out (CLIP_INSECURE_REGISTRIES, certs.d), whatever wraps rustls's.
+    #[test]
+    fn a_plain_http_server_reached_over_tls_is_a_tls_error() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            if let Some(Ok(mut s)) = l.incoming().next() {
+                use std::io::Write;
+                let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\nplain http\n");
+            }
+        });
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let e = rt
+            .block_on(
+                reqwest::Client::builder()
+                    .build()
+                    .unwrap()
+                    .get(format!("https://127.0.0.1:{port}/v2/"))
+                    .send(),
+            )
+            .unwrap_err();
+        let e = super::classify("reg.example:5000", e, std::time::Duration::from_secs(1));
+        let text = e.to_string();
+        assert!(matches!(e, super::HttpError::Tls { .. }), "{text}");
+        assert!(
+            text.contains("CLIP_INSECURE_REGISTRIES") && text.contains("/etc/containers/certs.d/reg.example:5000"),
+            "{text}"
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -126,10 +126,23 @@ pub fn run(opts: &Options) -> Result<()> {
     let sup = env_fd("CLIPD_SUPERVISOR_FD")?;
     let listener = UnixListener::from(env_fd("CLIPD_LISTEN_FD")?);
     let paths = Paths::from_env();
-    let registries = Registries::new(RegistryOptions {
+    let mut registry_opts = RegistryOptions {
         read_timeout: Duration::from_secs(10),
         ..RegistryOptions::from_env().for_reads()
-    })?;
+    };
+    // Every registry operation (manifest lookups too) ends by this
+    // deadline, retries included.
+    if let Ok(v) = std::env::var("CLIP_REGISTRY_DEADLINE") {
+        let secs = v
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|s| (1..=3600).contains(s))
+            .with_context(|| format!("CLIP_REGISTRY_DEADLINE={v:?}: expected seconds, from 1 to 3600"))?;
+        registry_opts.deadline = Duration::from_secs(secs);
+        registry_opts.read_timeout = registry_opts.read_timeout.min(registry_opts.deadline);
+    }
+    let registries = Registries::new(registry_opts)?;
     let auth = opts
         .auth_file
         .clone()
