@@ -91,7 +91,8 @@ fn scraped_range_get_bytes_equal_what_the_registry_served() {
     let reg = registry();
     let m = Mounted::new(&format!("{}/clip/debian:latest", reg.host()));
     let port = free_port();
-    let mut c = m.cmd(&["metrics", "--serve", "--address", "127.0.0.1", "--port"]);
+    // No --address: loopback only.
+    let mut c = m.cmd(&["metrics", "--serve", "--port"]);
     c.arg(port.to_string());
     let _server = Server(c.spawn().unwrap());
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -118,6 +119,18 @@ fn scraped_range_get_bytes_equal_what_the_registry_served() {
 
     // Read-ahead may still be fetching: wait until the counters settle.
     let deadline = Instant::now() + Duration::from_secs(20);
+    let listening = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let local = format!("0100007F:{port:04X}");
+    assert!(
+        listening
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some(local.as_str())),
+        "not on 127.0.0.1:{port}"
+    );
+    assert!(
+        !listening.contains(&format!("00000000:{port:04X} 00000000:0000 0A")),
+        "listening on every address"
+    );
     let (e, served) = loop {
         let e =
             openmetrics_parser::openmetrics::parse_openmetrics(&text).unwrap_or_else(|err| panic!("{err:?}\n{text}"));
@@ -139,12 +152,19 @@ fn scraped_range_get_bytes_equal_what_the_registry_served() {
     let requests = total(&e, "clip_range_get_requests", None);
     assert!(requests > 0.0);
     assert_eq!(total(&e, "clip_range_get_seconds", None), requests);
+    let mut kinds = std::collections::BTreeSet::new();
     for (labels, _) in samples(&e, "clip_range_get_requests") {
-        assert!(
-            labels["layer"].starts_with("sha256:") && labels["layer"].len() == 19,
-            "{labels:?}"
-        );
+        kinds.insert(labels["kind"].clone());
+        match labels["kind"].as_str() {
+            "layer" => assert!(
+                labels["layer"].starts_with("sha256:") && labels["layer"].len() == 19,
+                "{labels:?}"
+            ),
+            _ => assert_eq!(labels["layer"], "", "not a layer: {labels:?}"),
+        }
     }
+    // The image config was fetched too (indexing), and not as a layer.
+    assert!(kinds.contains("layer") && kinds.contains("config"), "{kinds:?}");
     for (labels, _) in samples(&e, "clip_range_get_seconds") {
         assert!(!labels.contains_key("layer"), "{labels:?}");
     }

@@ -145,14 +145,22 @@ impl RegistrySource {
                 };
                 // Label values stay bounded: a short digest, and latency
                 // per layer only when asked (CLIP_METRICS_PER_LAYER=1).
+                // A config or artifact blob is not a layer: `kind` says
+                // which, and only layers have a `layer` value (an empty
+                // value is no label to Prometheus; one label set per family).
+                let kind = blob_kind(&desc.media_type);
                 let hex = desc.digest.trim_start_matches("sha256:");
-                let short = format!("sha256:{}", &hex[..hex.len().min(12)]);
-                let labels = [("layer", short.as_str()), ("status", status.as_str())];
+                let short = if kind == "layer" {
+                    format!("sha256:{}", &hex[..hex.len().min(12)])
+                } else {
+                    String::new()
+                };
+                let labels = [("kind", kind), ("status", status.as_str()), ("layer", short.as_str())];
                 defs::RANGE_GET_REQUESTS.with(&labels).inc();
                 defs::RANGE_GET_BYTES.with(&labels).inc_by(received);
                 let per_layer = std::env::var("CLIP_METRICS_PER_LAYER").is_ok_and(|v| v == "1");
                 defs::RANGE_GET_SECONDS
-                    .with(if per_layer { &labels[..] } else { &labels[1..] })
+                    .with(if per_layer { &labels[..] } else { &labels[..2] })
                     .observe_duration(started.elapsed());
                 result
             })
@@ -245,6 +253,17 @@ impl Fetcher for RegistrySource {
 
     fn small_blob(&self, desc: &Descriptor) -> Result<Vec<u8>> {
         self.read_range(desc, 0, desc.size)
+    }
+}
+
+/// What a blob is, for metrics: `layer`, `config`, or `other` (artifacts).
+fn blob_kind(media_type: &str) -> &'static str {
+    if media_type.contains("layer") || media_type.contains("rootfs.diff") {
+        "layer"
+    } else if media_type.contains("config") {
+        "config"
+    } else {
+        "other"
     }
 }
 
