@@ -292,6 +292,11 @@ fn exit_codes_follow_docker() {
         "{}",
         err(&o)
     );
+    // A runtime's own failure is one line, not libcontainer's layers of it.
+    let o = n.run(&["run", "--rm", "-w", "/etc/motd", &bb, "true"]);
+    assert!(!o.status.success());
+    assert_eq!(err(&o).lines().count(), 1, "{}", err(&o));
+    assert!(err(&o).starts_with("clip-runtime: "), "{}", err(&o));
     // Nothing is left behind by the failures.
     assert!(!n.ok(&["ps", "-a"]).contains("clip-"), "{}", n.ok(&["ps", "-a"]));
 }
@@ -573,4 +578,18 @@ fn errors_say_what_to_do() {
         err(&o)
     );
     drop(held);
+    // A bad setting stops clipd at once, and clipctl says which.
+    for (k, v) in [("CLIP_CACHE_MAX", "10 lots"), ("CLIP_REGISTRY_DEADLINE", "0")] {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut c = clipctl();
+        c.args(["images"]);
+        env(&mut c, tmp.path());
+        let o = c.env(k, v).output().unwrap();
+        assert!(!o.status.success());
+        assert!(
+            err(&o).contains(&format!("clipd could not start: {k}=\"{v}\"")),
+            "{}",
+            err(&o)
+        );
+    }
 }

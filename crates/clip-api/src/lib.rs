@@ -294,6 +294,8 @@ pub enum Error {
     },
     #[error("clipd did not come up within {0:?} (see {1})")]
     StartTimeout(Duration, PathBuf),
+    #[error("clipd could not start: {message} (see {log})")]
+    StartFailed { message: String, log: PathBuf },
     #[error("talking to clipd")]
     Io(#[from] std::io::Error),
     #[error("clipd sent a frame that is not a reply")]
@@ -417,10 +419,19 @@ impl Client {
                 std::thread::spawn(move || child.wait());
                 return Ok(Self { stream });
             }
-            if let Ok(Some(_)) = child.try_wait() {
+            if let Ok(Some(status)) = child.try_wait() {
                 // Another clipd won the race to start: connect to it.
                 if let Ok(stream) = UnixStream::connect(&socket) {
                     return Ok(Self { stream });
+                }
+                if !status.success() {
+                    // It said why as its last words (a bad setting, say).
+                    let text = std::fs::read_to_string(&log).unwrap_or_default();
+                    let message = text.lines().rev().find(|l| l.starts_with("clipd: ")).map_or_else(
+                        || format!("it exited with {status}"),
+                        |l| l["clipd: ".len()..].to_string(),
+                    );
+                    return Err(Error::StartFailed { message, log });
                 }
             }
             if Instant::now() > deadline {

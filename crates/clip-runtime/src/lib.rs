@@ -237,6 +237,9 @@ pub fn start(root: &Root, id: &str) -> Result<()> {
     }
     c.set_status(ContainerStatus::Running).save()?;
     if let Some(hooks) = config.hooks.as_ref() {
+        if let (Some(p), true) = (pid, hooks.poststart().as_ref().is_some_and(|h| !h.is_empty())) {
+            wait_until_settled(p.as_raw());
+        }
         for hook in hooks.poststart().iter().flatten() {
             let one = vec![hook.clone()];
             if let Err(e) = libcontainer::hooks::run_hooks(Some(&one), Some(&c.state), Some(&c.root), None, None) {
@@ -262,6 +265,29 @@ fn wait_for_exec(pid: i32, before: (u64, u64)) {
     while exe_of(pid) == Some(before) {
         if std::time::Instant::now() > deadline {
             tracing::warn!(pid, "the container's process did not exec within 10 s");
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+}
+
+/// Waits (up to 1 s) until process `pid`, just exec'd, has run its start:
+/// it sleeps waiting for something, has stopped or exited. Poststart hooks
+/// then see a process that has done its first steps, on a busy machine too
+/// (a hook run at the instant of the exec raced the process's first write
+/// in runtime-tools' poststart test); only containers with poststart
+/// hooks wait.
+fn wait_until_settled(pid: i32) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    loop {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            return;
+        };
+        // The state follows the parenthesised command name.
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next());
+        if !matches!(state, Some('R' | 'D')) || std::time::Instant::now() > deadline {
             return;
         }
         std::thread::sleep(std::time::Duration::from_micros(200));

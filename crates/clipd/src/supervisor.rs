@@ -77,6 +77,9 @@ fn write_pidfile(run: &Path) {
 }
 
 pub fn run(opts: &Options, handover_fd: Option<RawFd>) -> Result<()> {
+    // A bad setting ends clipd here, said once, rather than in every
+    // worker the supervisor would start (and clients waiting on them).
+    crate::worker::check_settings()?;
     let paths = clip_rootfs::Paths::from_env();
     clip_rootfs::private_dir(&paths.run).context("creating the run directory")?;
     let socket = clip_api::socket_path(&paths.run);

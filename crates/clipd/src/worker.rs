@@ -93,6 +93,33 @@ pub fn parse_size(v: &str) -> Option<u64> {
     digits.trim().parse::<u64>().ok()?.checked_mul(mult)
 }
 
+/// Checks every setting clipd reads from its environment.
+pub fn check_settings() -> Result<()> {
+    store_options()?;
+    registry_options()?;
+    Ok(())
+}
+
+fn registry_options() -> Result<RegistryOptions> {
+    let mut o = RegistryOptions {
+        read_timeout: Duration::from_secs(10),
+        ..RegistryOptions::from_env().for_reads()
+    };
+    // Every registry operation (manifest lookups too) ends by this
+    // deadline, retries included.
+    if let Ok(v) = std::env::var("CLIP_REGISTRY_DEADLINE") {
+        let secs = v
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|s| (1..=3600).contains(s))
+            .with_context(|| format!("CLIP_REGISTRY_DEADLINE={v:?}: expected seconds, from 1 to 3600"))?;
+        o.deadline = Duration::from_secs(secs);
+        o.read_timeout = o.read_timeout.min(o.deadline);
+    }
+    Ok(o)
+}
+
 fn store_options() -> Result<StoreOptions> {
     let cache_dir = std::env::var_os("CLIP_CACHE_DIR").map_or_else(|| PathBuf::from("/var/cache/clip"), PathBuf::from);
     let cache_max = match std::env::var("CLIP_CACHE_MAX") {
@@ -126,23 +153,7 @@ pub fn run(opts: &Options) -> Result<()> {
     let sup = env_fd("CLIPD_SUPERVISOR_FD")?;
     let listener = UnixListener::from(env_fd("CLIPD_LISTEN_FD")?);
     let paths = Paths::from_env();
-    let mut registry_opts = RegistryOptions {
-        read_timeout: Duration::from_secs(10),
-        ..RegistryOptions::from_env().for_reads()
-    };
-    // Every registry operation (manifest lookups too) ends by this
-    // deadline, retries included.
-    if let Ok(v) = std::env::var("CLIP_REGISTRY_DEADLINE") {
-        let secs = v
-            .trim()
-            .parse::<u64>()
-            .ok()
-            .filter(|s| (1..=3600).contains(s))
-            .with_context(|| format!("CLIP_REGISTRY_DEADLINE={v:?}: expected seconds, from 1 to 3600"))?;
-        registry_opts.deadline = Duration::from_secs(secs);
-        registry_opts.read_timeout = registry_opts.read_timeout.min(registry_opts.deadline);
-    }
-    let registries = Registries::new(registry_opts)?;
+    let registries = Registries::new(registry_options()?)?;
     let auth = opts
         .auth_file
         .clone()
