@@ -21,19 +21,7 @@ pub fn human(bytes: u64) -> String {
 
 /// A date as UTC `YYYY-MM-DD HH:MM`.
 pub fn date(secs: u64) -> String {
-    let days = (secs / 86400) as i64;
-    let (h, m) = ((secs % 86400) / 3600, (secs % 3600) / 60);
-    // Civil from days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(mo <= 2);
-    format!("{y:04}-{mo:02}-{d:02} {h:02}:{m:02}")
+    clip_registry::rfc3339(secs)[..16].replace('T', " ")
 }
 
 pub fn list(json: bool) -> Result<()> {

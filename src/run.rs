@@ -117,19 +117,11 @@ fn generated_id() -> String {
     )
 }
 
-/// A size with an optional binary unit: `512m`, `2g`, `1024`.
+/// A size with an optional binary unit: `512m`, `2g`, `1024`; not zero.
 pub fn parse_bytes(v: &str) -> Option<i64> {
-    let v = v.trim();
-    let digits = v.trim_end_matches(|c: char| c.is_ascii_alphabetic());
-    let mult: i64 = match v[digits.len()..].to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        "t" | "tb" | "tib" => 1 << 40,
-        _ => return None,
-    };
-    digits.parse::<i64>().ok().filter(|n| *n > 0)?.checked_mul(mult)
+    clip_store::parse_size(v)
+        .filter(|n| *n > 0)
+        .and_then(|n| i64::try_from(n).ok())
 }
 
 /// `-e KEY` takes this shell's value; KEY=VALUE passes as is.

@@ -729,3 +729,36 @@ fn verify_err(l: &LayerLayout, k: usize, e: clip_gzran::Error) -> ReadError {
 
 #[cfg(test)]
 mod tests;
+
+/// A size: bytes, or with K, M, G or T (binary, as `10G`,
+/// `10GiB`, `500M`).
+pub fn parse_size(v: &str) -> Option<u64> {
+    let v = v.trim();
+    let digits = v.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let unit = v[digits.len()..].to_ascii_lowercase();
+    let mult: u64 = match unit.as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => return None,
+    };
+    digits.trim().parse::<u64>().ok()?.checked_mul(mult)
+}
+
+#[cfg(test)]
+mod sizes {
+    #[test]
+    fn sizes_with_units() {
+        use super::parse_size;
+        assert_eq!(parse_size("10G"), Some(10 << 30));
+        assert_eq!(parse_size("10GiB"), Some(10 << 30));
+        assert_eq!(parse_size("500M"), Some(500 << 20));
+        assert_eq!(parse_size("512k"), Some(512 << 10));
+        assert_eq!(parse_size("1234"), Some(1234));
+        for bad in ["x", "", "10Q", "G", "-1G", "1.5G"] {
+            assert_eq!(parse_size(bad), None, "{bad}");
+        }
+    }
+}

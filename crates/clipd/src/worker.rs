@@ -76,23 +76,6 @@ fn env_fd(name: &str) -> Result<OwnedFd> {
     Ok(fd)
 }
 
-/// `CLIP_CACHE_MAX`: bytes, or with K, M, G or T (binary, as `10G`,
-/// `10GiB`, `500M`).
-pub fn parse_size(v: &str) -> Option<u64> {
-    let v = v.trim();
-    let digits = v.trim_end_matches(|c: char| c.is_ascii_alphabetic());
-    let unit = v[digits.len()..].to_ascii_lowercase();
-    let mult: u64 = match unit.as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        "t" | "tb" | "tib" => 1 << 40,
-        _ => return None,
-    };
-    digits.trim().parse::<u64>().ok()?.checked_mul(mult)
-}
-
 /// Checks every setting clipd reads from its environment.
 pub fn check_settings() -> Result<()> {
     store_options()?;
@@ -123,9 +106,8 @@ fn registry_options() -> Result<RegistryOptions> {
 fn store_options() -> Result<StoreOptions> {
     let cache_dir = std::env::var_os("CLIP_CACHE_DIR").map_or_else(|| PathBuf::from("/var/cache/clip"), PathBuf::from);
     let cache_max = match std::env::var("CLIP_CACHE_MAX") {
-        Ok(v) => {
-            parse_size(&v).with_context(|| format!("CLIP_CACHE_MAX={v:?}: expected a size such as 10G or 500M"))?
-        }
+        Ok(v) => clip_store::parse_size(&v)
+            .with_context(|| format!("CLIP_CACHE_MAX={v:?}: expected a size such as 10G or 500M"))?,
         Err(_) => 10 << 30,
     };
     let defaults = StoreOptions::default();
@@ -605,22 +587,6 @@ impl Daemon {
                 tracing::info!(after = ?after, "no containers, no mounts in use and no requests: exiting");
                 self.shutdown();
             }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn sizes_with_units() {
-        use super::parse_size;
-        assert_eq!(parse_size("10G"), Some(10 << 30));
-        assert_eq!(parse_size("10GiB"), Some(10 << 30));
-        assert_eq!(parse_size("500M"), Some(500 << 20));
-        assert_eq!(parse_size("512k"), Some(512 << 10));
-        assert_eq!(parse_size("1234"), Some(1234));
-        for bad in ["x", "", "10Q", "G", "-1G", "1.5G"] {
-            assert_eq!(parse_size(bad), None, "{bad}");
         }
     }
 }
