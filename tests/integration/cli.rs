@@ -318,6 +318,16 @@ fn detached_containers_are_listed_logged_stopped_execd_and_removed() {
     let ps = n.ok(&["ps"]);
     assert!(ps.lines().next().unwrap().starts_with("CONTAINER ID"), "{ps}");
     assert!(ps.lines().any(|l| l.starts_with(id) && l.contains("running")), "{ps}");
+    // The image mount under it cannot be unmounted while it is used.
+    let v: serde_json::Value = serde_json::from_str(&n.ok(&["ps", "--json"])).unwrap();
+    let image_dir = v["mounts"][0]["dir"].as_str().unwrap().to_string();
+    let o = n.run(&["umount", &image_dir]);
+    assert!(!o.status.success());
+    assert!(
+        err(&o).contains(&format!("is the image of containers {id}")),
+        "{}",
+        err(&o)
+    );
     // exec runs in the container, with its code.
     let o = n.run(&["exec", id, "sh", "-c", "test -f /etc/motd && exit 4"]);
     assert_eq!(o.status.code(), Some(4), "{}", err(&o));
@@ -457,6 +467,10 @@ fn images_are_listed_removed_and_pruned() {
     // with the registry gone.
     n.ok(&["index", "--image", &bb]);
     n.ok(&["index", "--image", &app]);
+    assert_eq!(n.ok(&["run", "--rm", &bb, "echo", "stored"]), "stored\n");
+    let log = crate::mount::daemon_log(n.tmp.path());
+    let builds = log.matches(&format!("indexing here image={bb}")).count();
+    assert_eq!(builds, 1, "run used the index `index` stored: {log}");
     let list = n.ok(&["images"]);
     let header = list.lines().next().unwrap();
     assert!(header.starts_with("IMAGE") && header.contains("SIZE"), "{list}");
