@@ -545,26 +545,47 @@ fn errors_say_what_to_do() {
         "/proc/nope/x.clip",
     ]);
     assert!(err(&o).contains("/proc/nope/x.clip cannot be written"), "{}", err(&o));
-    // TLS: this host's own name resolves to loopback but is not a loopback
-    // name, so clip speaks HTTPS to the plain-HTTP test registry.
-    let host = String::from_utf8(std::process::Command::new("hostname").output().unwrap().stdout).unwrap();
-    let host = host.trim();
-    let resolved = std::process::Command::new("getent")
-        .args(["hosts", host])
-        .output()
-        .unwrap();
-    assert!(
-        String::from_utf8_lossy(&resolved.stdout).starts_with("127."),
-        "this test needs the host name {host:?} in /etc/hosts on a loopback address (as Debian installs it)"
-    );
+    // TLS: a name that is not a loopback name (so clip speaks HTTPS) for
+    // the plain-HTTP test registry, resolved by an /etc/hosts of the
+    // test's own, bind-mounted in a private mount namespace where this
+    // node's clipd starts. The hint's way out works.
     let port = n.host.rsplit(':').next().unwrap();
-    let o = n.run(&["index", "--image", &format!("{host}:{port}/clip/busybox:latest")]);
-    let e = err(&o);
-    assert!(e.contains("TLS with") && e.contains("CLIP_INSECURE_REGISTRIES"), "{e}");
-    assert!(
-        e.contains("/etc/containers/certs.d/") && e.contains("/etc/docker/certs.d/"),
-        "{e}"
-    );
+    let name = format!("clip-tls-test:{port}");
+    let hosts = n.tmp.path().join("hosts");
+    std::fs::write(&hosts, "127.0.0.1 localhost\n127.0.0.1 clip-tls-test\n").unwrap();
+    for insecure in ["", name.as_str()] {
+        let tmp = tempfile::tempdir().unwrap();
+        let _daemon = DaemonGuard::new(tmp.path());
+        let mut c = std::process::Command::new("unshare");
+        c.args([
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            "mount --bind \"$0\" /etc/hosts && exec \"$@\"",
+        ])
+        .arg(&hosts)
+        .arg(env!("CARGO_BIN_EXE_clipctl"))
+        .args(["index", "--image", &format!("{name}/clip/busybox:latest")])
+        .env("CLIP_INSECURE_REGISTRIES", insecure);
+        env(&mut c, tmp.path());
+        let o = c.output().unwrap();
+        let e = err(&o);
+        if insecure.is_empty() {
+            assert!(!o.status.success());
+            assert!(
+                e.contains(&format!("TLS with {name} failed")) && e.contains("CLIP_INSECURE_REGISTRIES"),
+                "{e}"
+            );
+            assert!(
+                e.contains(&format!("/etc/containers/certs.d/{name}/")) && e.contains("/etc/docker/certs.d/"),
+                "{e}"
+            );
+        } else {
+            assert!(o.status.success(), "{e}");
+        }
+    }
     // A registry that accepts the connection and never answers: the
     // manifest lookup ends at the deadline (CLIP_REGISTRY_DEADLINE, here
     // 3 s; 20 s by default) instead of hanging.
