@@ -303,6 +303,19 @@ fn check_command(rootfs: &Path, spec: &Proc, binds: &[Bind]) -> Result<()> {
         return Ok(());
     };
     let under_bind = |p: &str| binds.iter().any(|b| Path::new(p).starts_with(&b.target));
+    // A working directory that is a file: runtimes fail on it with words
+    // of their own (clip-runtime's: "failed to unix syscall"); a missing
+    // one they create.
+    if !under_bind(&spec.cwd) {
+        let cwd = resolve_in_root(rootfs, &spec.cwd);
+        if std::fs::metadata(&cwd).is_ok_and(|m| !m.is_dir()) {
+            return Err(Failure::new(
+                crate::exit::CLIP_FAILED,
+                format!("working directory {}: not a directory in the image", spec.cwd),
+            )
+            .into());
+        }
+    }
     let candidates: Vec<String> = if cmd.contains('/') {
         if cmd.starts_with('/') {
             vec![cmd.clone()]

@@ -292,8 +292,20 @@ fn exit_codes_follow_docker() {
         "{}",
         err(&o)
     );
-    // A runtime's own failure is one line, not libcontainer's layers of it.
-    let o = n.run(&["run", "--rm", "-w", "/etc/motd", &bb, "true"]);
+    // A working directory that is a file: 125, said once, on every runtime.
+    for rt in ["clip", "runc", "crun"] {
+        let o = n.run(&["run", "--rm", "--runtime", rt, "-w", "/etc/motd", &bb, "true"]);
+        assert_eq!(o.status.code(), Some(125), "{rt}: {}", err(&o));
+        assert_eq!(err(&o).lines().count(), 1, "{}", err(&o));
+        assert!(
+            err(&o).contains("/etc/motd: not a directory in the image"),
+            "{}",
+            err(&o)
+        );
+    }
+    // A runtime's own failure is one line, not libcontainer's layers of it
+    // (a bind mount onto a file's place with a directory).
+    let o = n.run(&["run", "--rm", "-v", "/tmp:/etc/motd", &bb, "true"]);
     assert!(!o.status.success());
     assert_eq!(err(&o).lines().count(), 1, "{}", err(&o));
     assert!(err(&o).starts_with("clip-runtime: "), "{}", err(&o));
