@@ -262,6 +262,28 @@ pub fn verify_digest(what: &'static str, expected: &str, bytes: &[u8]) -> Result
     Ok(())
 }
 
+/// `secs` since the epoch as `YYYY-MM-DDTHH:MM:SSZ` (UTC), as OCI's
+/// `created` fields and annotations write times.
+pub fn rfc3339(secs: u64) -> String {
+    let (days, rem) = (secs / 86400, secs % 86400);
+    // Days to a civil date (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -306,26 +328,4 @@ mod tests {
         assert!(digest_hex("sha256:../../etc/passwd").is_err());
         assert!(digest_hex("md5:abc").is_err());
     }
-}
-
-/// `secs` since the epoch as `YYYY-MM-DDTHH:MM:SSZ` (UTC), as OCI's
-/// `created` fields and annotations write times.
-pub fn rfc3339(secs: u64) -> String {
-    let (days, rem) = (secs / 86400, secs % 86400);
-    // Days to a civil date (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
 }

@@ -727,9 +727,6 @@ fn verify_err(l: &LayerLayout, k: usize, e: clip_gzran::Error) -> ReadError {
     }
 }
 
-#[cfg(test)]
-mod tests;
-
 /// A size: bytes, or with K, M, G or T (binary, as `10G`,
 /// `10GiB`, `500M`).
 pub fn parse_size(v: &str) -> Option<u64> {
@@ -746,6 +743,9 @@ pub fn parse_size(v: &str) -> Option<u64> {
     };
     digits.trim().parse::<u64>().ok()?.checked_mul(mult)
 }
+
+#[cfg(test)]
+mod tests;
 
 #[cfg(test)]
 mod sizes {
