@@ -485,7 +485,8 @@ pub fn run(mut a: Args, record: bool) -> Result<i32> {
             terminal: a.tty,
         };
         let spec = clip_run::build_spec(p.config.as_bytes(), &p.rootfs, &opts)?;
-        check_command(&p.rootfs, &process_of(&spec), &binds)?;
+        let process = process_of(&spec);
+        check_command(&p.rootfs, &process, &binds)?;
         clip_run::write_bundle(&p.bundle, &spec)?;
         containers::save(
             &id,
@@ -494,7 +495,7 @@ pub fn run(mut a: Args, record: bool) -> Result<i32> {
                 image: p.image.clone(),
                 created: containers::now(),
                 detached: a.detach,
-                command: process_of(&spec).args,
+                command: process.args,
             },
         )?;
         Ok(if a.detach {

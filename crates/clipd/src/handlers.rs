@@ -480,7 +480,7 @@ fn images(d: &Daemon) -> Vec<clip_api::ImageInfo> {
         if path.extension().is_none_or(|x| x != "clip") {
             continue;
         }
-        let Ok(f) = d.images.load(&path) else { continue };
+        let Ok(f) = d.images.peek(&path) else { continue };
         let md = e.metadata().ok();
         out.push(clip_api::ImageInfo {
             reference: f.index.image.reference.clone(),

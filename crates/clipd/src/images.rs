@@ -147,6 +147,18 @@ impl Images {
         lock(&self.loaded).remove(path);
     }
 
+    /// An index file to look at (listing, removing): the loaded one if
+    /// any, else read now and not kept (a store's worth of indexes is not
+    /// held in memory for a listing).
+    pub fn peek(&self, path: &Path) -> Result<Arc<IndexFile>> {
+        if let Some(f) = lock(&self.loaded).get(path) {
+            return Ok(f.clone());
+        }
+        Ok(Arc::new(
+            IndexFile::load(path).with_context(|| format!("loading {}", path.display()))?,
+        ))
+    }
+
     /// An index file, loaded (and checked) once per daemon.
     pub fn load(&self, path: &Path) -> Result<Arc<IndexFile>> {
         if let Some(f) = lock(&self.loaded).get(path) {
