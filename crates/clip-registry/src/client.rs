@@ -327,6 +327,13 @@ impl Host {
             .read_timeout(opts.read_timeout)
             .pool_idle_timeout(Duration::from_secs(90))
             .user_agent(concat!("clip/", env!("CARGO_PKG_VERSION")));
+        if cas.is_empty() && identity.is_none() {
+            // The shared configuration: the system roots load once, at the
+            // first handshake, not with every new host.
+            if let Ok(cfg) = crate::tls::lazy_config() {
+                b = b.tls_backend_preconfigured(cfg);
+            }
+        }
         if !cas.is_empty() {
             b = b.tls_certs_merge(cas);
         }

@@ -14,6 +14,7 @@ mod manifest;
 mod reference;
 pub mod referrers;
 mod registry;
+mod tls;
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -25,6 +26,7 @@ pub use layout::LayoutSource;
 pub use manifest::{Platform, ResolvedImage};
 pub use oci_spec::distribution::Reference;
 pub use registry::RegistrySource;
+pub use tls::warm as warm_tls_roots;
 
 /// A blob the image refers to.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -802,8 +802,25 @@ impl Runtime {
         }
     }
 
-    /// Removes the runtime's state of container `id`, if any is left.
+    /// Where the runtime keeps container `id`'s state, for the runtimes
+    /// whose default root is known (run as root, as clipctl is).
+    fn state_dir(&self, id: &str) -> Option<PathBuf> {
+        let root = match self {
+            Runtime::Clip => "/run/clip-runtime",
+            Runtime::Runc => "/run/runc",
+            Runtime::Crun => "/run/crun",
+            Runtime::Runsc | Runtime::Path(_) => return None,
+        };
+        Some(Path::new(root).join(id))
+    }
+
+    /// Removes the runtime's state of container `id`, if any is left. A
+    /// foreground `run` removes its own when the container ends: no
+    /// runtime process is started when its state is already gone.
     pub fn delete(&self, id: &str) {
+        if self.state_dir(id).is_some_and(|d| !d.exists()) {
+            return;
+        }
         let _ = self.command().args(["delete", "--force", id]).output();
     }
 }

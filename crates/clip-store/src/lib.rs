@@ -346,9 +346,10 @@ impl LayerStore {
         if span.streamed || l.range_ignored.load(Ordering::Relaxed) {
             return self.wait_for_stream(layer, u);
         }
-        match self.fetch_spans(layer, unit.span, unit.span) {
-            Ok(mut v) => {
-                let data = v.pop().expect("one span");
+        let mut got = None;
+        match self.fetch_spans(layer, unit.span, unit.span, &mut |_, data| got = Some(data)) {
+            Ok(()) => {
+                let data = got.expect("one span delivered");
                 self.mem.put(unit.id, data.clone());
                 Ok(data)
             }
@@ -361,32 +362,40 @@ impl LayerStore {
     }
 
     /// Fetches spans `k0..=k1` (none streamed) with one range request,
-    /// checks and inflates each, caches them; returns them in order. A
-    /// span that fails its digest is fetched once more: a flipped bit in
-    /// flight should not fail a read, a bad registry must.
-    fn fetch_spans(&self, layer: &LayerRef, k0: usize, k1: usize) -> Result<Vec<Arc<Vec<u8>>>, ReadError> {
+    /// checks and inflates each and hands it to `deliver` at once, in
+    /// order: a reader waiting for the first span of a coalesced request
+    /// does not wait for the others to inflate. A span that fails its
+    /// digest is fetched once more, with the spans after it: a flipped bit
+    /// in flight should not fail a read, a bad registry must.
+    fn fetch_spans(
+        &self,
+        layer: &LayerRef,
+        k0: usize,
+        k1: usize,
+        deliver: &mut dyn FnMut(usize, Arc<Vec<u8>>),
+    ) -> Result<(), ReadError> {
         let l = &layer.layout;
-        let (start, end) = (l.spans[k0].comp.0, l.spans[k1].comp.1);
         self.metrics.misses.inc_by((k1 - k0 + 1) as u64);
         let t0 = Instant::now();
+        let mut from = k0;
         let mut last = None;
         for attempt in 0..2 {
+            let (start, end) = (l.spans[from].comp.0, l.spans[k1].comp.1);
             let bytes = layer
                 .source
                 .read_range(&l.desc, start, end - start)
                 .map_err(|e| ReadError::Fetch {
                     layer: l.short.clone(),
-                    span: k0,
+                    span: from,
                     from: layer.source.describe(),
                     source: Arc::new(e),
                 })?;
-            let mut out = Vec::with_capacity(k1 - k0 + 1);
             let mut failed = None;
-            for k in k0..=k1 {
+            for k in from..=k1 {
                 let s = &l.spans[k];
                 let slice = &bytes[(s.comp.0 - start) as usize..(s.comp.1 - start) as usize];
                 match self.inflate(l, k, slice) {
-                    Ok(v) => out.push(v),
+                    Ok(v) => deliver(k, v),
                     Err(e) => {
                         failed = Some((k, e));
                         break;
@@ -395,12 +404,13 @@ impl LayerStore {
             }
             match failed {
                 None => {
-                    tracing::debug!(layer = %l.short, spans = ?(k0..=k1), bytes = end - start, ms = t0.elapsed().as_millis() as u64, "fetched");
-                    return Ok(out);
+                    tracing::debug!(layer = %l.short, spans = ?(k0..=k1), bytes = l.spans[k1].comp.1 - l.spans[k0].comp.0, ms = t0.elapsed().as_millis() as u64, "fetched");
+                    return Ok(());
                 }
                 Some((k, e)) => {
                     defs::VERIFY_FAILURES.with(&[("layer", &l.short)]).inc();
                     tracing::warn!(layer = %l.desc.digest, span = k, attempt, error = %e, "span failed verification");
+                    from = k;
                     last = Some((k, e));
                 }
             }
@@ -697,13 +707,16 @@ impl LayerStore {
             }
             k1 += 1;
         }
-        match self.fetch_spans(layer, k0, k1) {
-            Ok(units) => {
-                for (lead, data) in leaders.into_iter().zip(units) {
-                    self.mem.put(*lead.key(), data.clone());
-                    lead.complete(Ok(data));
-                }
+        // Each span's waiters are answered as soon as it is inflated.
+        let mut leaders = std::collections::VecDeque::from(leaders);
+        let r = self.fetch_spans(layer, k0, k1, &mut |_, data| {
+            if let Some(lead) = leaders.pop_front() {
+                self.mem.put(*lead.key(), data.clone());
+                lead.complete(Ok(data));
             }
+        });
+        match r {
+            Ok(()) => {}
             Err(ReadError::Fetch { source, .. }) if source.is_range_ignored() => {
                 l.range_ignored.store(true, Ordering::Relaxed);
                 drop(leaders);

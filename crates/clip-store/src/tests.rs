@@ -457,6 +457,43 @@ fn queued_neighbours_are_fetched_in_one_request() {
 }
 
 #[test]
+fn a_coalesced_prefetch_hands_out_each_span_and_refetches_from_a_bad_one() {
+    let s = setup(1);
+    let (index, _) = index_of(&s.fake.blob, Compression::Gzip, 256 << 10);
+    // Span 4 never verifies: 2 and 3 are handed out before it, and the
+    // second attempt asks for 4 and 5 only.
+    let bad = clone_with(&index, |l| l.span_digests[4][0] ^= 1);
+    let layer = LayerRef {
+        layout: LayerLayout::new(&Arc::new(bad), 0).unwrap(),
+        source: s.fake.clone(),
+    };
+    s.fake.close_for(|_| true);
+    s.store.prefetch(&layer, [2, 3, 4, 5], Priority::Replay);
+    s.fake.open();
+    wait_until("both attempts", || {
+        s.fake.reads.load(Ordering::SeqCst) == 2 && s.store.queued() == 0
+    });
+    let spans = &layer.layout.spans;
+    wait_until("the failed flights", || {
+        (4..6).all(|u| s.store.flights.holders(&layer.layout.units[u].id) == 0)
+    });
+    assert_eq!(
+        s.fake.read_bytes.load(Ordering::SeqCst) as u64,
+        (spans[5].comp.1 - spans[2].comp.0) + (spans[5].comp.1 - spans[4].comp.0)
+    );
+    for u in [2, 3] {
+        assert!(s.store.mem.contains(&layer.layout.units[u].id), "span {u} handed out");
+    }
+    for u in [4, 5] {
+        assert!(!s.store.mem.contains(&layer.layout.units[u].id), "span {u}");
+    }
+    let mut out = Vec::new();
+    let (o, _) = s.unit_range(2);
+    s.store.read(&layer, o, 100, &mut out).unwrap();
+    assert!(out == s.data[o as usize..o as usize + 100]);
+}
+
+#[test]
 fn cache_entries_serve_only_the_index_that_verified_them() {
     let s = setup(0);
     let all = s.data.len() as u64;

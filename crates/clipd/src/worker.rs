@@ -117,10 +117,19 @@ fn store_options() -> Result<StoreOptions> {
             .with_context(|| format!("CLIP_MISS_READAHEAD={v:?}: expected a number of spans"))?,
         Err(_) => defaults.miss_readahead,
     };
+    let prefetch_workers = match std::env::var("CLIP_PREFETCH_WORKERS") {
+        Ok(v) => v
+            .parse()
+            .ok()
+            .filter(|n| (1..=64).contains(n))
+            .with_context(|| format!("CLIP_PREFETCH_WORKERS={v:?}: expected a number of threads, from 1 to 64"))?,
+        Err(_) => defaults.prefetch_workers,
+    };
     Ok(StoreOptions {
         cache_dir: Some(cache_dir),
         cache_max,
         miss_readahead,
+        prefetch_workers,
         ..defaults
     })
 }
@@ -136,6 +145,15 @@ pub fn run(opts: &Options) -> Result<()> {
     let listener = UnixListener::from(env_fd("CLIPD_LISTEN_FD")?);
     let paths = Paths::from_env();
     let registries = Registries::new(registry_options()?)?;
+    // The system's TLS roots (150 files, 25 ms) load off the requests'
+    // path: a little after start, at the lowest CPU priority, so that they
+    // do not compete with the container a new clipd was started for.
+    let _ = std::thread::Builder::new().name("clipd-tls-roots".into()).spawn(|| {
+        std::thread::sleep(Duration::from_secs(2));
+        // SAFETY: setpriority on the calling thread's own id.
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19) };
+        clip_registry::warm_tls_roots();
+    });
     let auth = opts
         .auth_file
         .clone()
