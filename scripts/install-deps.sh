@@ -9,6 +9,7 @@ PACKAGES=(
     busybox-static debootstrap   # contents of the test images
     zstd pigz libcap2-bin python3 # building edge-case layers
     apache2-utils      # htpasswd, for the registry auth test
+    openssl            # a CA and a certificate for the TLS registry test
     runc crun runsc fuse-overlayfs # runtimes and the overlay fallback
     tini               # run --init (tini-static, bind-mounted as docker-init)
     libseccomp-dev pkg-config    # clip-runtime links libseccomp (via libcontainer)

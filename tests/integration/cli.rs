@@ -519,6 +519,79 @@ fn images_are_listed_removed_and_pruned() {
     assert_eq!(n.ok(&["run", "--rm", &bb, "echo", "again"]), "again\n");
 }
 
+/// A registry over TLS, verified against the system's roots (here its CA
+/// comes in through `SSL_CERT_FILE`, which the platform verifier reads as
+/// the system store): the image indexes and runs, its spans read over
+/// TLS; without that trust the registry is refused with the TLS hint.
+#[test]
+fn a_registry_over_tls_is_verified_against_the_system_roots() {
+    let _fixtures = registry();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let sh = |cmd: &str| {
+        let st = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(cmd)
+            .current_dir(d)
+            .output()
+            .unwrap();
+        assert!(st.status.success(), "{cmd}: {}", err(&st));
+    };
+    sh("openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 2 -subj '/CN=clip test CA'");
+    sh("openssl req -newkey rsa:2048 -nodes -keyout srv.key -out srv.csr -subj '/CN=clip-tls-test'");
+    std::fs::write(d.join("ext"), "subjectAltName=DNS:clip-tls-test\n").unwrap();
+    sh("openssl x509 -req -in srv.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out srv.crt -days 2 -extfile ext");
+    let reg = crate::harness::Registry::start_with(
+        &crate::harness::fixtures_dir().join("registry"),
+        &format!(
+            "  tls:\n    certificate: {}\n    key: {}\n",
+            d.join("srv.crt").display(),
+            d.join("srv.key").display()
+        ),
+    );
+    let name = format!("clip-tls-test:{}", reg.port);
+    let hosts = d.join("hosts");
+    std::fs::write(&hosts, "127.0.0.1 localhost\n127.0.0.1 clip-tls-test\n").unwrap();
+    for trusted in [false, true] {
+        let tmp = tempfile::tempdir().unwrap();
+        let _daemon = DaemonGuard::new(tmp.path());
+        let mut c = std::process::Command::new("unshare");
+        c.args([
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            "mount --bind \"$0\" /etc/hosts && exec \"$@\"",
+        ])
+        .arg(&hosts)
+        .arg(env!("CARGO_BIN_EXE_clipctl"))
+        .args([
+            "run",
+            "--rm",
+            &format!("{name}/clip/busybox:latest"),
+            "echo",
+            "over TLS",
+        ]);
+        env(&mut c, tmp.path());
+        if trusted {
+            c.env("SSL_CERT_FILE", d.join("ca.crt"));
+        }
+        let o = c.output().unwrap();
+        if trusted {
+            assert!(o.status.success(), "{}", err(&o));
+            assert_eq!(String::from_utf8_lossy(&o.stdout), "over TLS\n");
+        } else {
+            assert!(!o.status.success());
+            assert!(
+                err(&o).contains(&format!("TLS with {name} failed")) && err(&o).contains("UnknownIssuer"),
+                "{}",
+                err(&o)
+            );
+        }
+    }
+}
+
 /// Errors that say what to do, before any work: not root, an output that
 /// cannot be written, a registry speaking plain HTTP where TLS is expected,
 /// and a registry that accepts connections and never answers.

@@ -110,7 +110,8 @@ impl Registry {
         Self::start_with(storage, "")
     }
 
-    /// Starts a registry with extra top-level YAML config (such as `auth:`).
+    /// Starts a registry with extra YAML config: top-level (such as
+    /// `auth:`), or, indented, more of its `http:` section (`  tls:`).
     pub fn start_with(storage: &Path, extra: &str) -> Registry {
         let dir = tempfile::tempdir().unwrap();
         for _ in 0..5 {
@@ -141,7 +142,11 @@ impl Registry {
             };
             let deadline = Instant::now() + Duration::from_secs(15);
             while Instant::now() < deadline {
-                if matches!(http_status(port, "/v2/"), Some(200 | 401)) {
+                // A TLS registry answers a plain request with 400.
+                let tls = extra.contains("tls:");
+                if matches!(http_status(port, "/v2/"), Some(200 | 401))
+                    || (tls && http_status(port, "/v2/") == Some(400))
+                {
                     reg._dir = dir;
                     return reg;
                 }
