@@ -80,10 +80,14 @@ impl<K: Hash + Eq + Clone, T: Clone, E: Clone> Flights<K, T, E> {
     }
 
     /// References to `key`'s flight: the map's, the leader's, and one per
-    /// waiter (0 when none is in flight). For tests.
-    #[cfg(test)]
+    /// waiter (0 when none is in flight).
     pub(crate) fn holders(&self, key: &K) -> usize {
         lock(&self.map).get(key).map_or(0, Arc::strong_count)
+    }
+
+    /// Whether a reader waits for `key`'s flight.
+    pub(crate) fn awaited(&self, key: &K) -> bool {
+        self.holders(key) > 2
     }
 }
 

@@ -250,6 +250,7 @@ fn setup_ahead(workers: usize, coalesce_bytes: u64, miss_readahead: usize) -> Se
         wait: Duration::from_secs(20),
         failure_memo: Duration::from_millis(100),
         miss_readahead,
+        inflaters: 1,
         ..StoreOptions::default()
     })
     .unwrap();
@@ -491,6 +492,24 @@ fn a_coalesced_prefetch_hands_out_each_span_and_refetches_from_a_bad_one() {
     let (o, _) = s.unit_range(2);
     s.store.read(&layer, o, 100, &mut out).unwrap();
     assert!(out == s.data[o as usize..o as usize + 100]);
+}
+
+#[test]
+fn a_span_a_reader_waits_for_is_inflated_without_waiting_for_a_permit() {
+    let s = setup(1);
+    // Every inflating permit taken (by this test): prefetches wait.
+    let held = s.store.inflating.acquire_unless(|| false).unwrap();
+    s.fake.close_for(|_| true);
+    s.store.prefetch(&s.layer, [2], Priority::Replay);
+    wait_until("the prefetch's leader", || s.holders(2) == 2);
+    s.fake.open();
+    wait_until("the fetch", || s.fake.reads.load(Ordering::SeqCst) == 1);
+    // The reader joins the prefetch's flight and gets the span while the
+    // permits are still held.
+    let (o, l) = s.unit_range(2);
+    s.expect(o, l);
+    assert_eq!(s.fake.reads.load(Ordering::SeqCst), 1, "it joined the prefetch");
+    drop(held);
 }
 
 #[test]
