@@ -134,6 +134,7 @@ fn synthetic_index(files: usize) -> Vec<u8> {
             out: 0,
             window_offset: 0,
             window_len: 0,
+            window_digest: [0; 32],
         }],
         span_digests: vec![[0; 32]],
         pieces: Vec::new(),

@@ -8,7 +8,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         for (l, layer) in f.index.layers.iter().enumerate() {
             for k in 0..layer.checkpoints.len() {
                 let _ = f.window(l, k);
-                let _ = f.window_frame(l, k);
+                let _ = f.window_digest(l, k);
             }
         }
         let _ = f.index.resolve_follow(b"/a/../b/c");

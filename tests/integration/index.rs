@@ -225,9 +225,11 @@ fn corrupted_and_truncated_index_files_are_rejected() {
     let bytes = std::fs::read(&good).unwrap();
     let bad = dir.path().join("bad.clip");
     let p = bad.to_str().unwrap();
+    let meta_end = 72 + u64::from_le_bytes(bytes[16..24].try_into().unwrap()) as usize;
+    assert!(meta_end > 100 && meta_end < bytes.len(), "the index has windows");
     for (i, needle) in [
         (100, "checksum"),
-        (bytes.len() - 1, "checksum"),
+        (meta_end - 1, "checksum"),
         (50, "checksum"),
         (9, "version"),
     ] {
@@ -236,6 +238,15 @@ fn corrupted_and_truncated_index_files_are_rejected() {
         std::fs::write(&bad, &b).unwrap();
         expect_failure(&["inspect", p], needle);
     }
+    // A window is checked when a read needs it (loading reads only the
+    // header and the metadata): reading every file finds the damage.
+    let mut b = bytes.clone();
+    *b.last_mut().unwrap() ^= 0x40;
+    std::fs::write(&bad, &b).unwrap();
+    expect_failure(
+        &["inspect", p, "--ls", "/", "-R", "--hash"],
+        "the index file is corrupted",
+    );
     std::fs::write(&bad, &bytes[..bytes.len() / 2]).unwrap();
     expect_failure(&["inspect", p], "truncated");
     std::fs::write(&bad, b"not an index at all").unwrap();

@@ -13,13 +13,14 @@
 //! 16  meta_len   u64      bytes of the metadata section
 //! 24  meta_raw   u64      its size once decompressed
 //! 32  win_len    u64      bytes of the window section
-//! 40  checksum   32 bytes SHA-256 of bytes 0..40 and of both sections
+//! 40  checksum   32 bytes SHA-256 of bytes 0..40 and of the metadata
 //! 72  metadata   zstd(postcard(Index))
 //! ..  windows    one zstd frame (with content checksum) per window
 //! ```
 //!
-//! The whole file is checked on load; windows are decompressed only when a
-//! read needs them.
+//! Loading reads and checks the header and the metadata only (a 53 MB
+//! index is 99% windows); each checkpoint holds its window's SHA-256, so a
+//! window is read, checked and decompressed when a read first needs it.
 
 use std::io::Read;
 
@@ -27,12 +28,16 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub const MAGIC: [u8; 8] = *b"CLIPIDX\0";
-/// 2: layers carry pieces of long zstd spans.
-pub const VERSION: u32 = 2;
+/// 2: layers carry pieces of long zstd spans. 3: checkpoints carry their
+/// window's digest; the checksum covers the metadata only.
+pub const VERSION: u32 = 3;
 const HEADER_LEN: usize = 72;
 /// The largest metadata section we will decompress: far above any real
 /// image, low enough that a hostile header cannot exhaust memory.
 const MAX_META_RAW: u64 = 4 << 30;
+/// The largest stored window frame: a 32 KiB window, zstd-compressed,
+/// with room to spare.
+const MAX_WINDOW_FRAME: u32 = 64 << 10;
 /// Inode of the root directory (FUSE's `FUSE_ROOT_ID`).
 pub const ROOT_INO: u64 = 1;
 
@@ -52,7 +57,7 @@ pub enum Error {
     Decode(String),
     #[error("clip index is inconsistent: {0}")]
     Invalid(String),
-    #[error("window of layer {layer} checkpoint {checkpoint} is corrupted: {msg}")]
+    #[error("window of layer {layer} checkpoint {checkpoint}: {msg}")]
     Window {
         layer: usize,
         checkpoint: usize,
@@ -95,6 +100,9 @@ pub struct Checkpoint {
     /// The window's place in the window section (empty for zstd and plain).
     pub window_offset: u64,
     pub window_len: u32,
+    /// SHA-256 of the stored window frame (zeros when there is none); set
+    /// by [`IndexFile::new`].
+    pub window_digest: [u8; 32],
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -283,6 +291,7 @@ impl Index {
                 if c.window_offset
                     .checked_add(u64::from(c.window_len))
                     .is_none_or(|e| e > windows_len)
+                    || c.window_len > MAX_WINDOW_FRAME
                     || c.out > l.uncompressed_size
                     || c.in_bits / 8 > l.compressed_size
                     || prev.is_some_and(|p| p.out >= c.out || p.in_bits >= c.in_bits)
@@ -389,104 +398,199 @@ impl WindowWriter {
     }
 }
 
+/// Where a loaded index's window section is.
+#[derive(Debug)]
+enum Windows {
+    /// Built or decoded in memory.
+    Memory(Vec<u8>),
+    /// In the index file, from byte `at`: read a window at a time.
+    File { file: std::fs::File, at: u64 },
+}
+
 /// A loaded, checked index with its window section.
 #[derive(Debug)]
 pub struct IndexFile {
     pub index: Index,
-    windows: Vec<u8>,
+    windows: Windows,
+    windows_len: u64,
+}
+
+/// The checked header: section lengths.
+struct Header {
+    meta_len: u64,
+    meta_raw: u64,
+    win_len: u64,
+}
+
+impl Header {
+    /// Checks magic, version and that the file is `total` bytes long as
+    /// the header says (`head` holds at least the header when `total`
+    /// allows one).
+    fn parse(head: &[u8], total: u64) -> Result<Self> {
+        if head.len() < 8 || head[..8] != MAGIC {
+            return Err(Error::BadMagic);
+        }
+        if head.len() < HEADER_LEN {
+            return Err(Error::Truncated {
+                expected: HEADER_LEN as u64,
+                got: total,
+            });
+        }
+        let u32_at = |o: usize| u32::from_le_bytes(head[o..o + 4].try_into().expect("4 bytes"));
+        let u64_at = |o: usize| u64::from_le_bytes(head[o..o + 8].try_into().expect("8 bytes"));
+        let version = u32_at(8);
+        if version != VERSION {
+            return Err(Error::Version(version));
+        }
+        let h = Header {
+            meta_len: u64_at(16),
+            meta_raw: u64_at(24),
+            win_len: u64_at(32),
+        };
+        let expected = (HEADER_LEN as u64)
+            .checked_add(h.meta_len)
+            .and_then(|v| v.checked_add(h.win_len))
+            .ok_or(Error::Invalid("section lengths overflow".into()))?;
+        if total < expected {
+            return Err(Error::Truncated { expected, got: total });
+        }
+        if total > expected {
+            return Err(Error::TrailingData { expected, got: total });
+        }
+        if h.meta_raw > MAX_META_RAW {
+            return Err(Error::Invalid(format!(
+                "metadata of {} bytes is implausibly large",
+                h.meta_raw
+            )));
+        }
+        Ok(h)
+    }
+
+    /// The index its metadata section holds, once the checksum matches.
+    fn index(&self, head: &[u8], meta: &[u8]) -> Result<Index> {
+        if checksum(&head[..40], meta) != head[40..72] {
+            return Err(Error::Checksum);
+        }
+        let index = decode_meta(meta, self.meta_raw)?;
+        index.validate(self.win_len)?;
+        Ok(index)
+    }
 }
 
 impl IndexFile {
-    pub fn new(index: Index, windows: WindowWriter) -> Self {
+    /// An index and its windows; each checkpoint's window digest is taken
+    /// from the window section here.
+    pub fn new(mut index: Index, windows: WindowWriter) -> Self {
+        for l in &mut index.layers {
+            for c in &mut l.checkpoints {
+                let frame = windows
+                    .buf
+                    .get(c.window_offset as usize..)
+                    .and_then(|w| w.get(..c.window_len as usize))
+                    .unwrap_or_default();
+                c.window_digest = if c.window_len == 0 {
+                    [0; 32]
+                } else {
+                    Sha256::digest(frame).into()
+                };
+            }
+        }
         Self {
             index,
-            windows: windows.buf,
+            windows_len: windows.buf.len() as u64,
+            windows: Windows::Memory(windows.buf),
         }
     }
 
     pub fn windows_len(&self) -> u64 {
-        self.windows.len() as u64
+        self.windows_len
     }
 
     /// Encodes the file.
     pub fn encode(&self) -> Result<Vec<u8>> {
         let raw = postcard::to_stdvec(&self.index).map_err(|e| Error::Decode(e.to_string()))?;
         let meta = zstd::bulk::compress(&raw, 3)?;
-        let mut out = Vec::with_capacity(HEADER_LEN + meta.len() + self.windows.len());
+        let mut out = Vec::with_capacity(HEADER_LEN + meta.len() + self.windows_len as usize);
         out.extend_from_slice(&MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
         out.extend_from_slice(&0u32.to_le_bytes());
         out.extend_from_slice(&(meta.len() as u64).to_le_bytes());
         out.extend_from_slice(&(raw.len() as u64).to_le_bytes());
-        out.extend_from_slice(&(self.windows.len() as u64).to_le_bytes());
-        let sum = checksum(&out, &meta, &self.windows);
+        out.extend_from_slice(&self.windows_len.to_le_bytes());
+        let sum = checksum(&out, &meta);
         out.extend_from_slice(&sum);
         out.extend_from_slice(&meta);
-        out.extend_from_slice(&self.windows);
+        let at = out.len();
+        out.resize(at + self.windows_len as usize, 0);
+        self.read_windows(0, &mut out[at..])?;
         Ok(out)
     }
 
-    /// Decodes and checks a file: magic, version, length, checksum, then the
-    /// metadata and its invariants.
+    /// Decodes and checks a file in memory: magic, version, length,
+    /// checksum, then the metadata and its invariants. Windows are checked
+    /// against their digests when read.
     pub fn decode(bytes: &[u8]) -> Result<Self> {
-        if bytes.len() < 8 || bytes[..8] != MAGIC {
-            return Err(Error::BadMagic);
-        }
-        if bytes.len() < HEADER_LEN {
-            return Err(Error::Truncated {
-                expected: HEADER_LEN as u64,
-                got: bytes.len() as u64,
-            });
-        }
-        let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().expect("4 bytes"));
-        let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().expect("8 bytes"));
-        let version = u32_at(8);
-        if version != VERSION {
-            return Err(Error::Version(version));
-        }
-        let (meta_len, meta_raw, win_len) = (u64_at(16), u64_at(24), u64_at(32));
-        let expected = (HEADER_LEN as u64)
-            .checked_add(meta_len)
-            .and_then(|v| v.checked_add(win_len))
-            .ok_or(Error::Invalid("section lengths overflow".into()))?;
-        let got = bytes.len() as u64;
-        if got < expected {
-            return Err(Error::Truncated { expected, got });
-        }
-        if got > expected {
-            return Err(Error::TrailingData { expected, got });
-        }
-        let meta = &bytes[HEADER_LEN..HEADER_LEN + meta_len as usize];
-        let windows = &bytes[HEADER_LEN + meta_len as usize..];
-        if checksum(&bytes[..40], meta, windows) != bytes[40..72] {
-            return Err(Error::Checksum);
-        }
-        if meta_raw > MAX_META_RAW {
-            return Err(Error::Invalid(format!(
-                "metadata of {meta_raw} bytes is implausibly large"
-            )));
-        }
-        let index = decode_meta(meta, meta_raw)?;
-        index.validate(windows.len() as u64)?;
+        let h = Header::parse(bytes, bytes.len() as u64)?;
+        let meta = &bytes[HEADER_LEN..HEADER_LEN + h.meta_len as usize];
+        let index = h.index(bytes, meta)?;
         Ok(Self {
             index,
-            windows: windows.to_vec(),
+            windows_len: h.win_len,
+            windows: Windows::Memory(bytes[HEADER_LEN + h.meta_len as usize..].to_vec()),
         })
     }
 
+    /// Loads a file as [`IndexFile::decode`] does, reading only its header
+    /// and metadata; the file stays open for the windows.
     pub fn load(path: &std::path::Path) -> Result<Self> {
-        Self::decode(&std::fs::read(path)?)
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::File::open(path)?;
+        let total = file.metadata()?.len();
+        let mut head = vec![0u8; (HEADER_LEN as u64).min(total) as usize];
+        file.read_exact_at(&mut head, 0)?;
+        let h = Header::parse(&head, total)?;
+        let mut meta = vec![0u8; h.meta_len as usize];
+        file.read_exact_at(&mut meta, HEADER_LEN as u64)?;
+        let index = h.index(&head, &meta)?;
+        Ok(Self {
+            index,
+            windows_len: h.win_len,
+            windows: Windows::File {
+                file,
+                at: HEADER_LEN as u64 + h.meta_len,
+            },
+        })
     }
 
-    /// The stored (compressed) window frame of checkpoint `k` of layer
-    /// `layer`: what identifies the window without decompressing it.
-    pub fn window_frame(&self, layer: usize, k: usize) -> Option<&[u8]> {
-        let cp = self.index.layers.get(layer)?.checkpoints.get(k)?;
-        let start = cp.window_offset as usize;
-        self.windows.get(start..start + cp.window_len as usize)
+    /// Fills `buf` from the window section at `offset`.
+    fn read_windows(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        match &self.windows {
+            Windows::Memory(w) => {
+                let src = w
+                    .get(offset as usize..)
+                    .and_then(|w| w.get(..buf.len()))
+                    .ok_or(Error::Truncated {
+                        expected: offset + buf.len() as u64,
+                        got: w.len() as u64,
+                    })?;
+                buf.copy_from_slice(src);
+            }
+            Windows::File { file, at } => {
+                use std::os::unix::fs::FileExt;
+                file.read_exact_at(buf, at + offset)?;
+            }
+        }
+        Ok(())
     }
 
-    /// The decompressed window of checkpoint `k` of layer `layer`.
+    /// The digest of checkpoint `k`'s window in layer `layer`: what
+    /// identifies the window without reading it.
+    pub fn window_digest(&self, layer: usize, k: usize) -> Option<&[u8; 32]> {
+        Some(&self.index.layers.get(layer)?.checkpoints.get(k)?.window_digest)
+    }
+
+    /// The decompressed window of checkpoint `k` of layer `layer`, read
+    /// and checked against its digest.
     pub fn window(&self, layer: usize, k: usize) -> Result<Vec<u8>> {
         let err = |msg: String| Error::Window {
             layer,
@@ -502,11 +606,15 @@ impl IndexFile {
         if cp.window_len == 0 {
             return Ok(Vec::new());
         }
-        let start = cp.window_offset as usize;
-        let frame = &self.windows[start..start + cp.window_len as usize];
+        let mut frame = vec![0u8; cp.window_len as usize];
+        self.read_windows(cp.window_offset, &mut frame)
+            .map_err(|e| err(format!("reading it: {e}")))?;
+        if Sha256::digest(&frame).as_slice() != cp.window_digest {
+            return Err(err("its digest does not match (the index file is corrupted)".into()));
+        }
         // A window is at most 32 KiB; the cap keeps a bad frame from
         // allocating more.
-        zstd::bulk::decompress(frame, 32 * 1024).map_err(|e| err(e.to_string()))
+        zstd::bulk::decompress(&frame, 32 * 1024).map_err(|e| err(format!("corrupted: {e}")))
     }
 }
 
@@ -520,15 +628,14 @@ pub fn fix_checksum(bytes: &mut [u8]) {
     let (head, rest) = bytes.split_at_mut(HEADER_LEN);
     let u64_at = |o: usize| u64::from_le_bytes(head[o..o + 8].try_into().expect("8 bytes"));
     let meta_len = (u64_at(16) as usize).min(rest.len());
-    let sum = checksum(&head[..40], &rest[..meta_len], &rest[meta_len..]);
+    let sum = checksum(&head[..40], &rest[..meta_len]);
     head[40..72].copy_from_slice(&sum);
 }
 
-fn checksum(header: &[u8], meta: &[u8], windows: &[u8]) -> [u8; 32] {
+fn checksum(header: &[u8], meta: &[u8]) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(&header[..40]);
     h.update(meta);
-    h.update(windows);
     h.finalize().into()
 }
 

@@ -15,12 +15,14 @@ fn sample(files: usize) -> IndexFile {
                 out: 0,
                 window_offset: 0,
                 window_len: 0,
+                window_digest: [0; 32],
             },
             Checkpoint {
                 in_bits: 4003,
                 out: 1 << 20,
                 window_offset: off,
                 window_len: len,
+                window_digest: [0; 32],
             },
         ],
         span_digests: vec![[1; 32], [2; 32]],
@@ -140,14 +142,55 @@ fn symlinks_are_followed_inside_the_image() {
     assert_eq!(ix.resolve(b"/abs"), Some(base + 1));
 }
 
+/// Every window of a decoded file, read and checked.
+fn read_all_windows(f: &IndexFile) -> Result<()> {
+    for (l, layer) in f.index.layers.iter().enumerate() {
+        for k in 0..layer.checkpoints.len() {
+            f.window(l, k)?;
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn every_flipped_byte_is_caught() {
     let bytes = sample(20).encode().unwrap();
+    let meta_end = 72 + u64::from_le_bytes(bytes[16..24].try_into().unwrap()) as usize;
     for i in 0..bytes.len() {
         let mut b = bytes.clone();
         b[i] ^= 0x20;
-        assert!(IndexFile::decode(&b).is_err(), "flip at {i} accepted");
+        match IndexFile::decode(&b) {
+            // The header and the metadata are checked on load...
+            Err(_) => assert!(i < meta_end, "flip at {i} in a window refused on load"),
+            // ...each window when it is read.
+            Ok(f) => {
+                assert!(i >= meta_end, "flip at {i} accepted");
+                let e = read_all_windows(&f).unwrap_err();
+                assert!(e.to_string().contains("the index file is corrupted"), "{e}");
+            }
+        }
     }
+}
+
+#[test]
+fn a_loaded_file_reads_its_windows_from_disk_and_checks_them() {
+    let f = sample(20);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.clip");
+    let bytes = f.encode().unwrap();
+    std::fs::write(&path, &bytes).unwrap();
+    let g = IndexFile::load(&path).unwrap();
+    assert_eq!(g.index, IndexFile::decode(&bytes).unwrap().index);
+    assert_eq!(g.window(0, 1).unwrap(), vec![7u8; 32 * 1024]);
+    assert_eq!(g.encode().unwrap(), bytes);
+    // A window changed on disk after loading is refused when read.
+    let mut bad = bytes.clone();
+    let last = bad.len() - 5;
+    bad[last] ^= 1;
+    std::fs::write(&path, &bad).unwrap();
+    let g = IndexFile::load(&path).unwrap();
+    let e = g.window(0, 1).unwrap_err();
+    assert!(e.to_string().contains("the index file is corrupted"), "{e}");
 }
 
 #[test]

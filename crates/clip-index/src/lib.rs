@@ -328,6 +328,7 @@ fn build_image(
                 out: c.point.out,
                 window_offset,
                 window_len,
+                window_digest: [0; 32],
             });
         }
         stats.compressed_bytes += map.compressed_size;

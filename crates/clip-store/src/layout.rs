@@ -117,7 +117,7 @@ impl LayerLayout {
                     h.update(v.to_le_bytes());
                 }
                 h.update(digest);
-                h.update(index.window_frame(layer, k).unwrap_or_default());
+                h.update(index.window_digest(layer, k).copied().unwrap_or_default());
                 let id: UnitId = h.finalize().into();
                 key.update(id);
                 units.push(Unit {

@@ -415,7 +415,9 @@ impl LayerStore {
                     Why::Prefetch => self.inflating.acquire_unless(awaited),
                     Why::Demand => None,
                 };
-                match self.inflate(l, k, slice) {
+                // A damaged index is not the registry's fault: no retry.
+                let window = l.window(k)?;
+                match self.inflate(l, k, &window, slice) {
                     Ok(v) => deliver(k, v),
                     Err(e) => {
                         failed = Some((k, e));
@@ -446,11 +448,16 @@ impl LayerStore {
 
     /// Checks and inflates span `k` from its compressed bytes, and caches
     /// it on disk.
-    fn inflate(&self, l: &LayerLayout, k: usize, compressed: &[u8]) -> Result<Arc<Vec<u8>>, clip_gzran::Error> {
-        let window = l.window(k).map_err(|e| clip_gzran::Error::Zlib(e.to_string()))?;
+    fn inflate(
+        &self,
+        l: &LayerLayout,
+        k: usize,
+        window: &[u8],
+        compressed: &[u8],
+    ) -> Result<Arc<Vec<u8>>, clip_gzran::Error> {
         let cpu = defs::INFLATE_SECONDS.with(&[("layer", &l.short)]);
         let out = defs::with_cpu_time(&cpu, || {
-            clip_gzran::decompress_span(&l.gz(), k, &window, &l.spans[k].digest, compressed)
+            clip_gzran::decompress_span(&l.gz(), k, window, &l.spans[k].digest, compressed)
         })?;
         defs::INFLATE_BYTES
             .with(&[("layer", &l.short)])
@@ -662,7 +669,8 @@ impl LayerStore {
             input.read_exact(&mut buf[at..]).map_err(stream_err)?;
             pos = s.comp.1;
             last = buf.last().copied();
-            let data = self.inflate(l, k, &buf).map_err(|e| verify_err(l, k, e))?;
+            let window = l.window(k)?;
+            let data = self.inflate(l, k, &window, &buf).map_err(|e| verify_err(l, k, e))?;
             let u = s.units.start;
             self.produce(fill, &l.units[u], u, data, false);
         }

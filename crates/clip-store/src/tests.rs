@@ -68,6 +68,7 @@ fn index_of(compressed: &[u8], c: Compression, spacing: u64) -> (Arc<IndexFile>,
                 out: cp.point.out,
                 window_offset,
                 window_len,
+                window_digest: [0; 32],
             }
         })
         .collect();
