@@ -57,6 +57,24 @@ impl Node {
     }
 }
 
+/// clipctl in a private mount namespace whose /etc/hosts is `hosts` (a
+/// name that is not a loopback name, resolved for this test only; clipd,
+/// started on demand, inherits it).
+fn clipctl_with_hosts(hosts: &Path) -> std::process::Command {
+    let mut c = std::process::Command::new("unshare");
+    c.args([
+        "-m",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        "mount --bind \"$0\" /etc/hosts && exec \"$@\"",
+    ])
+    .arg(hosts)
+    .arg(env!("CARGO_BIN_EXE_clipctl"));
+    c
+}
+
 fn err(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -555,18 +573,8 @@ fn a_registry_over_tls_is_verified_against_the_system_roots() {
     for trusted in [false, true] {
         let tmp = tempfile::tempdir().unwrap();
         let _daemon = DaemonGuard::new(tmp.path());
-        let mut c = std::process::Command::new("unshare");
+        let mut c = clipctl_with_hosts(&hosts);
         c.args([
-            "-m",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            "mount --bind \"$0\" /etc/hosts && exec \"$@\"",
-        ])
-        .arg(&hosts)
-        .arg(env!("CARGO_BIN_EXE_clipctl"))
-        .args([
             "run",
             "--rm",
             &format!("{name}/clip/busybox:latest"),
@@ -641,19 +649,9 @@ fn errors_say_what_to_do() {
     for insecure in ["", name.as_str()] {
         let tmp = tempfile::tempdir().unwrap();
         let _daemon = DaemonGuard::new(tmp.path());
-        let mut c = std::process::Command::new("unshare");
-        c.args([
-            "-m",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            "mount --bind \"$0\" /etc/hosts && exec \"$@\"",
-        ])
-        .arg(&hosts)
-        .arg(env!("CARGO_BIN_EXE_clipctl"))
-        .args(["index", "--image", &format!("{name}/clip/busybox:latest")])
-        .env("CLIP_INSECURE_REGISTRIES", insecure);
+        let mut c = clipctl_with_hosts(&hosts);
+        c.args(["index", "--image", &format!("{name}/clip/busybox:latest")])
+            .env("CLIP_INSECURE_REGISTRIES", insecure);
         env(&mut c, tmp.path());
         let o = c.output().unwrap();
         let e = err(&o);
