@@ -358,9 +358,7 @@ impl LayerStore {
             return self.wait_for_stream(layer, u);
         }
         let mut got = None;
-        match self.fetch_spans(layer, unit.span, unit.span, Why::Demand, &mut |_, data| {
-            got = Some(data)
-        }) {
+        match self.fetch_spans(layer, unit.span, unit.span, Why::Demand, &mut |data| got = Some(data)) {
             Ok(()) => {
                 let data = got.expect("one span delivered");
                 self.mem.put(unit.id, data.clone());
@@ -386,7 +384,7 @@ impl LayerStore {
         k0: usize,
         k1: usize,
         why: Why,
-        deliver: &mut dyn FnMut(usize, Arc<Vec<u8>>),
+        deliver: &mut dyn FnMut(Arc<Vec<u8>>),
     ) -> Result<(), ReadError> {
         let l = &layer.layout;
         self.metrics.misses.inc_by((k1 - k0 + 1) as u64);
@@ -418,7 +416,7 @@ impl LayerStore {
                 // A damaged index is not the registry's fault: no retry.
                 let window = l.window(k)?;
                 match self.inflate(l, k, &window, slice) {
-                    Ok(v) => deliver(k, v),
+                    Ok(v) => deliver(v),
                     Err(e) => {
                         failed = Some((k, e));
                         break;
@@ -738,7 +736,7 @@ impl LayerStore {
         }
         // Each span's waiters are answered as soon as it is inflated.
         let mut leaders = std::collections::VecDeque::from(leaders);
-        let r = self.fetch_spans(layer, k0, k1, Why::Prefetch, &mut |_, data| {
+        let r = self.fetch_spans(layer, k0, k1, Why::Prefetch, &mut |data| {
             if let Some(lead) = leaders.pop_front() {
                 self.mem.put(*lead.key(), data.clone());
                 lead.complete(Ok(data));
