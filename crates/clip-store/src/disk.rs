@@ -9,14 +9,21 @@
 //! into place, so a torn write is never seen. The size is bounded; least
 //! recently used files go first. Everything is root-only (0700/0600): the
 //! bytes of private images live here.
+//!
+//! Writes wait for a quiet store ([`DiskCache::set_quiet`]): while a
+//! container starts, every fetch is on its critical path, and writing (and
+//! syncing) the spans it fetched takes CPU and disk from it. Units waiting
+//! to be written are served from memory, bounded by [`MAX_PENDING`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use clip_metrics::defs;
 
@@ -26,6 +33,11 @@ use crate::UnitId;
 const MAGIC: &[u8; 8] = b"CLIPSPN2";
 const HEADER: usize = 8 + 32 + 8;
 const SUBDIR: &str = "spans-v2";
+/// Bytes queued for writing at most; more is dropped (a cache, never a
+/// requirement).
+pub const MAX_PENDING: u64 = 512 << 20;
+/// Queued bytes past which writes stop waiting for quiet.
+const PRESSING: u64 = MAX_PENDING / 2;
 
 struct State {
     entries: HashMap<UnitId, (u64, u64)>,
@@ -38,6 +50,15 @@ struct Shared {
     root: PathBuf,
     max: u64,
     state: Mutex<State>,
+    /// Units queued for writing, served from here until written.
+    pending: Mutex<HashMap<UnitId, Arc<Vec<u8>>>>,
+    pending_bytes: AtomicU64,
+    /// Milliseconds since `epoch` of the store's last fetch.
+    busy_at: AtomicU64,
+    epoch: Instant,
+    quiet_ms: AtomicU64,
+    /// Flushes waiting: writes go at once.
+    flushing: AtomicUsize,
 }
 
 enum Job {
@@ -47,7 +68,7 @@ enum Job {
 
 pub struct DiskCache {
     shared: Arc<Shared>,
-    writer: Mutex<SyncSender<Job>>,
+    writer: Mutex<Sender<Job>>,
 }
 
 /// Creates `dir` (and its parents) for root only.
@@ -157,15 +178,34 @@ impl Shared {
         }
     }
 
+    /// Waits until the store has fetched nothing for the quiet period, a
+    /// flush is asked for, or too much is queued.
+    fn wait_quiet(&self) {
+        loop {
+            let quiet = self.quiet_ms.load(Ordering::Relaxed);
+            let since = (self.epoch.elapsed().as_millis() as u64).saturating_sub(self.busy_at.load(Ordering::Relaxed));
+            if since >= quiet
+                || self.flushing.load(Ordering::SeqCst) > 0
+                || self.pending_bytes.load(Ordering::Relaxed) > PRESSING
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis((quiet - since).min(50)));
+        }
+    }
+
     fn run(&self, rx: Receiver<Job>) {
         // Writes are for later starts; the one under way comes first.
         crate::prio::background(19, true);
         for job in rx {
             match job {
                 Job::Write(id, data) => {
+                    self.wait_quiet();
                     if let Err(e) = self.write(&id, &data) {
                         tracing::warn!(error = %e, "cannot write to the span cache");
                     }
+                    lock(&self.pending).remove(&id);
+                    self.pending_bytes.fetch_sub(data.len() as u64, Ordering::Relaxed);
                 }
                 Job::Flush(ack) => {
                     let _ = ack.send(());
@@ -208,12 +248,18 @@ impl DiskCache {
                 tick: 0,
                 total: 0,
             }),
+            pending: Mutex::new(HashMap::new()),
+            pending_bytes: AtomicU64::new(0),
+            busy_at: AtomicU64::new(0),
+            epoch: Instant::now(),
+            quiet_ms: AtomicU64::new(0),
+            flushing: AtomicUsize::new(0),
         });
         for (_, id, size) in found {
             shared.insert(id, size);
         }
         shared.evict();
-        let (tx, rx) = sync_channel(64);
+        let (tx, rx) = channel();
         let s = shared.clone();
         std::thread::Builder::new()
             .name("clip-cache-writer".into())
@@ -227,6 +273,15 @@ impl DiskCache {
     /// Appends bytes `off..off + len` of unit `id` (of `unit_len` bytes)
     /// to `out`, if the unit is cached intact. Reads only what is asked.
     pub fn read(&self, id: &UnitId, unit_len: u64, off: u64, len: u64, out: &mut Vec<u8>) -> bool {
+        if let Some(v) = lock(&self.shared.pending).get(id) {
+            let end = off
+                .checked_add(len)
+                .filter(|&e| e <= unit_len && v.len() as u64 == unit_len);
+            if let Some(end) = end {
+                out.extend_from_slice(&v[off as usize..end as usize]);
+                return true;
+            }
+        }
         let path = self.shared.path(id);
         let Ok(f) = File::open(&path) else {
             return false;
@@ -255,21 +310,53 @@ impl DiskCache {
     }
 
     pub fn contains(&self, id: &UnitId) -> bool {
-        lock(&self.shared.state).entries.contains_key(id)
+        lock(&self.shared.state).entries.contains_key(id) || lock(&self.shared.pending).contains_key(id)
     }
 
-    /// Queues a verified unit for writing; dropped when the writer is
-    /// behind (the cache is an optimisation, never a requirement).
+    /// Queues a verified unit for writing; dropped when too much is queued
+    /// (the cache is an optimisation, never a requirement).
     pub fn put(&self, id: UnitId, data: Arc<Vec<u8>>) {
-        let _ = lock(&self.writer).try_send(Job::Write(id, data));
+        let len = data.len() as u64;
+        {
+            let mut pending = lock(&self.shared.pending);
+            if pending.contains_key(&id) || self.shared.pending_bytes.load(Ordering::Relaxed) + len > MAX_PENDING {
+                return;
+            }
+            pending.insert(id, data.clone());
+            self.shared.pending_bytes.fetch_add(len, Ordering::Relaxed);
+        }
+        if lock(&self.writer).send(Job::Write(id, data)).is_err() {
+            lock(&self.shared.pending).remove(&id);
+            self.shared.pending_bytes.fetch_sub(len, Ordering::Relaxed);
+        }
     }
 
-    /// Waits until everything queued so far is written.
+    /// Writes wait until the store has fetched nothing for `quiet` (zero:
+    /// at once). See [`DiskCache::busy`].
+    pub fn set_quiet(&self, quiet: Duration) {
+        self.shared.quiet_ms.store(quiet.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// The store is fetching: writes wait.
+    pub fn busy(&self) {
+        let now = self.shared.epoch.elapsed().as_millis() as u64;
+        self.shared.busy_at.store(now, Ordering::Relaxed);
+    }
+
+    /// Waits until everything queued so far is written (at once, not
+    /// waiting for quiet).
     pub fn flush(&self) {
         let (tx, rx) = sync_channel(1);
+        self.shared.flushing.fetch_add(1, Ordering::SeqCst);
         if lock(&self.writer).send(Job::Flush(tx)).is_ok() {
             let _ = rx.recv();
         }
+        self.shared.flushing.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Bytes queued for writing.
+    pub fn pending(&self) -> u64 {
+        self.shared.pending_bytes.load(Ordering::Relaxed)
     }
 
     /// Bytes in the cache.
@@ -353,5 +440,42 @@ mod tests {
         let c = DiskCache::open(dir.path(), 10_000).unwrap();
         assert!(c.contains(&[19; 32]));
         assert_eq!(usage(dir.path()), c.size());
+    }
+
+    #[test]
+    fn writes_wait_for_a_quiet_store_and_are_served_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = DiskCache::open(dir.path(), 1 << 20).unwrap();
+        c.set_quiet(Duration::from_secs(3600));
+        c.busy();
+        let id = [7u8; 32];
+        c.put(id, Arc::new(b"waiting".to_vec()));
+        // Not on disk while the store is busy, but served and counted.
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!c.shared.path(&id).exists());
+        assert!(c.contains(&id));
+        assert_eq!(c.pending(), 7);
+        let mut out = Vec::new();
+        assert!(c.read(&id, 7, 3, 4, &mut out));
+        assert_eq!(out, b"ting");
+        assert!(!c.read(&id, 8, 0, 7, &mut Vec::new()), "length disagrees");
+        // A flush does not wait for quiet.
+        c.flush();
+        assert!(c.shared.path(&id).exists());
+        assert_eq!(c.pending(), 0);
+        // Quiet again: the next write goes without a flush.
+        c.set_quiet(Duration::from_millis(20));
+        let id2 = [8u8; 32];
+        c.put(id2, Arc::new(b"later".to_vec()));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !c.shared.path(&id2).exists() {
+            assert!(Instant::now() < deadline, "never written");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // More than the bound is dropped, not queued.
+        c.set_quiet(Duration::from_secs(3600));
+        c.busy();
+        c.put([9u8; 32], Arc::new(vec![0; MAX_PENDING as usize + 1]));
+        assert!(!c.contains(&[9u8; 32]));
     }
 }

@@ -150,6 +150,7 @@ pub fn handle(d: &Daemon, req: Request, send: &mut dyn FnMut(Reply)) -> Result<R
             // supervisor stops this worker.
             d.handing_over.store(true, std::sync::atomic::Ordering::SeqCst);
             d.quiesce(std::time::Duration::from_secs(30));
+            d.flush_span_cache();
             send(Reply::Ok);
             if let Err(e) = d.supervisor(&Msg::Upgrade { binary }, None) {
                 d.handing_over.store(false, std::sync::atomic::Ordering::SeqCst);

@@ -571,6 +571,15 @@ impl Daemon {
         for dir in dirs {
             let _ = self.unmount(&dir, true);
         }
+        self.flush_span_cache();
+    }
+
+    /// Writes the spans still waiting for a quiet store (the next worker
+    /// or start finds them on disk).
+    pub fn flush_span_cache(&self) {
+        if let Some(disk) = self.store.disk() {
+            disk.flush();
+        }
     }
 
     /// Asks the supervisor not to start another worker, then exits.
