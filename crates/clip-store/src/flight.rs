@@ -75,6 +75,7 @@ impl<K: Hash + Eq + Clone, T: Clone, E: Clone> Flights<K, T, E> {
         }
     }
 
+    #[cfg(test)]
     pub(crate) fn in_flight(&self, key: &K) -> bool {
         lock(&self.map).contains_key(key)
     }

@@ -1,7 +1,9 @@
 //! The prefetch queue: two lanes (a recorded profile's replay first, then
 //! read-ahead), in order within each, served by worker threads. A unit is
-//! queued once; a worker coalescing neighbours takes them out of the queue
-//! wherever they wait in it.
+//! queued once. A worker takes a unit with the queued spans after it, in
+//! one step ([`Queue::pop_run`]), wherever they wait in the queue: workers
+//! popping side by side would otherwise split a run of neighbours into a
+//! request each.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Condvar, Mutex, Weak};
@@ -46,24 +48,63 @@ impl Queue {
         }
     }
 
-    /// Takes unit `u` of layout `key` out of the queue; whether it was in.
-    pub(crate) fn take(&self, key: &UnitId, u: usize) -> bool {
-        lock(&self.st).queued.remove(&(*key, u))
-    }
-
     pub(crate) fn len(&self) -> usize {
         lock(&self.st).queued.len()
     }
 
-    fn pop(&self, timeout: Duration) -> Option<(LayerRef, usize)> {
+    /// The next queued unit and the queued units of the spans after it, to
+    /// fetch with one request: up to `max_bytes` compressed from the first
+    /// span's start, across gaps of spans nobody queued of at most
+    /// `max_gap` compressed bytes (fetched and skipped: a request costs
+    /// the registry more than a few hundred kilobytes). Units of spans read
+    /// as streams go alone.
+    pub(crate) fn pop_run(&self, timeout: Duration, max_bytes: u64, max_gap: u64) -> Option<(LayerRef, Vec<usize>)> {
         let mut st = lock(&self.st);
         loop {
             for lane in 0..2 {
                 while let Some((layer, u)) = st.lanes[lane].pop_front() {
-                    // Entries taken by a coalescing worker are stale.
-                    if st.queued.remove(&(layer.layout.key, u)) {
-                        return Some((layer, u));
+                    // Entries taken into another's run are stale.
+                    if !st.queued.remove(&(layer.layout.key, u)) {
+                        continue;
                     }
+                    let l = &layer.layout;
+                    let mut run = vec![u];
+                    let k0 = l.units[u].span;
+                    if l.spans[k0].streamed || l.spans[k0].units.start != u {
+                        return Some((layer, run));
+                    }
+                    // Backwards first (what was queued behind it sits
+                    // before it in the layer as often as after), then on.
+                    // Neighbouring gzip spans may share a byte: no gap.
+                    let mut first = k0;
+                    for k in (0..k0).rev() {
+                        let s = &l.spans[k];
+                        if s.streamed
+                            || l.spans[k0].comp.1 - s.comp.0 > max_bytes
+                            || l.spans[first].comp.0.saturating_sub(s.comp.1) > max_gap
+                        {
+                            break;
+                        }
+                        if st.queued.remove(&(l.key, s.units.start)) {
+                            run.insert(0, s.units.start);
+                            first = k;
+                        }
+                    }
+                    let start = l.spans[first].comp.0;
+                    let mut last = k0;
+                    for (k, s) in l.spans.iter().enumerate().skip(k0 + 1) {
+                        if s.streamed
+                            || s.comp.1 - start > max_bytes
+                            || s.comp.0.saturating_sub(l.spans[last].comp.1) > max_gap
+                        {
+                            break;
+                        }
+                        if st.queued.remove(&(l.key, s.units.start)) {
+                            run.push(s.units.start);
+                            last = k;
+                        }
+                    }
+                    return Some((layer, run));
                 }
             }
             let (g, t) = self.cv.wait_timeout(st, timeout).unwrap_or_else(|p| p.into_inner());
@@ -79,13 +120,14 @@ impl Queue {
 pub(crate) fn worker(store: Weak<LayerStore>) {
     loop {
         let Some(s) = store.upgrade() else { return };
-        let Some((layer, u)) = s.queue.pop(Duration::from_secs(1)) else {
+        let (max, gap) = (s.options().coalesce_bytes, s.options().coalesce_gap);
+        let Some((layer, run)) = s.queue.pop_run(Duration::from_secs(1), max, gap) else {
             continue;
         };
         // One job's panic must not end the worker.
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.prefetch_one(&layer, u)));
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.prefetch_run(&layer, &run)));
         if r.is_err() {
-            tracing::error!(layer = %layer.layout.desc.digest, unit = u, "a prefetch panicked");
+            tracing::error!(layer = %layer.layout.desc.digest, units = ?run, "a prefetch panicked");
         }
     }
 }

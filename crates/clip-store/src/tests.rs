@@ -239,22 +239,29 @@ fn setup_with(workers: usize, coalesce_bytes: u64) -> Setup {
 }
 
 fn setup_ahead(workers: usize, coalesce_bytes: u64, miss_readahead: usize) -> Setup {
+    setup_opts(workers, |o| {
+        o.coalesce_bytes = coalesce_bytes;
+        o.miss_readahead = miss_readahead;
+    })
+}
+
+fn setup_opts(workers: usize, tune: impl FnOnce(&mut StoreOptions)) -> Setup {
     let data = sample(3 << 20, 1);
     let gz = gzip(&data);
     let (index, decoded) = index_of(&gz, Compression::Gzip, 256 << 10);
     assert!(decoded == data);
     let dir = tempfile::tempdir().unwrap();
-    let store = LayerStore::new(StoreOptions {
+    let mut opts = StoreOptions {
         cache_dir: Some(dir.path().into()),
         prefetch_workers: workers,
-        coalesce_bytes,
         wait: Duration::from_secs(20),
         failure_memo: Duration::from_millis(100),
-        miss_readahead,
+        miss_readahead: 0,
         inflaters: 1,
         ..StoreOptions::default()
-    })
-    .unwrap();
+    };
+    tune(&mut opts);
+    let store = LayerStore::new(opts).unwrap();
     let fake = Fake::new(gz);
     let layer = LayerRef {
         layout: LayerLayout::new(&index, 0).unwrap(),
@@ -456,6 +463,34 @@ fn queued_neighbours_are_fetched_in_one_request() {
         s.expect(o, l);
     }
     assert_eq!(s.fake.reads.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn a_run_is_taken_whole_backwards_and_across_small_gaps() {
+    for (gap, requests) in [(1 << 20, 1), (0, 2)] {
+        let s = setup_opts(4, |o| o.coalesce_gap = gap);
+        // Queued in the order a profile might have them: 5, 4, then 2;
+        // span 3 nobody asked for.
+        s.store.prefetch(&s.layer, [5, 4, 2], Priority::Replay);
+        wait_until("the prefetch", || {
+            [2, 4, 5].iter().all(|&u| s.store.cached(&s.layer.layout, u))
+        });
+        let spans = &s.layer.layout.spans;
+        assert_eq!(s.fake.reads.load(Ordering::SeqCst), requests, "gap {gap}");
+        if requests == 1 {
+            // The gap is fetched, but neither inflated nor cached.
+            assert_eq!(
+                s.fake.read_bytes.load(Ordering::SeqCst) as u64,
+                spans[5].comp.1 - spans[2].comp.0
+            );
+        }
+        assert!(!s.store.cached(&s.layer.layout, 3));
+        for u in [2, 4, 5] {
+            let (o, l) = s.unit_range(u);
+            s.expect(o, l);
+        }
+        assert_eq!(s.fake.reads.load(Ordering::SeqCst), requests);
+    }
 }
 
 #[test]
