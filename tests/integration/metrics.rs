@@ -180,6 +180,17 @@ fn scraped_range_get_bytes_equal_what_the_registry_served() {
         total(&e, "clip_fuse_ops", Some(("op", "read")))
     );
     assert_eq!(total(&e, "clip_verify_failures", None), 0.0);
+    // Span cache writes wait for a quiet store (2 s without fetches).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let e = loop {
+        let text = scrape(port).unwrap().1;
+        let e =
+            openmetrics_parser::openmetrics::parse_openmetrics(&text).unwrap_or_else(|err| panic!("{err:?}\n{text}"));
+        if total(&e, "clip_cache_written_bytes", None) > 0.0 || Instant::now() > deadline {
+            break e;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
     assert!(total(&e, "clip_cache_written_bytes", None) > 0.0);
     assert!(total(&e, "clip_cache_size_bytes", None) > 0.0);
     assert_eq!(total(&e, "clip_mounts", None), 1.0);

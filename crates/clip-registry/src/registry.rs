@@ -134,6 +134,7 @@ impl RegistrySource {
     /// A range GET, retried as a whole (a connection that drops mid-body
     /// too), each attempt recorded in the metrics.
     async fn range(&self, desc: &Descriptor, offset: u64, len: u64) -> std::result::Result<Vec<u8>, HttpError> {
+        let meter = RangeMeter::new(desc);
         self.host
             .retrying("blob range", || async {
                 let started = std::time::Instant::now();
@@ -141,27 +142,9 @@ impl RegistrySource {
                 let result = self.range_attempt(desc, offset, len, &mut received).await;
                 let status = match &result {
                     Ok(_) => "206".to_string(),
-                    Err(e) => e.status().map_or_else(|| "error".to_string(), |c| c.to_string()),
+                    Err(e) => status_label(e),
                 };
-                // Label values stay bounded: a short digest, and latency
-                // per layer only when asked (CLIP_METRICS_PER_LAYER=1).
-                // A config or artifact blob is not a layer: `kind` says
-                // which, and only layers have a `layer` value (an empty
-                // value is no label to Prometheus; one label set per family).
-                let kind = blob_kind(&desc.media_type);
-                let hex = desc.digest.trim_start_matches("sha256:");
-                let short = if kind == "layer" {
-                    format!("sha256:{}", &hex[..hex.len().min(12)])
-                } else {
-                    String::new()
-                };
-                let labels = [("kind", kind), ("status", status.as_str()), ("layer", short.as_str())];
-                defs::RANGE_GET_REQUESTS.with(&labels).inc();
-                defs::RANGE_GET_BYTES.with(&labels).inc_by(received);
-                let per_layer = std::env::var("CLIP_METRICS_PER_LAYER").is_ok_and(|v| v == "1");
-                defs::RANGE_GET_SECONDS
-                    .with(if per_layer { &labels[..] } else { &labels[..2] })
-                    .observe_duration(started.elapsed());
+                meter.record(&status, received, started);
                 result
             })
             .await
@@ -256,6 +239,44 @@ impl Fetcher for RegistrySource {
     }
 }
 
+/// A range request's metrics. Label values stay bounded: a short digest,
+/// and latency per layer only when asked (CLIP_METRICS_PER_LAYER=1). A
+/// config or artifact blob is not a layer: `kind` says which, and only
+/// layers have a `layer` value (an empty value is no label to Prometheus;
+/// one label set per family).
+struct RangeMeter {
+    kind: &'static str,
+    short: String,
+}
+
+impl RangeMeter {
+    fn new(desc: &Descriptor) -> Self {
+        let kind = blob_kind(&desc.media_type);
+        let hex = desc.digest.trim_start_matches("sha256:");
+        let short = if kind == "layer" {
+            format!("sha256:{}", &hex[..hex.len().min(12)])
+        } else {
+            String::new()
+        };
+        Self { kind, short }
+    }
+
+    /// One request: its status, the body bytes it brought, its latency.
+    fn record(&self, status: &str, received: u64, started: std::time::Instant) {
+        let labels = [("kind", self.kind), ("status", status), ("layer", self.short.as_str())];
+        defs::RANGE_GET_REQUESTS.with(&labels).inc();
+        defs::RANGE_GET_BYTES.with(&labels).inc_by(received);
+        let per_layer = std::env::var("CLIP_METRICS_PER_LAYER").is_ok_and(|v| v == "1");
+        defs::RANGE_GET_SECONDS
+            .with(if per_layer { &labels[..] } else { &labels[..2] })
+            .observe_duration(started.elapsed());
+    }
+}
+
+fn status_label(e: &HttpError) -> String {
+    e.status().map_or_else(|| "error".to_string(), |c| c.to_string())
+}
+
 /// What a blob is, for metrics: `layer`, `config`, or `other` (artifacts).
 fn blob_kind(media_type: &str) -> &'static str {
     if media_type.contains("layer") || media_type.contains("rootfs.diff") {
@@ -287,6 +308,7 @@ impl ImageSource for RegistrySource {
                 size: desc.size,
             });
         };
+        let ranged = offset > 0 || end < desc.size;
         let task = BlobStream {
             host: self.host.clone(),
             req: Req::get(self.blob_path(&desc.digest)),
@@ -295,11 +317,14 @@ impl ImageSource for RegistrySource {
             digest: desc.digest.clone(),
             whole: offset == 0 && end == desc.size,
             end,
+            // A part of a blob is a range GET (a whole one, a download).
+            meter: ranged.then(|| RangeMeter::new(desc)),
         };
         let mut req = task.req.clone();
-        if offset > 0 || end < desc.size {
+        if ranged {
             req.range = Some((offset, Some(end - offset)));
         }
+        let started = std::time::Instant::now();
         let (resp, skip) = self
             .registries
             .block_on(Self::stream_from(
@@ -310,9 +335,16 @@ impl ImageSource for RegistrySource {
                 offset,
                 task.whole,
             ))
+            .inspect_err(|e| {
+                if let Some(m) = &task.meter {
+                    m.record(&status_label(e), 0, started);
+                }
+            })
             .map_err(self.err(format!("blob {} from byte {offset}", desc.digest)))?;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
-        self.registries.handle().spawn(task.run(resp, offset, skip, tx));
+        self.registries
+            .handle()
+            .spawn(task.run(resp, offset, skip, started, tx));
         Ok(Box::new(ChannelReader { rx, cur: Bytes::new() }))
     }
 
@@ -355,9 +387,17 @@ struct BlobStream {
     /// the blob from its start may be read past what was already seen.
     whole: bool,
     end: u64,
+    /// Range GET metrics, for a part of a blob.
+    meter: Option<RangeMeter>,
 }
 
 impl BlobStream {
+    fn record(&self, status: &str, received: u64, started: std::time::Instant) {
+        if let Some(m) = &self.meter {
+            m.record(status, received, started);
+        }
+    }
+
     fn fail(&self, what: String, source: HttpError) -> io::Error {
         io::Error::other(Error::Registry {
             registry: self.host.name.clone(),
@@ -371,19 +411,31 @@ impl BlobStream {
         first: reqwest::Response,
         mut offset: u64,
         first_skip: u64,
+        first_started: std::time::Instant,
         tx: tokio::sync::mpsc::Sender<io::Result<Bytes>>,
     ) {
         let opts = self.host.options().clone();
         let mut attempt = 0u32;
         let mut current = Some((first, first_skip));
+        let mut started = first_started;
         loop {
             let failure = match current.take() {
                 Some((resp, mut skip)) => {
+                    let status = resp.status().as_u16().to_string();
+                    // Recorded when this response ends, however it ends.
+                    struct Done<'a>(&'a BlobStream, String, u64, std::time::Instant);
+                    impl Drop for Done<'_> {
+                        fn drop(&mut self) {
+                            self.0.record(&self.1, self.2, self.3);
+                        }
+                    }
+                    let mut done = Done(&self, status, 0, started);
                     let mut stream = resp.bytes_stream();
                     let mut broke = None;
                     while let Some(chunk) = stream.next().await {
                         match chunk {
                             Ok(mut b) => {
+                                done.2 += b.len() as u64;
                                 let s = skip.min(b.len() as u64) as usize;
                                 skip -= s as u64;
                                 let _ = b.split_to(s);
@@ -418,6 +470,7 @@ impl BlobStream {
                 None => {
                     let mut req = self.req.clone();
                     req.range = Some((offset, Some(self.end - offset)));
+                    started = std::time::Instant::now();
                     match RegistrySource::stream_from(&self.host, &req, &self.scope, &*self.creds, offset, self.whole)
                         .await
                     {
@@ -425,8 +478,12 @@ impl BlobStream {
                             current = Some(r);
                             continue;
                         }
-                        Err(e) if e.is_transient() => e,
+                        Err(e) if e.is_transient() => {
+                            self.record(&status_label(&e), 0, started);
+                            e
+                        }
                         Err(e) => {
+                            self.record(&status_label(&e), 0, started);
                             let _ = tx.send(Err(self.fail(format!("blob {}", self.digest), e))).await;
                             return;
                         }

@@ -139,6 +139,31 @@ struct Fake {
     /// Reads of these compressed offsets wait until the gate opens.
     gated: Mutex<Option<Gate>>,
     gate: (Mutex<bool>, Condvar),
+    /// Streams stop before this compressed offset until it is cleared.
+    stall: Arc<(Mutex<Option<u64>>, Condvar)>,
+}
+
+/// A response body that stops at the fake's stall offset.
+struct Stalling {
+    body: std::io::Cursor<Vec<u8>>,
+    base: u64,
+    stall: Arc<(Mutex<Option<u64>>, Condvar)>,
+}
+
+impl Read for Stalling {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let at = self.base + self.body.position();
+        let mut stall = self.stall.0.lock().unwrap();
+        while stall.is_some_and(|s| at >= s) {
+            stall = self.stall.1.wait(stall).unwrap();
+        }
+        let n = match *stall {
+            Some(s) => buf.len().min((s - at) as usize),
+            None => buf.len(),
+        };
+        drop(stall);
+        self.body.read(&mut buf[..n])
+    }
 }
 
 impl Fake {
@@ -183,16 +208,35 @@ impl ImageSource for Fake {
         unimplemented!()
     }
 
-    fn open_range(&self, _: &Descriptor, offset: u64, len: Option<u64>) -> clip_registry::Result<Box<dyn Read + Send>> {
+    fn open_range(&self, d: &Descriptor, offset: u64, len: Option<u64>) -> clip_registry::Result<Box<dyn Read + Send>> {
         self.streams.fetch_add(1, Ordering::SeqCst);
         if offset > 0 && self.ignore_range.load(Ordering::SeqCst) {
             return Err(self.http(HttpError::RangeIgnored { offset, len: 0 }));
         }
         let end = len.map_or(self.blob.len(), |l| (offset + l) as usize);
+        // A part of the blob is a range request, told what to do as one.
+        if offset > 0 || end < self.blob.len() {
+            return Ok(Box::new(Stalling {
+                body: std::io::Cursor::new(self.take_range(d, offset, (end as u64) - offset)?),
+                base: offset,
+                stall: self.stall.clone(),
+            }));
+        }
         Ok(Box::new(std::io::Cursor::new(self.blob[offset as usize..end].to_vec())))
     }
 
-    fn read_range(&self, _: &Descriptor, offset: u64, len: u64) -> clip_registry::Result<Vec<u8>> {
+    fn read_range(&self, d: &Descriptor, offset: u64, len: u64) -> clip_registry::Result<Vec<u8>> {
+        self.read_whole(d, offset, len)
+    }
+
+    fn describe(&self) -> String {
+        "fake".into()
+    }
+}
+
+impl Fake {
+    /// A range request, told what to do.
+    fn take_range(&self, _: &Descriptor, offset: u64, len: u64) -> clip_registry::Result<Vec<u8>> {
         self.reads.fetch_add(1, Ordering::SeqCst);
         self.pass_gate(offset);
         if self
@@ -216,8 +260,15 @@ impl ImageSource for Fake {
         Ok(self.blob[offset as usize..(offset + len) as usize].to_vec())
     }
 
-    fn describe(&self) -> String {
-        "fake".into()
+    /// A whole response: none of it until the stall, if any, is behind
+    /// its end.
+    fn read_whole(&self, d: &Descriptor, offset: u64, len: u64) -> clip_registry::Result<Vec<u8>> {
+        let mut stall = self.stall.0.lock().unwrap();
+        while stall.is_some_and(|s| offset + len > s) {
+            stall = self.stall.1.wait(stall).unwrap();
+        }
+        drop(stall);
+        self.take_range(d, offset, len)
     }
 }
 
@@ -491,6 +542,28 @@ fn a_run_is_taken_whole_backwards_and_across_small_gaps() {
         }
         assert_eq!(s.fake.reads.load(Ordering::SeqCst), requests);
     }
+}
+
+#[test]
+fn a_run_hands_out_each_span_once_its_own_bytes_are_in() {
+    let s = setup(1);
+    let spans = &s.layer.layout.spans;
+    // The response stops in the middle of span 4.
+    *s.fake.stall.0.lock().unwrap() = Some((spans[4].comp.0 + spans[4].comp.1) / 2);
+    s.store.prefetch(&s.layer, [2, 3, 4, 5], Priority::Replay);
+    wait_until("spans 2 and 3", || {
+        (2..4).all(|u| s.store.mem.contains(&s.layer.layout.units[u].id))
+    });
+    assert!(!s.store.cached(&s.layer.layout, 4), "its bytes are not all in");
+    assert_eq!(s.fake.reads.load(Ordering::SeqCst), 1);
+    *s.fake.stall.0.lock().unwrap() = None;
+    s.fake.stall.1.notify_all();
+    wait_until("the rest", || (4..6).all(|u| s.store.cached(&s.layer.layout, u)));
+    for u in 2..6 {
+        let (o, l) = s.unit_range(u);
+        s.expect(o, l);
+    }
+    assert_eq!(s.fake.reads.load(Ordering::SeqCst), 1);
 }
 
 #[test]
