@@ -441,12 +441,7 @@ impl LayerStore {
                     .source
                     .open_range(&l.desc, start, Some(end - start))
                     .map_err(|e| fetch_err(spans[from], e))?;
-                Body::Stream {
-                    r,
-                    pos: start,
-                    last: None,
-                    buf: Vec::new(),
-                }
+                Body::Stream(SpanStream::new(r, start))
             };
             let fetch_ms = t0.elapsed().as_millis() as u64;
             let mut failed = None;
@@ -669,12 +664,12 @@ impl LayerStore {
                 .open_range(&l.desc, start, Some(end - start))
                 .map(|r| (r, start))
         };
-        let (mut input, mut pos, scope) = match open(scope) {
-            Ok((r, start)) => (r, start, scope),
+        let (mut input, scope) = match open(scope) {
+            Ok((r, start)) => (SpanStream::new(r, start), scope),
             Err(e) if e.is_range_ignored() && scope.is_some() => {
                 l.range_ignored.store(true, Ordering::Relaxed);
                 let (r, start) = open(None).map_err(|e| fetch_err(0, e))?;
-                (r, start, None)
+                (SpanStream::new(r, start), None)
             }
             Err(e) => return Err(fetch_err(scope.unwrap_or(0), e)),
         };
@@ -685,9 +680,6 @@ impl LayerStore {
             Some(k) => k..k + 1,
             None => 0..l.spans.len(),
         };
-        // The last byte read: neighbouring gzip spans share the byte that
-        // holds their boundary.
-        let mut last: Option<u8> = None;
         for k in spans {
             let s = &l.spans[k];
             let stream_err = |e: std::io::Error| {
@@ -697,13 +689,9 @@ impl LayerStore {
                     verify_err(l, k, clip_gzran::Error::Io(e))
                 }
             };
-            if s.comp.0 > pos {
-                std::io::copy(&mut (&mut input).take(s.comp.0 - pos), &mut std::io::sink()).map_err(stream_err)?;
-                pos = s.comp.0;
-            }
             if s.streamed {
-                // zstd spans start and end on byte boundaries.
-                let mut dec = clip_gzran::PieceDecoder::new((&mut input).take(s.comp.1 - pos), k)
+                input.skip_to(s.comp.0).map_err(stream_err)?;
+                let mut dec = clip_gzran::PieceDecoder::new((&mut input.r).take(s.comp.1 - s.comp.0), k)
                     .map_err(|e| verify_err(l, k, e))?;
                 for u in s.units.clone() {
                     let unit = &l.units[u];
@@ -716,21 +704,12 @@ impl LayerStore {
                 }
                 // What the decoder left of the span (a frame checksum).
                 std::io::copy(&mut dec.into_inner(), &mut std::io::sink()).map_err(stream_err)?;
-                pos = s.comp.1;
-                last = None;
+                input.passed(s.comp.1);
                 continue;
             }
-            let mut buf = Vec::with_capacity((s.comp.1 - s.comp.0) as usize);
-            if s.comp.0 < pos {
-                buf.extend(last);
-            }
-            let at = buf.len();
-            buf.resize((s.comp.1 - s.comp.0) as usize, 0);
-            input.read_exact(&mut buf[at..]).map_err(stream_err)?;
-            pos = s.comp.1;
-            last = buf.last().copied();
+            let buf = input.span(s.comp).map_err(stream_err)?;
             let window = l.window(k)?;
-            let data = self.inflate(l, k, &window, &buf).map_err(|e| verify_err(l, k, e))?;
+            let data = self.inflate(l, k, &window, buf).map_err(|e| verify_err(l, k, e))?;
             let u = s.units.start;
             self.produce(fill, &l.units[u], u, data, false);
         }
@@ -815,20 +794,12 @@ impl LayerStore {
 enum Body {
     /// All of it, from compressed byte `.1`.
     Whole(Vec<u8>, u64),
-    Stream {
-        r: Box<dyn Read + Send>,
-        /// The next byte `r` gives.
-        pos: u64,
-        /// The last byte read: neighbouring gzip spans share the byte that
-        /// holds their boundary.
-        last: Option<u8>,
-        buf: Vec<u8>,
-    },
+    Stream(SpanStream),
 }
 
 impl Body {
     /// The compressed bytes `[a, b)` of the next span, at or after the
-    /// previous one's (what lies between is read and dropped).
+    /// previous one's.
     fn span(&mut self, (a, b): (u64, u64)) -> std::io::Result<&[u8]> {
         match self {
             Body::Whole(bytes, start) => {
@@ -837,23 +808,62 @@ impl Body {
                     .get(a..b)
                     .ok_or_else(|| std::io::Error::other("a span outside the response (internal error)"))
             }
-            Body::Stream { r, pos, last, buf } => {
-                if a > *pos {
-                    std::io::copy(&mut (&mut *r).take(a - *pos), &mut std::io::sink())?;
-                    *pos = a;
-                }
-                buf.clear();
-                if a < *pos {
-                    buf.extend(last.take());
-                }
-                let at = buf.len();
-                buf.resize((b - a) as usize, 0);
-                r.read_exact(&mut buf[at..])?;
-                *pos = b;
-                *last = buf.last().copied();
-                Ok(buf)
-            }
+            Body::Stream(st) => st.span((a, b)),
         }
+    }
+}
+
+/// A stream of a layer's compressed bytes, read span by span in order.
+struct SpanStream {
+    r: Box<dyn Read + Send>,
+    /// The next byte `r` gives.
+    pos: u64,
+    /// The last byte read: neighbouring gzip spans share the byte that
+    /// holds their boundary.
+    last: Option<u8>,
+    buf: Vec<u8>,
+}
+
+impl SpanStream {
+    fn new(r: Box<dyn Read + Send>, pos: u64) -> Self {
+        Self {
+            r,
+            pos,
+            last: None,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Reads and drops what lies before byte `a`.
+    fn skip_to(&mut self, a: u64) -> std::io::Result<()> {
+        if a > self.pos {
+            std::io::copy(&mut (&mut self.r).take(a - self.pos), &mut std::io::sink())?;
+            self.pos = a;
+        }
+        Ok(())
+    }
+
+    /// The compressed bytes `[a, b)` of the next span, at or after the
+    /// previous one's (what lies between is read and dropped).
+    fn span(&mut self, (a, b): (u64, u64)) -> std::io::Result<&[u8]> {
+        self.skip_to(a)?;
+        self.buf.clear();
+        if a < self.pos {
+            self.buf.extend(self.last.take());
+        }
+        let at = self.buf.len();
+        self.buf.resize((b - a) as usize, 0);
+        self.r.read_exact(&mut self.buf[at..])?;
+        self.pos = b;
+        self.last = self.buf.last().copied();
+        Ok(&self.buf)
+    }
+
+    /// A span read by someone else through `r` ends at byte `b` (zstd
+    /// spans start and end on byte boundaries: nothing shared).
+    fn passed(&mut self, b: u64) {
+        self.pos = b;
+        self.last = None;
     }
 }
 

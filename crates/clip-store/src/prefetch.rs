@@ -1,6 +1,6 @@
 //! The prefetch queue: two lanes (a recorded profile's replay first, then
 //! read-ahead), in order within each, served by worker threads. A unit is
-//! queued once. A worker takes a unit with the queued spans after it, in
+//! queued once. A worker takes a unit with the queued spans around it, in
 //! one step ([`Queue::pop_run`]), wherever they wait in the queue: workers
 //! popping side by side would otherwise split a run of neighbours into a
 //! request each.
@@ -52,7 +52,7 @@ impl Queue {
         lock(&self.st).queued.len()
     }
 
-    /// The next queued unit and the queued units of the spans after it, to
+    /// The next queued unit and the queued units of the spans around it, to
     /// fetch with one request: up to `max_bytes` compressed from the first
     /// span's start, across gaps of spans nobody queued of at most
     /// `max_gap` compressed bytes (fetched and skipped: a request costs
