@@ -508,11 +508,14 @@ fn bench(img: &Image, root: &Path) {
             t[2 + i].push(n.run(&image, &img.cmd, &format!("c{i}-{round}")));
             std::thread::sleep(Duration::from_millis(500));
             fetched[i].push(reg.blob_bytes_served() - before);
+            if i == 0 {
+                // The node without a profile is done for this round:
+                // stopped, it writes its span cache now (untimed), not in
+                // the runs that follow (clipd writes once its store has
+                // been quiet for 2 s).
+                plain.ok(&["daemon", "stop"]);
+            }
         }
-        // The node without a profile is done for this round: stopped, it
-        // writes its span cache now (untimed), not in the runs that follow
-        // (clipd writes it once its store has been quiet for 2 s).
-        plain.ok(&["daemon", "stop"]);
         settle();
         t[4].push(profiled.run(&image, &img.cmd, &format!("w{round}")));
         // Spans on disk, nothing else: a new clipd, page cache dropped.
