@@ -42,9 +42,15 @@ const SUBDIR: &str = "spans-v2";
 /// against 2.20 s, without one 3.21 against 3.15 (medians of 20 and 10
 /// interleaved runs). The py image (190 MB) reaches neither bound.
 fn pending_max() -> u64 {
-    // SAFETY: sysinfo only writes the struct it is given.
-    let mut si: libc::sysinfo = unsafe { std::mem::zeroed() };
-    let total = if unsafe { libc::sysinfo(&mut si) } == 0 {
+    // SAFETY: sysinfo is plain data, valid zeroed, and the call only
+    // writes the struct it is given.
+    let (ok, si) = unsafe {
+        let mut si: libc::sysinfo = std::mem::zeroed();
+        (libc::sysinfo(&mut si) == 0, si)
+    };
+    // c_ulong: 32 bits on some targets.
+    #[allow(clippy::unnecessary_cast)]
+    let total = if ok {
         (si.totalram as u64).saturating_mul(u64::from(si.mem_unit.max(1)))
     } else {
         0
