@@ -58,10 +58,15 @@ impl Queue {
     /// `max_gap` compressed bytes (fetched and skipped: a request costs
     /// the registry more than a few hundred kilobytes). Units of spans read
     /// as streams go alone.
-    pub(crate) fn pop_run(&self, timeout: Duration, max_bytes: u64, max_gap: u64) -> Option<(LayerRef, Vec<usize>)> {
+    pub(crate) fn pop_run(
+        &self,
+        timeout: Duration,
+        max_bytes: u64,
+        max_gap: u64,
+    ) -> Option<(LayerRef, Vec<usize>, Priority)> {
         let mut st = lock(&self.st);
         loop {
-            for lane in 0..2 {
+            for (lane, prio) in [(0, Priority::Replay), (1, Priority::Readahead)] {
                 while let Some((layer, u)) = st.lanes[lane].pop_front() {
                     // Entries taken into another's run are stale.
                     if !st.queued.remove(&(layer.layout.key, u)) {
@@ -71,7 +76,7 @@ impl Queue {
                     let mut run = vec![u];
                     let k0 = l.units[u].span;
                     if l.spans[k0].streamed || l.spans[k0].units.start != u {
-                        return Some((layer, run));
+                        return Some((layer, run, prio));
                     }
                     // Backwards first (what was queued behind it sits
                     // before it in the layer as often as after), then on.
@@ -104,7 +109,7 @@ impl Queue {
                             last = k;
                         }
                     }
-                    return Some((layer, run));
+                    return Some((layer, run, prio));
                 }
             }
             let (g, t) = self.cv.wait_timeout(st, timeout).unwrap_or_else(|p| p.into_inner());
@@ -121,11 +126,11 @@ pub(crate) fn worker(store: Weak<LayerStore>) {
     loop {
         let Some(s) = store.upgrade() else { return };
         let (max, gap) = (s.options().coalesce_bytes, s.options().coalesce_gap);
-        let Some((layer, run)) = s.queue.pop_run(Duration::from_secs(1), max, gap) else {
+        let Some((layer, run, prio)) = s.queue.pop_run(Duration::from_secs(1), max, gap) else {
             continue;
         };
         // One job's panic must not end the worker.
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.prefetch_run(&layer, &run)));
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.prefetch_run(&layer, &run, prio)));
         if r.is_err() {
             tracing::error!(layer = %layer.layout.desc.digest, units = ?run, "a prefetch panicked");
         }

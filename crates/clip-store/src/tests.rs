@@ -622,6 +622,39 @@ fn a_span_a_reader_waits_for_is_inflated_without_waiting_for_a_permit() {
 }
 
 #[test]
+fn a_replay_inflates_without_a_permit_while_a_reader_waits_and_readahead_does_not() {
+    let s = Arc::new(setup(1));
+    let l = &s.layer.layout;
+    let unit_of = |k: usize| l.spans[k].units.start;
+    // Every inflating permit taken (by this test): prefetches wait.
+    let held = s.store.inflating.acquire_unless(|| false).unwrap();
+    // A demand reader waits on a fetch of span 5 that does not answer.
+    let gated = l.spans[5].comp.0;
+    s.fake.close_for(move |off| off == gated);
+    let reader = {
+        let s = s.clone();
+        let (o, n) = s.unit_range(unit_of(5));
+        std::thread::spawn(move || s.read(o, n))
+    };
+    wait_until("the reader's fetch", || s.fake.reads.load(Ordering::SeqCst) == 1);
+    // A replay inflates meanwhile: the container waits, its core is idle.
+    s.store.prefetch(&s.layer, [unit_of(2)], Priority::Replay);
+    let id = |k: usize| l.units[unit_of(k)].id;
+    wait_until("the replay", || s.store.mem.contains(&id(2)));
+    // Read-ahead is a guess: it waits for the permit even so.
+    s.store.prefetch(&s.layer, [unit_of(8)], Priority::Readahead);
+    wait_until("the read-ahead's fetch", || s.fake.reads.load(Ordering::SeqCst) == 3);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!s.store.mem.contains(&id(8)), "read-ahead took no permit");
+    drop(held);
+    wait_until("the read-ahead, with the permit", || s.store.mem.contains(&id(8)));
+    s.fake.open();
+    let got = reader.join().unwrap().unwrap();
+    let (o, n) = s.unit_range(unit_of(5));
+    assert!(got == s.data[o as usize..(o + n) as usize]);
+}
+
+#[test]
 fn cache_entries_serve_only_the_index_that_verified_them() {
     let s = setup(0);
     let all = s.data.len() as u64;
