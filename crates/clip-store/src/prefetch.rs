@@ -48,6 +48,11 @@ impl Queue {
         }
     }
 
+    /// Whether a replay waits in the queue.
+    pub(crate) fn replay_queued(&self) -> bool {
+        !lock(&self.st).lanes[Priority::Replay as usize].is_empty()
+    }
+
     pub(crate) fn len(&self) -> usize {
         lock(&self.st).queued.len()
     }

@@ -410,23 +410,67 @@ fn a_panicking_leader_answers_its_waiters_and_the_next_reader_tries_again() {
 }
 
 #[test]
-fn a_demand_miss_queues_the_spans_after_it() {
+fn a_demand_miss_fetches_the_spans_after_it_in_its_own_request_without_waiting_for_them() {
     let s = setup_ahead(1, 8 << 20, 2);
     let l = &s.layer.layout;
     assert!(l.spans.len() > 4, "the sample has spans to read ahead");
     let unit_of = |k: usize| l.spans[k].units.start;
+    // The response stops after the missed span's bytes: the reader still
+    // gets its answer.
+    *s.fake.stall.0.lock().unwrap() = Some(l.spans[1].comp.1);
     let (out, _) = s.unit_range(unit_of(1));
     s.expect(out, 10);
+    assert_eq!(s.fake.reads.load(Ordering::SeqCst), 1, "one request");
+    assert!(!s.store.cached(l, unit_of(2)), "the rest of the response is not in yet");
+    *s.fake.stall.0.lock().unwrap() = None;
+    s.fake.stall.1.notify_all();
     wait_until("the readahead", || {
-        s.store.queued() == 0 && s.store.cached(l, unit_of(2)) && s.store.cached(l, unit_of(3))
+        s.store.cached(l, unit_of(2)) && s.store.cached(l, unit_of(3))
     });
     assert!(!s.store.cached(l, unit_of(0)), "nothing before the miss");
     assert!(!s.store.cached(l, unit_of(4)), "no further than asked");
-    // The spans read ahead need no request of their own.
-    let reads = s.fake.reads.load(Ordering::SeqCst);
+    // The spans read ahead came with the miss: no request of their own.
     let (out3, _) = s.unit_range(unit_of(3));
     s.expect(out3, 10);
-    assert_eq!(s.fake.reads.load(Ordering::SeqCst), reads);
+    assert_eq!(s.fake.reads.load(Ordering::SeqCst), 1);
+    assert_eq!(s.store.queued(), 0, "nothing was queued");
+}
+
+#[test]
+fn past_the_bound_of_miss_runs_a_miss_queues_its_readahead() {
+    let s = setup_ahead(1, 8 << 20, 2);
+    let l = &s.layer.layout;
+    let unit_of = |k: usize| l.spans[k].units.start;
+    s.store.miss_runs.store(MAX_MISS_RUNS, Ordering::SeqCst);
+    let (out, _) = s.unit_range(unit_of(1));
+    s.expect(out, 10);
+    wait_until("the queued readahead", || {
+        s.store.queued() == 0 && s.store.cached(l, unit_of(2)) && s.store.cached(l, unit_of(3))
+    });
+    assert_eq!(
+        s.fake.reads.load(Ordering::SeqCst),
+        2,
+        "the miss, then the queued readahead"
+    );
+    assert_eq!(
+        s.store.miss_runs.load(Ordering::SeqCst),
+        MAX_MISS_RUNS,
+        "the bound is left as it was"
+    );
+}
+
+#[test]
+fn while_a_replay_is_queued_a_miss_queues_its_readahead_behind_it() {
+    // No workers: what is queued stays queued.
+    let s = setup_ahead(0, 8 << 20, 2);
+    let l = &s.layer.layout;
+    let unit_of = |k: usize| l.spans[k].units.start;
+    s.store.prefetch(&s.layer, [unit_of(6)], Priority::Replay);
+    let (out, _) = s.unit_range(unit_of(1));
+    s.expect(out, 10);
+    assert_eq!(s.fake.reads.load(Ordering::SeqCst), 1, "the miss alone");
+    assert_eq!(s.store.queued(), 3, "the replay, then the miss's readahead");
+    assert!(!s.store.cached(l, unit_of(2)));
 }
 
 #[test]
