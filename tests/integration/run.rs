@@ -258,3 +258,26 @@ fn the_same_image_from_another_registry_uses_that_registry() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(stdout(&o), "hello from clip\n");
 }
+
+#[test]
+fn relative_state_directories_name_the_same_places() {
+    // CLIP_*_DIR relative to the working directory, as a user might set
+    // them: runc resolves the bundle's rootfs from the bundle, so clip
+    // must hand it absolute paths.
+    let reg = registry();
+    let tmp = tempfile::tempdir().unwrap();
+    let _daemon = crate::harness::DaemonGuard::new(tmp.path());
+    let image = format!("{}/clip/busybox:latest", reg.host());
+    let o = clipctl()
+        .args(["run", "--rm", "--runtime", "runc", &image, "echo", "relative"])
+        .current_dir(tmp.path())
+        .env("CLIP_BASE_DIR", "base")
+        .env("CLIP_CACHE_DIR", "cache")
+        .env("CLIP_RUN_DIR", "run")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(stdout(&o), "relative\n");
+    assert!(tmp.path().join("base").is_dir() && tmp.path().join("run").is_dir());
+    assert_eq!(clip_mounts(tmp.path()), (0, 0), "--rm left mounts");
+}

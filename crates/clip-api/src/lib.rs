@@ -338,7 +338,14 @@ pub fn read_frame<T: for<'de> Deserialize<'de>>(r: &mut impl Read) -> std::io::R
 
 /// Where clip keeps its runtime state: `$CLIP_RUN_DIR` or `/run/clip`.
 pub fn run_dir() -> PathBuf {
-    std::env::var_os("CLIP_RUN_DIR").map_or_else(|| PathBuf::from("/run/clip"), PathBuf::from)
+    // Absolute: runc resolves a bundle's paths from the bundle.
+    std::env::var_os("CLIP_RUN_DIR").map_or_else(|| PathBuf::from("/run/clip"), absolute)
+}
+
+/// `v` made absolute against the working directory (as it is, if that
+/// cannot be read).
+fn absolute(v: std::ffi::OsString) -> PathBuf {
+    std::path::absolute(&v).unwrap_or_else(|_| v.into())
 }
 
 /// The daemon's socket under a run directory.

@@ -66,7 +66,14 @@ impl Paths {
     /// From `CLIP_BASE_DIR` (default `/var/lib/clip`) and `CLIP_RUN_DIR`
     /// (default `/run/clip`).
     pub fn from_env() -> Self {
-        let var = |k: &str, d: &str| std::env::var_os(k).map_or_else(|| PathBuf::from(d), PathBuf::from);
+        // Absolute: runc resolves a bundle's paths (the rootfs) from the
+        // bundle, so a relative directory would name the wrong place.
+        let var = |k: &str, d: &str| {
+            std::env::var_os(k).map_or_else(
+                || PathBuf::from(d),
+                |v| std::path::absolute(&v).unwrap_or_else(|_| v.into()),
+            )
+        };
         Self {
             base: var("CLIP_BASE_DIR", "/var/lib/clip"),
             run: var("CLIP_RUN_DIR", "/run/clip"),
