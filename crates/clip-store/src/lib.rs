@@ -170,6 +170,23 @@ impl Default for StoreOptions {
 /// start a thread each.
 const MAX_MISS_RUNS: usize = 8;
 
+/// One count of a counter, given back when dropped, however its holder
+/// ends (a panic included).
+struct Counted<'a>(&'a AtomicUsize);
+
+impl<'a> Counted<'a> {
+    fn enter(c: &'a AtomicUsize) -> Self {
+        c.fetch_add(1, Ordering::Relaxed);
+        Self(c)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Why a unit is wanted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Why {
@@ -333,15 +350,7 @@ impl LayerStore {
             }
         }
         let v = {
-            // Counted until it returns, however it returns.
-            struct Waiting<'a>(&'a AtomicUsize);
-            impl Drop for Waiting<'_> {
-                fn drop(&mut self) {
-                    self.0.fetch_sub(1, Ordering::Relaxed);
-                }
-            }
-            self.waiting.fetch_add(1, Ordering::Relaxed);
-            let _waiting = Waiting(&self.waiting);
+            let _waiting = Counted::enter(&self.waiting);
             self.unit(layer, u, Why::Demand)?
         };
         out.extend_from_slice(&v[off as usize..(off + n) as usize]);
@@ -794,16 +803,21 @@ impl LayerStore {
             return false;
         }
         let Some(me) = self.me.upgrade() else { return false };
-        if self.miss_runs.fetch_add(1, Ordering::Relaxed) >= MAX_MISS_RUNS {
-            self.miss_runs.fetch_sub(1, Ordering::Relaxed);
+        if self
+            .miss_runs
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < MAX_MISS_RUNS).then_some(n + 1)
+            })
+            .is_err()
+        {
             return false;
         }
         let (led, leading) = std::sync::mpsc::sync_channel::<()>(1);
         let layer = layer.clone();
         let run: Vec<usize> = std::iter::once(u).chain(ahead.iter().copied()).collect();
         let spawned = std::thread::Builder::new().name("clip-miss".into()).spawn(move || {
+            let _run = Counted(&me.miss_runs);
             me.run_units(&layer, &run, Priority::Readahead, Some(led));
-            me.miss_runs.fetch_sub(1, Ordering::Relaxed);
         });
         match spawned {
             // An error here means the thread ended early (a panic): the
@@ -823,18 +837,8 @@ impl LayerStore {
     /// queue together ([`prefetch::Queue::pop_run`]), in one request.
     fn prefetch_run(&self, layer: &LayerRef, run: &[usize], priority: Priority) {
         self.metrics.prefetches.inc();
-        let replay = (priority == Priority::Replay).then(|| {
-            self.replay_runs.fetch_add(1, Ordering::Relaxed);
-            struct Done<'a>(&'a AtomicUsize);
-            impl Drop for Done<'_> {
-                fn drop(&mut self) {
-                    self.0.fetch_sub(1, Ordering::Relaxed);
-                }
-            }
-            Done(&self.replay_runs)
-        });
+        let _replay = (priority == Priority::Replay).then(|| Counted::enter(&self.replay_runs));
         self.run_units(layer, run, priority, None);
-        drop(replay);
     }
 
     /// Whether a profile's replay is queued or under way.
