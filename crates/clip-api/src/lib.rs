@@ -338,14 +338,17 @@ pub fn read_frame<T: for<'de> Deserialize<'de>>(r: &mut impl Read) -> std::io::R
 
 /// Where clip keeps its runtime state: `$CLIP_RUN_DIR` or `/run/clip`.
 pub fn run_dir() -> PathBuf {
-    // Absolute: runc resolves a bundle's paths from the bundle.
-    std::env::var_os("CLIP_RUN_DIR").map_or_else(|| PathBuf::from("/run/clip"), absolute)
+    env_dir("CLIP_RUN_DIR", "/run/clip")
 }
 
-/// `v` made absolute against the working directory (as it is, if that
-/// cannot be read).
-fn absolute(v: std::ffi::OsString) -> PathBuf {
-    std::path::absolute(&v).unwrap_or_else(|_| v.into())
+/// A directory named by environment variable `key`, else `default`, made
+/// absolute against the working directory: runc resolves a bundle's paths
+/// from the bundle, so a relative one would name the wrong place.
+pub fn env_dir(key: &str, default: &str) -> PathBuf {
+    std::env::var_os(key).map_or_else(
+        || PathBuf::from(default),
+        |v| std::path::absolute(&v).unwrap_or_else(|_| v.into()),
+    )
 }
 
 /// The daemon's socket under a run directory.

@@ -66,8 +66,8 @@ impl Paths {
     /// From `CLIP_BASE_DIR` (default `/var/lib/clip`) and `CLIP_RUN_DIR`
     /// (default `/run/clip`).
     pub fn from_env() -> Self {
-        // Absolute: runc resolves a bundle's paths (the rootfs) from the
-        // bundle, so a relative directory would name the wrong place.
+        // Absolute (as clip_api::env_dir, which this crate sits below):
+        // runc resolves a bundle's paths (the rootfs) from the bundle.
         let var = |k: &str, d: &str| {
             std::env::var_os(k).map_or_else(
                 || PathBuf::from(d),

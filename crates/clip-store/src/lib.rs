@@ -820,8 +820,8 @@ impl LayerStore {
             me.run_units(&layer, &run, Priority::Readahead, Some(led));
         });
         match spawned {
-            // An error here means the thread ended early (a panic): the
-            // reader then leads its unit itself.
+            // `recv` fails only when the thread ended before leading (a
+            // panic): the reader then leads its unit itself.
             Ok(_) => {
                 let _ = leading.recv();
                 true

@@ -104,10 +104,7 @@ fn registry_options() -> Result<RegistryOptions> {
 }
 
 fn store_options() -> Result<StoreOptions> {
-    let cache_dir = std::env::var_os("CLIP_CACHE_DIR").map_or_else(
-        || PathBuf::from("/var/cache/clip"),
-        |v| std::path::absolute(&v).unwrap_or_else(|_| v.into()),
-    );
+    let cache_dir = clip_api::env_dir("CLIP_CACHE_DIR", "/var/cache/clip");
     let cache_max = match std::env::var("CLIP_CACHE_MAX") {
         Ok(v) => clip_store::parse_size(&v)
             .with_context(|| format!("CLIP_CACHE_MAX={v:?}: expected a size such as 10G or 500M"))?,
