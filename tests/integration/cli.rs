@@ -691,7 +691,7 @@ fn errors_say_what_to_do() {
     let o = child.wait_with_output().unwrap();
     assert!(!o.status.success());
     assert!(
-        err(&o).contains("manifest x/y:latest: no response within 3s"),
+        err(&o).contains("manifest x/y:latest: gave up after 3s, the operation's deadline"),
         "{}",
         err(&o)
     );

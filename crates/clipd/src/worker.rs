@@ -97,8 +97,10 @@ fn registry_options() -> Result<RegistryOptions> {
             .ok()
             .filter(|s| (1..=3600).contains(s))
             .with_context(|| format!("CLIP_REGISTRY_DEADLINE={v:?}: expected seconds, from 1 to 3600"))?;
+        // The read timeout is left as it is: a stall longer than the
+        // deadline ends at the deadline. Clamping it to the deadline made
+        // the two timers tie, and which error came out was a race.
         o.deadline = Duration::from_secs(secs);
-        o.read_timeout = o.read_timeout.min(o.deadline);
     }
     Ok(o)
 }
