@@ -13,8 +13,8 @@
 //!   layer whose registry ignores Range requests: once, not per span.
 //! * Prefetch ([`Priority`]) runs on worker threads, replay before
 //!   read-ahead, adjacent spans coalesced into one request; a demand read
-//!   never waits behind the queue (it fetches at once, or joins the fetch
-//!   in flight). Inflating a prefetch takes a permit, leaving a core to
+//!   never waits behind the queue (it fetches at once, with the spans it
+//!   reads ahead in the same request, or joins the fetch in flight). Inflating a prefetch takes a permit, leaving a core to
 //!   the container, unless a reader waits for it (or, for a replay, for
 //!   anything). Only demand reads remember failures.
 
@@ -169,6 +169,13 @@ impl Default for StoreOptions {
 /// its unit itself and queues the read-ahead, so a burst of misses does not
 /// start a thread each.
 const MAX_MISS_RUNS: usize = 8;
+
+/// The reader behind a miss run ([`LayerStore::miss_run`]): told once the
+/// run leads its flights; the failure of its unit is the reader's own.
+struct MissReader {
+    unit: UnitId,
+    led: SyncSender<()>,
+}
 
 /// One count of a counter, given back when dropped, however its holder
 /// ends (a panic included).
@@ -340,6 +347,10 @@ impl LayerStore {
                 return Ok(());
             }
         }
+        // A failure just seen is the answer, with nothing fetched ahead.
+        if let Some(e) = self.remembered_failure(&unit.id) {
+            return Err(e);
+        }
         // A miss: the spans after it are fetched alongside, not waited for.
         let span = unit.span;
         let last = (span + self.opts.miss_readahead).min(layer.layout.spans.len() - 1);
@@ -357,6 +368,14 @@ impl LayerStore {
         Ok(())
     }
 
+    /// A demand read's recent failure of this unit, if any.
+    fn remembered_failure(&self, id: &UnitId) -> Option<ReadError> {
+        lock(&self.failed)
+            .get(id)
+            .filter(|(when, _)| when.elapsed() < self.opts.failure_memo)
+            .map(|(_, e)| e.clone())
+    }
+
     /// Unit `u`'s bytes, fetched, joined or taken from the caches.
     fn unit(&self, layer: &LayerRef, u: usize, why: Why) -> Result<Arc<Vec<u8>>, ReadError> {
         let l = &layer.layout;
@@ -367,10 +386,8 @@ impl LayerStore {
             why: why_text,
         };
         if why == Why::Demand {
-            if let Some((when, e)) = lock(&self.failed).get(&unit.id) {
-                if when.elapsed() < self.opts.failure_memo {
-                    return Err(e.clone());
-                }
+            if let Some(e) = self.remembered_failure(&unit.id) {
+                return Err(e);
             }
         }
         let mut retried = false;
@@ -813,11 +830,15 @@ impl LayerStore {
             return false;
         }
         let (led, leading) = std::sync::mpsc::sync_channel::<()>(1);
+        let reader = MissReader {
+            unit: l.units[u].id,
+            led,
+        };
         let layer = layer.clone();
         let run: Vec<usize> = std::iter::once(u).chain(ahead.iter().copied()).collect();
         let spawned = std::thread::Builder::new().name("clip-miss".into()).spawn(move || {
             let _run = Counted(&me.miss_runs);
-            me.run_units(&layer, &run, Priority::Readahead, Some(led));
+            me.run_units(&layer, &run, Priority::Readahead, Some(reader));
         });
         match spawned {
             // `recv` fails only when the thread ended before leading (a
@@ -846,10 +867,9 @@ impl LayerStore {
         self.replay_runs.load(Ordering::Relaxed) > 0 || self.queue.replay_queued()
     }
 
-    /// Fetches the units of `run` nobody has or fetches, in one request;
-    /// `led` hears once their flights are led. A span a reader waits for
-    /// inflates at once; the others by `priority`.
-    fn run_units(&self, layer: &LayerRef, run: &[usize], priority: Priority, led: Option<SyncSender<()>>) {
+    /// Fetches the units of `run` nobody has or fetches, in one request. A
+    /// span a reader waits for inflates at once; the others by `priority`.
+    fn run_units(&self, layer: &LayerRef, run: &[usize], priority: Priority, miss: Option<MissReader>) {
         let l = &layer.layout;
         let abandoned = |span| {
             (
@@ -879,9 +899,10 @@ impl LayerStore {
                 leaders.push_back(lead);
             }
         }
-        if let Some(tx) = led {
-            let _ = tx.send(());
-        }
+        let missed = miss.map(|m| {
+            let _ = m.led.send(());
+            m.unit
+        });
         if spans.is_empty() {
             return;
         }
@@ -908,7 +929,15 @@ impl LayerStore {
             Err(e) => {
                 tracing::debug!(layer = %l.desc.digest, spans = ?spans, error = %e, "prefetch failed");
                 for lead in leaders {
-                    lead.complete(Err((e.clone(), Why::Prefetch)));
+                    // The missed unit's failure is its reader's: remembered,
+                    // and not fetched again by the reader at once.
+                    let why = if missed == Some(*lead.key()) {
+                        lock(&self.failed).insert(*lead.key(), (Instant::now(), e.clone()));
+                        Why::Demand
+                    } else {
+                        Why::Prefetch
+                    };
+                    lead.complete(Err((e.clone(), why)));
                 }
             }
         }

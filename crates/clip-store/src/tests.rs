@@ -474,6 +474,19 @@ fn while_a_replay_is_queued_a_miss_queues_its_readahead_behind_it() {
 }
 
 #[test]
+fn a_failed_miss_run_is_the_readers_failure_and_is_not_fetched_twice() {
+    let s = setup_ahead(1, 8 << 20, 2);
+    let l = &s.layer.layout;
+    let (out, _) = s.unit_range(l.spans[1].units.start);
+    s.fake.fail.store(100, Ordering::SeqCst);
+    assert!(matches!(s.read(out, 10), Err(ReadError::Fetch { .. })));
+    assert_eq!(s.fake.reads.load(Ordering::SeqCst), 1, "the reader did not fetch again");
+    // Remembered, as a demand read's own failure is.
+    assert!(s.read(out, 10).is_err());
+    assert_eq!(s.fake.reads.load(Ordering::SeqCst), 1, "answered from memory");
+}
+
+#[test]
 fn only_demand_reads_remember_failures() {
     let s = setup(1);
     let (out, _) = s.unit_range(4);
