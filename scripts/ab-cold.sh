@@ -4,7 +4,11 @@
 # empty span cache. The machine's noise moves a single run by 10-20 %, so
 # a change is only believed from many interleaved pairs.
 #
-#   scripts/ab-cold.sh OLD_BIN_DIR NEW_BIN_DIR [ROUNDS] [py|torch] [profile|plain]
+#   scripts/ab-cold.sh OLD_BIN_DIR NEW_BIN_DIR [ROUNDS] [py|torch] [profile|plain|warm]
+#
+# warm times a second container right after a cold one with a profile
+# (0.6 s apart, as `cargo bench --bench run` does): spans cached, page
+# cache warm.
 #
 # Each BIN_DIR holds clipctl, clipd and clip-runtime (copies of
 # target/release after building each version). Uses the registry storage
@@ -30,14 +34,14 @@ if [ "$img" = py ]; then
 else
   cmd=(python3 -c 'import torch')
 fi
-node=$work/$mode
+node=$work/${mode/warm/profile}
 export CLIP_BASE_DIR=$node/base CLIP_CACHE_DIR=$node/cache CLIP_RUN_DIR=$node/run
 export CLIP_RECORD_SECS=0 CLIP_PUBLISHED_INDEX=0 CLIP_TAG_TTL=3600
 # The index (and profile) are made once, by the new build; both builds read
 # them, so only the start differs.
 if [ ! -e "$node/ready" ]; then
   "$new/clipctl" index --image "$image" > /dev/null
-  [ "$mode" = profile ] && "$new/clipctl" record --runtime runc "$image" "${cmd[@]}" > /dev/null
+  [ "$mode" != plain ] && "$new/clipctl" record --runtime runc "$image" "${cmd[@]}" > /dev/null
   "$new/clipctl" daemon stop > /dev/null 2>&1 || true
   touch "$node/ready"
 fi
@@ -46,6 +50,10 @@ one() {
   rm -rf "$node/cache"
   sync; echo 3 > /proc/sys/vm/drop_caches; sleep 0.2
   "$1/clipctl" ps > /dev/null
+  if [ "$mode" = warm ]; then
+    "$1/clipctl" run --rm --runtime runc "$image" "${cmd[@]}" > /dev/null
+    sleep 0.5; sync; sleep 0.1
+  fi
   local s e
   s=$(date +%s.%N)
   "$1/clipctl" run --rm --runtime runc --name "ab$$" "$image" "${cmd[@]}" > /dev/null
