@@ -180,7 +180,8 @@ fn scraped_range_get_bytes_equal_what_the_registry_served() {
         total(&e, "clip_fuse_ops", Some(("op", "read")))
     );
     assert_eq!(total(&e, "clip_verify_failures", None), 0.0);
-    // Span cache writes wait for a quiet store (2 s without fetches).
+    // Span cache writes wait for a quiet store (2 s without fetches, and
+    // no container in its first 10 s).
     let deadline = Instant::now() + Duration::from_secs(30);
     let e = loop {
         let text = scrape(port).unwrap().1;

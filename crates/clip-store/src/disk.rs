@@ -10,10 +10,12 @@
 //! recently used files go first. Everything is root-only (0700/0600): the
 //! bytes of private images live here.
 //!
-//! Writes wait for a quiet store ([`DiskCache::set_quiet`]): while a
-//! container starts, every fetch is on its critical path, and writing (and
-//! syncing) the spans it fetched takes CPU and disk from it. Units waiting
-//! to be written are served from memory, bounded by [`pending_max`].
+//! Writes wait for a quiet store ([`DiskCache::set_quiet`]), and while
+//! the owner holds them ([`DiskCache::hold_until`]; clipd does while a
+//! container starts): during a start, every fetch is on its critical path,
+//! and writing (and syncing) the spans it fetched takes CPU and disk from
+//! it. Units waiting to be written are served from memory, bounded by
+//! [`pending_max`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
@@ -78,6 +80,9 @@ struct Shared {
     busy_at: AtomicU64,
     epoch: Instant,
     quiet_ms: AtomicU64,
+    /// Milliseconds since `epoch` until which writes wait whatever the
+    /// fetches (0: no hold). See [`DiskCache::hold_until`].
+    held_until: AtomicU64,
     /// Flushes waiting: writes go at once.
     flushing: AtomicUsize,
 }
@@ -199,19 +204,21 @@ impl Shared {
         }
     }
 
-    /// Waits until the store has fetched nothing for the quiet period, a
-    /// flush is asked for, or too much is queued.
+    /// Waits until the store has fetched nothing for the quiet period and
+    /// no hold is on, a flush is asked for, or too much is queued.
     fn wait_quiet(&self) {
         loop {
+            let now = self.epoch.elapsed().as_millis() as u64;
             let quiet = self.quiet_ms.load(Ordering::Relaxed);
-            let since = (self.epoch.elapsed().as_millis() as u64).saturating_sub(self.busy_at.load(Ordering::Relaxed));
-            if since >= quiet
+            let left = quiet.saturating_sub(now.saturating_sub(self.busy_at.load(Ordering::Relaxed)));
+            let held = self.held_until.load(Ordering::Relaxed).saturating_sub(now);
+            if left.max(held) == 0
                 || self.flushing.load(Ordering::SeqCst) > 0
                 || self.pending_bytes.load(Ordering::Relaxed) > self.pending_max / 4 * 3
             {
                 return;
             }
-            std::thread::sleep(Duration::from_millis((quiet - since).min(50)));
+            std::thread::sleep(Duration::from_millis(left.max(held).min(50)));
         }
     }
 
@@ -275,6 +282,7 @@ impl DiskCache {
             busy_at: AtomicU64::new(0),
             epoch: Instant::now(),
             quiet_ms: AtomicU64::new(0),
+            held_until: AtomicU64::new(0),
             flushing: AtomicUsize::new(0),
         });
         for (_, id, size) in found {
@@ -365,6 +373,16 @@ impl DiskCache {
     pub fn busy(&self) {
         let now = self.shared.epoch.elapsed().as_millis() as u64;
         self.shared.busy_at.store(now, Ordering::Relaxed);
+    }
+
+    /// Writes wait until `until` (None: no hold), however quiet the
+    /// store: its owner knows of work that the fetches do not show, such
+    /// as a container starting from the page cache.
+    pub fn hold_until(&self, until: Option<Instant>) {
+        let ms = until.map_or(0, |t| {
+            t.saturating_duration_since(self.shared.epoch).as_millis().max(1) as u64
+        });
+        self.shared.held_until.store(ms, Ordering::Relaxed);
     }
 
     /// Waits until everything queued so far is written (at once, not
@@ -494,6 +512,19 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(30);
         while !c.shared.path(&id2).exists() {
             assert!(Instant::now() < deadline, "never written");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // A hold keeps writes waiting however quiet the store, until it
+        // is lifted.
+        c.hold_until(Some(Instant::now() + Duration::from_secs(3600)));
+        let id3 = [10u8; 32];
+        c.put(id3, Arc::new(b"held".to_vec()));
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!c.shared.path(&id3).exists(), "written while held");
+        assert!(c.read(&id3, 4, 0, 4, &mut Vec::new()));
+        c.hold_until(None);
+        while !c.shared.path(&id3).exists() {
+            assert!(Instant::now() < deadline, "never written once the hold was lifted");
             std::thread::sleep(Duration::from_millis(10));
         }
         // More than the bound is dropped, not queued.

@@ -404,6 +404,7 @@ fn prepare_on(d: &Daemon, m: &ImageMount, id: &str, fuse_overlayfs: bool, record
         std::time::Duration::from_secs(d.opts.record_secs)
     };
     d.record(image_mount, window);
+    d.starting(id.into());
     Ok(Reply::Prepared(Prepared {
         id: id.into(),
         rootfs: r.rootfs,
@@ -419,6 +420,7 @@ fn release(d: &Daemon, id: &str) -> Result<()> {
         bail!("no container {id}");
     }
     let key = clip_rootfs::release(&d.paths, d.mounter.as_ref(), id)?;
+    d.ended(id);
     if let Some(key) = key {
         let dir = d.paths.image_mount(&key);
         // A recording ends with its container (clipctl record).

@@ -43,6 +43,8 @@ impl ClipImages {
         let s = spec(image, manifest);
         crate::handlers::image_mount(&self.d, Some(&s), None, &mut |_| {}, |m| {
             lock(&self.d.pinned).insert(m.key.clone());
+            // containerd starts a container on it next.
+            self.d.starting(format!("image {}", m.key));
             Ok((m.dir.clone(), m.key.clone()))
         })
     }
@@ -64,6 +66,7 @@ impl Images for ClipImages {
     fn release(&self, image: &str, manifest: &str) {
         if let Ok(key) = self.key(image, manifest) {
             lock(&self.d.pinned).remove(&key);
+            self.d.ended(&format!("image {key}"));
             let dir = self.d.paths.image_mount(&key);
             self.d.retire_image(
                 &dir,
