@@ -49,6 +49,13 @@ const REASONS: &[(&str, Option<&str>, &str)] = &[
     ("linux_rootfs_propagation", None, "runc 1.1.5 fails its rootfs mount here (`invalid argument`)"),
 ];
 
+/// Tests that race the container's process by construction: each runtime
+/// gets up to three tries, and the first pass counts.
+const RACY: &[(&str, &str)] = &[(
+    "killsig",
+    "it sends the signal as soon as `state` says running, while the shell may not yet have set its `trap` (the default action then kills it): the runtime that answers `state` sooner, or a busy machine, loses more often",
+)];
+
 fn reason(test: &str, point: Option<&str>) -> Option<&'static str> {
     REASONS
         .iter()
@@ -206,6 +213,19 @@ fn clean(rt: &Runtime) {
     }
 }
 
+/// [`run_one`], tried again while it fails if the test is [`RACY`].
+fn run_tries(suite: &Path, test: &str, rt: &Runtime, tmp: &Path) -> Outcome {
+    let tries = if RACY.iter().any(|(t, _)| *t == test) { 3 } else { 1 };
+    let mut o = run_one(suite, test, rt, tmp);
+    for _ in 1..tries {
+        if o.ok() {
+            break;
+        }
+        o = run_one(suite, test, rt, tmp);
+    }
+    o
+}
+
 fn run_one(suite: &Path, test: &str, rt: &Runtime, tmp: &Path) -> Outcome {
     let t = suite.join("validation").join(test).join(format!("{test}.t"));
     // The suite leaves its bundles (ocitest*) in TMPDIR: keep them in the
@@ -257,7 +277,7 @@ fn runtime_tools_validation() {
     let mut flips = Vec::new();
     for round in 0..repeat {
         for t in &tests {
-            let row: Vec<Outcome> = rts.iter().map(|rt| run_one(&suite, t, rt, tmp.path())).collect();
+            let row: Vec<Outcome> = rts.iter().map(|rt| run_tries(&suite, t, rt, tmp.path())).collect();
             eprintln!(
                 "{round} {t:<34} {}",
                 row.iter()
@@ -336,6 +356,10 @@ fn runtime_tools_validation() {
                 row[0]
             ));
         }
+    }
+    md.push_str("\nTried up to three times on each runtime, the first pass counting:\n\n");
+    for (t, why) in RACY {
+        md.push_str(&format!("- `{t}`: {why}.\n"));
     }
     let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("CONFORMANCE.md");
     std::fs::write(&target, &md).unwrap();
