@@ -43,7 +43,8 @@ impl ClipImages {
         let s = spec(image, manifest);
         crate::handlers::image_mount(&self.d, Some(&s), None, &mut |_| {}, |m| {
             lock(&self.d.pinned).insert(m.key.clone());
-            // containerd starts a container on it next.
+            // Asked for a container's mounts (Prepare, Mounts): it is about
+            // to start.
             self.d.starting(format!("image {}", m.key));
             Ok((m.dir.clone(), m.key.clone()))
         })

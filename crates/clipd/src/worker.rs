@@ -73,10 +73,10 @@ pub struct Daemon {
 /// the store looks quiet while the writes of the cold start before it
 /// compete with it: torch started warm 0.6 s after a cold start took
 /// 1.49 s with them under way and 1.40 s held (medians of 8 interleaved;
-/// 1.41 and 1.35 in 10 more). Cold starts did not move (2.95 s either
-/// way): their own fetches already hold the writes off. The starts
-/// measured here take 0.4-4 s; a container that runs longer has its
-/// writes go after this, at the store's quiet as before.
+/// 1.41 and 1.35 in 10 more). Cold torch starts with a profile did not
+/// move (2.95 s either way, medians of 8). The starts measured here take
+/// 0.4-4.6 s; a container that runs longer has its writes go after this,
+/// at the store's quiet as before.
 const START_HOLD: Duration = Duration::from_secs(10);
 
 fn env_fd(name: &str) -> Result<OwnedFd> {
