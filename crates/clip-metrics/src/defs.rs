@@ -140,6 +140,10 @@ pub const CACHE_WRITTEN_BYTES: CounterDef = counter(
     "Uncompressed bytes written to the disk cache.",
 );
 pub const CACHE_EVICTIONS: CounterDef = counter("clip_cache_evictions", "Files evicted from the disk cache.");
+pub const CACHE_WARMED: CounterDef = counter(
+    "clip_cache_warmed",
+    "Disk cache files read ahead into the page cache because a prefetch asked for them.",
+);
 
 // FUSE.
 pub const FUSE_OPS: CounterDef = counter("clip_fuse_ops", "FUSE requests answered, by operation.");

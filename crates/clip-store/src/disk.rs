@@ -35,6 +35,8 @@ use crate::UnitId;
 const MAGIC: &[u8; 8] = b"CLIPSPN2";
 const HEADER: usize = 8 + 32 + 8;
 const SUBDIR: &str = "spans-v2";
+/// A unit warmed this recently is not warmed again.
+const WARM_AGAIN_AFTER: Duration = Duration::from_secs(30);
 /// Bytes queued for writing at most, more is dropped (a cache, never a
 /// requirement): a sixteenth of the host's memory, from 256 MiB to 1 GiB.
 /// Writes stop waiting for quiet past three quarters of it. A cold torch
@@ -95,6 +97,7 @@ enum Job {
 pub struct DiskCache {
     shared: Arc<Shared>,
     writer: Mutex<Sender<Job>>,
+    warmer: Mutex<Sender<Vec<UnitId>>>,
 }
 
 /// Creates `dir` (and its parents) for root only.
@@ -222,6 +225,37 @@ impl Shared {
         }
     }
 
+    /// The warming thread: asks the kernel to read each file ahead
+    /// (`POSIX_FADV_WILLNEED` starts the reads and returns), so the disk
+    /// works on many files at once ahead of the container. It runs at the
+    /// start's own priority: the container is about to read these bytes.
+    fn warm_loop(&self, rx: Receiver<Vec<UnitId>>) {
+        use std::os::fd::AsRawFd;
+        // A sequential reader asks for the same units again and again;
+        // a file warmed a moment ago is still in the page cache.
+        let mut recent: HashMap<UnitId, Instant> = HashMap::new();
+        for ids in rx {
+            if recent.len() > 4096 {
+                recent.retain(|_, t| t.elapsed() < WARM_AGAIN_AFTER);
+            }
+            for id in ids {
+                if recent.get(&id).is_some_and(|t| t.elapsed() < WARM_AGAIN_AFTER)
+                    || !lock(&self.state).entries.contains_key(&id)
+                {
+                    continue;
+                }
+                recent.insert(id, Instant::now());
+                let Ok(f) = File::open(self.path(&id)) else { continue };
+                // SAFETY: a valid open descriptor; the call only advises
+                // the kernel about it.
+                let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED) };
+                if rc == 0 {
+                    defs::CACHE_WARMED.get().inc();
+                }
+            }
+        }
+    }
+
     fn run(&self, rx: Receiver<Job>) {
         // Writes are for later starts; the one under way comes first.
         crate::prio::background(19, true);
@@ -294,9 +328,15 @@ impl DiskCache {
         std::thread::Builder::new()
             .name("clip-cache-writer".into())
             .spawn(move || s.run(rx))?;
+        let (warm_tx, warm_rx) = channel();
+        let s = shared.clone();
+        std::thread::Builder::new()
+            .name("clip-cache-warm".into())
+            .spawn(move || s.warm_loop(warm_rx))?;
         Ok(Self {
             shared,
             writer: Mutex::new(tx),
+            warmer: Mutex::new(warm_tx),
         })
     }
 
@@ -341,6 +381,21 @@ impl DiskCache {
 
     pub fn contains(&self, id: &UnitId) -> bool {
         lock(&self.shared.state).entries.contains_key(id) || lock(&self.shared.pending).contains_key(id)
+    }
+
+    /// Whether unit `id` is in a file (not only queued for writing).
+    pub fn on_disk(&self, id: &UnitId) -> bool {
+        lock(&self.shared.state).entries.contains_key(id)
+    }
+
+    /// Reads these units' files into the page cache, in this order, on a
+    /// thread of its own; returns at once. A fresh mount over a warm span
+    /// cache otherwise reads each file from disk when the container first
+    /// reads it, one read at a time.
+    pub fn warm(&self, ids: Vec<UnitId>) {
+        if !ids.is_empty() {
+            let _ = lock(&self.warmer).send(ids);
+        }
     }
 
     /// Queues a verified unit for writing; dropped when too much is queued

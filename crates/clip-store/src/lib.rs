@@ -788,13 +788,36 @@ impl LayerStore {
         Ok(())
     }
 
-    /// Queues units of a layer for prefetching, in the given order.
+    /// Queues units of a layer for prefetching, in the given order. Units
+    /// already in a disk cache file are read into the page cache instead
+    /// (in the same order): a fresh mount over a warm span cache, as after
+    /// a restart or once an image's mount has lingered out.
     pub fn prefetch(&self, layer: &LayerRef, units: impl IntoIterator<Item = usize>, priority: Priority) {
-        let items = units
+        let l = &layer.layout;
+        let mut warm = Vec::new();
+        let items: Vec<_> = units
             .into_iter()
-            .filter(|&u| u < layer.layout.units.len() && !self.cached(&layer.layout, u))
-            .map(|u| (layer.clone(), u));
-        self.queue.push(items, priority);
+            .filter(|&u| u < l.units.len())
+            .filter(|&u| {
+                let id = &l.units[u].id;
+                if self.mem.contains(id) {
+                    return false;
+                }
+                match &self.disk {
+                    Some(d) if d.on_disk(id) => {
+                        warm.push(*id);
+                        false
+                    }
+                    Some(d) => !d.contains(id),
+                    None => true,
+                }
+            })
+            .map(|u| (layer.clone(), u))
+            .collect();
+        if let Some(d) = &self.disk {
+            d.warm(warm);
+        }
+        self.queue.push(items.into_iter(), priority);
     }
 
     /// Units waiting in the prefetch queue.

@@ -810,3 +810,82 @@ fn clone_with(index: &IndexFile, f: impl FnOnce(&mut Layer)) -> IndexFile {
     f(&mut copy.index.layers[0]);
     copy
 }
+
+/// The cache files under `dir` and whether each is wholly in the page cache.
+fn residency(dir: &std::path::Path) -> Vec<(std::path::PathBuf, bool)> {
+    use std::os::fd::AsRawFd;
+    let mut out = Vec::new();
+    for sub in std::fs::read_dir(dir.join("spans-v2")).unwrap().flatten() {
+        for f in std::fs::read_dir(sub.path()).unwrap().flatten() {
+            let file = std::fs::File::open(f.path()).unwrap();
+            let len = file.metadata().unwrap().len() as usize;
+            let pages = len.div_ceil(4096);
+            let mut vec = vec![0u8; pages];
+            // SAFETY: a read-only shared mapping of an open file, unmapped
+            // before the file is closed; mincore writes one byte per page
+            // into a buffer of that many bytes.
+            let ok = unsafe {
+                let p = libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ,
+                    libc::MAP_SHARED,
+                    file.as_raw_fd(),
+                    0,
+                );
+                assert_ne!(p, libc::MAP_FAILED);
+                let rc = libc::mincore(p, len, vec.as_mut_ptr());
+                libc::munmap(p, len);
+                rc == 0
+            };
+            assert!(ok, "mincore");
+            out.push((f.path(), vec.iter().all(|b| b & 1 == 1)));
+        }
+    }
+    out
+}
+
+#[test]
+fn a_replay_of_units_on_disk_reads_their_files_into_the_page_cache_without_fetching() {
+    use std::os::fd::AsRawFd;
+    let s = setup(1);
+    let all = s.data.len() as u64;
+    s.expect(0, all);
+    s.store.disk().unwrap().flush();
+    let fetched = s.fake.reads.load(Ordering::SeqCst);
+    // The pages go (the files are synced, so clean): a cache that
+    // outlived its mount, or its host's page cache.
+    let dir = s._dir.path();
+    let files = residency(dir);
+    assert_eq!(files.len(), s.layer.layout.units.len());
+    for (p, _) in &files {
+        let f = std::fs::File::open(p).unwrap();
+        // SAFETY: a valid descriptor; the call only advises the kernel.
+        assert_eq!(
+            unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) },
+            0
+        );
+    }
+    assert!(
+        residency(dir).iter().all(|(_, r)| !r),
+        "the page cache kept the files: this test needs its temporary directory on a disk filesystem"
+    );
+    // A fresh store (nothing in memory) over the same cache replays every
+    // unit: none is queued or fetched, and every file is read in.
+    let fresh = LayerStore::new(StoreOptions {
+        cache_dir: Some(dir.into()),
+        prefetch_workers: 1,
+        ..StoreOptions::default()
+    })
+    .unwrap();
+    let units = s.layer.layout.units.len();
+    fresh.prefetch(&s.layer, 0..units, Priority::Replay);
+    assert_eq!(fresh.queued(), 0);
+    wait_until("the cache files to be read in", || {
+        residency(dir).iter().all(|(_, r)| *r)
+    });
+    let mut out = Vec::new();
+    fresh.read(&s.layer, 0, all, &mut out).unwrap();
+    assert!(out == s.data);
+    assert_eq!(s.fake.reads.load(Ordering::SeqCst), fetched, "nothing fetched");
+}
