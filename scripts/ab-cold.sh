@@ -4,11 +4,13 @@
 # empty span cache. The machine's noise moves a single run by 10-20 %, so
 # a change is only believed from many interleaved pairs.
 #
-#   scripts/ab-cold.sh OLD_BIN_DIR NEW_BIN_DIR [ROUNDS] [py|torch] [profile|plain|warm]
+#   scripts/ab-cold.sh OLD_BIN_DIR NEW_BIN_DIR [ROUNDS] [py|torch] [profile|plain|warm|cached]
 #
 # warm times a second container right after a cold one with a profile
 # (0.6 s apart, as `cargo bench --bench run` does): spans cached, page
-# cache warm.
+# cache warm. cached fills the span cache with an untimed start with a
+# profile, then stops clipd, drops the page cache and times a start on a
+# fresh clipd and mount (the benchmark's "cached" path).
 #
 # Each BIN_DIR holds clipctl, clipd and clip-runtime (copies of
 # target/release after building each version). Uses the registry storage
@@ -34,7 +36,7 @@ if [ "$img" = py ]; then
 else
   cmd=(python3 -c 'import torch')
 fi
-node=$work/${mode/warm/profile}
+node=$work/$([ "$mode" = plain ] && echo plain || echo profile)
 export CLIP_BASE_DIR=$node/base CLIP_CACHE_DIR=$node/cache CLIP_RUN_DIR=$node/run
 export CLIP_RECORD_SECS=0 CLIP_PUBLISHED_INDEX=0 CLIP_TAG_TTL=3600
 # The index (and profile) are made once, by the new build; both builds read
@@ -50,9 +52,15 @@ one() {
   rm -rf "$node/cache"
   sync; echo 3 > /proc/sys/vm/drop_caches; sleep 0.2
   "$1/clipctl" ps > /dev/null
-  if [ "$mode" = warm ]; then
+  if [ "$mode" = warm ] || [ "$mode" = cached ]; then
     "$1/clipctl" run --rm --runtime runc "$image" "${cmd[@]}" > /dev/null
     sleep 0.5; sync; sleep 0.1
+  fi
+  if [ "$mode" = cached ]; then
+    # Stopping writes the span cache; then nothing but the disk is warm.
+    "$1/clipctl" daemon stop > /dev/null
+    sync; echo 3 > /proc/sys/vm/drop_caches; sleep 0.2
+    "$1/clipctl" ps > /dev/null
   fi
   local s e
   s=$(date +%s.%N)
