@@ -237,6 +237,10 @@ impl Shared {
         for ids in rx {
             if recent.len() > 4096 {
                 recent.retain(|_, t| t.elapsed() < WARM_AGAIN_AFTER);
+                // Still full: forgetting costs at most a repeated advice.
+                if recent.len() > 4096 {
+                    recent.clear();
+                }
             }
             for id in ids {
                 if recent.get(&id).is_some_and(|t| t.elapsed() < WARM_AGAIN_AFTER)

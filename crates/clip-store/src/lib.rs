@@ -799,18 +799,15 @@ impl LayerStore {
             .into_iter()
             .filter(|&u| u < l.units.len())
             .filter(|&u| {
+                if !self.cached(l, u) {
+                    return true;
+                }
                 let id = &l.units[u].id;
-                if self.mem.contains(id) {
-                    return false;
+                // Only in a file (not in memory, nor only queued for writing).
+                if !self.mem.contains(id) && self.disk.as_ref().is_some_and(|d| d.on_disk(id)) {
+                    warm.push(*id);
                 }
-                match &self.disk {
-                    Some(d) if d.on_disk(id) => {
-                        warm.push(*id);
-                        false
-                    }
-                    Some(d) => !d.contains(id),
-                    None => true,
-                }
+                false
             })
             .map(|u| (layer.clone(), u))
             .collect();
