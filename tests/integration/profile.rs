@@ -46,6 +46,82 @@ fn metric(tmp: &std::path::Path, name: &str) -> f64 {
         .sum()
 }
 
+/// Waits until the mount's replay has run and its last fetches landed.
+fn wait_for_replay(tmp: &std::path::Path, proxy: &FaultProxy) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while metric(tmp, "clip_prefetch_queued") > 0.0 || metric(tmp, "clip_prefetches_total") < 1.0 {
+        assert!(Instant::now() < deadline, "the replay did not finish");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let settle = Instant::now() + Duration::from_secs(30);
+    let mut last = usize::MAX;
+    loop {
+        let n = proxy.log.lock().unwrap().len();
+        if n == last || Instant::now() > settle {
+            break;
+        }
+        last = n;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// `sh -c CMD` over the unpacked debian image, with `/` as its root.
+fn expected_of(cmd: &str) -> String {
+    let u = unpacked("debian");
+    let cmd = cmd.replace(" /", &format!(" {}/", u.display()));
+    let out = std::process::Command::new("sh").arg("-c").arg(cmd).output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn a_replay_inflates_units_only_as_far_as_the_recording_read_and_a_read_past_that_fetches_the_rest() {
+    let reg = registry();
+    let proxy = FaultProxy::start(reg.port);
+    let tmp = tempfile::tempdir().unwrap();
+    let _daemon = DaemonGuard::new(tmp.path());
+    let image = format!("{}/clip/debian:latest", proxy.host());
+    // The first kilobyte of a 3 MB file: the kernel reads ahead a few
+    // hundred kilobytes at most, well short of the 2 MiB unit.
+    let head = "head -c 1000 /opt/clip/random.bin | md5sum";
+    let whole = "cat /opt/clip/random.bin | md5sum";
+    let (head_sum, whole_sum) = (expected_of(head), expected_of(whole));
+    assert_eq!(ok(tmp.path(), &["record", &image, "sh", "-c", head]), head_sum);
+    let profile = std::fs::read_dir(tmp.path().join("base/index"))
+        .unwrap()
+        .flatten()
+        .find(|e| e.path().extension().is_some_and(|x| x == "profile"))
+        .expect("a profile next to the index")
+        .path();
+    let p: serde_json::Value = serde_json::from_slice(&std::fs::read(&profile).unwrap()).unwrap();
+    let (units, reach) = (p["units"].as_array().unwrap(), p["reach"].as_array().unwrap());
+    assert_eq!(units.len(), reach.len(), "{p}");
+    assert!(reach.iter().all(|r| r.as_u64().is_some_and(|r| r > 0)), "{p}");
+
+    // A cold node but for the index and the profile.
+    ok(tmp.path(), &["daemon", "stop"]);
+    std::fs::remove_dir_all(tmp.path().join("cache")).unwrap();
+    ok(tmp.path(), &["mount", "--image", &image, "--cid", "warmup"]);
+    wait_for_replay(tmp.path(), &proxy);
+    let saved = metric(tmp.path(), "clip_prefix_saved_bytes_total");
+    assert!(saved > 0.0, "the replay inflated its units whole");
+    let requests = proxy.log.lock().unwrap().len();
+
+    // The recorded command reads within the prefixes: nothing fetched.
+    assert_eq!(ok(tmp.path(), &["run", "--rm", &image, "sh", "-c", head]), head_sum);
+    assert_eq!(
+        proxy.log.lock().unwrap().len(),
+        requests,
+        "a read went past the prefixes"
+    );
+    assert_eq!(metric(tmp.path(), "clip_prefix_misses_total"), 0.0);
+    // One that reads further gets the whole file's right bytes.
+    assert_eq!(ok(tmp.path(), &["run", "--rm", &image, "sh", "-c", whole]), whole_sum);
+    assert!(metric(tmp.path(), "clip_prefix_misses_total") >= 1.0);
+    assert!(proxy.log.lock().unwrap().len() > requests);
+    ok(tmp.path(), &["umount", "--cid", "warmup"]);
+}
+
 #[test]
 fn a_recorded_profile_is_fetched_in_parallel_and_the_container_reads_the_cache() {
     let reg = registry();
@@ -90,22 +166,7 @@ fn a_recorded_profile_is_fetched_in_parallel_and_the_container_reads_the_cache()
     // Mount (for a container): the replay starts and the mount is ready
     // at once.
     ok(tmp.path(), &["mount", "--image", &image, "--cid", "warmup"]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while metric(tmp.path(), "clip_prefetch_queued") > 0.0 || metric(tmp.path(), "clip_prefetches_total") < 1.0 {
-        assert!(Instant::now() < deadline, "the replay did not finish");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    // Let the last fetches land.
-    let settle = Instant::now() + Duration::from_secs(30);
-    let mut last = usize::MAX;
-    loop {
-        let n = proxy.log.lock().unwrap().len();
-        if n == last || Instant::now() > settle {
-            break;
-        }
-        last = n;
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    wait_for_replay(tmp.path(), &proxy);
     let replay = proxy.log.lock().unwrap().clone();
     assert!(!replay.is_empty());
     assert!(

@@ -1,7 +1,7 @@
 //! An image as its files: an index's tree over the host's layer store.
 //! Each mount has one; every mount of the host shares the store.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,13 +22,24 @@ pub struct ImageView {
 /// A unit of the image: (layer index, unit index in its layout).
 pub type UnitRef = (u32, u32);
 
-/// Records which units demand reads touch, in first-access order, while a
-/// recording window is open (for prefetch profiles).
+/// A unit reads touched, and how far into it they went: the bytes from
+/// its start to the end of the furthest read (`u64::MAX`: all of it).
+pub type Reach = (UnitRef, u64);
+
+/// Slack added to a recorded reach when it is replayed: the kernel's
+/// read-ahead in a later start may go a little further than in the one
+/// recorded, and a read past a prefix fetches its unit again, whole.
+const REACH_SLACK: u64 = 128 << 10;
+
+/// Records which units demand reads touch, in first-access order, and how
+/// far into each, while a recording window is open (for prefetch
+/// profiles).
 struct Recorder {
     started: Instant,
     /// Nanoseconds after `started` when the window closes; 0 when closed.
     until: AtomicU64,
-    seen: Mutex<(HashSet<UnitRef>, Vec<UnitRef>)>,
+    /// Each unit's place in the order, and the order.
+    seen: Mutex<(HashMap<UnitRef, usize>, Vec<Reach>)>,
 }
 
 /// The most units one recording keeps.
@@ -40,12 +51,22 @@ impl Recorder {
         until != 0 && (self.started.elapsed().as_nanos() as u64) < until
     }
 
-    fn note(&self, layer: u32, first: usize, last: usize) {
+    /// Notes a read of the layer's bytes `pos..end`.
+    fn note(&self, layer: u32, l: &LayerLayout, pos: u64, end: u64) {
+        let (first, last) = (l.unit_at(pos), l.unit_at(end - 1));
         let mut g = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        let (set, order) = &mut *g;
+        let (places, order) = &mut *g;
         for u in first..=last {
-            if order.len() < MAX_RECORDED && set.insert((layer, u as u32)) {
-                order.push((layer, u as u32));
+            let unit = &l.units[u];
+            let reach = end.min(unit.out + unit.len).saturating_sub(unit.out);
+            let key = (layer, u as u32);
+            match places.get(&key) {
+                Some(&i) => order[i].1 = order[i].1.max(reach),
+                None if order.len() < MAX_RECORDED => {
+                    places.insert(key, order.len());
+                    order.push((key, reach));
+                }
+                None => {}
             }
         }
     }
@@ -74,7 +95,7 @@ impl ImageView {
             recorder: Recorder {
                 started: Instant::now(),
                 until: AtomicU64::new(0),
-                seen: Mutex::new((HashSet::new(), Vec::new())),
+                seen: Mutex::new((HashMap::new(), Vec::new())),
             },
         }))
     }
@@ -87,7 +108,7 @@ impl ImageView {
 
     /// Closes the recording window and returns what it saw, in
     /// first-access order (and forgets it).
-    pub fn take_recording(&self) -> Vec<UnitRef> {
+    pub fn take_recording(&self) -> Vec<Reach> {
         self.recorder.until.store(0, Ordering::Relaxed);
         let mut g = self.recorder.seen.lock().unwrap_or_else(|p| p.into_inner());
         g.0.clear();
@@ -95,13 +116,16 @@ impl ImageView {
     }
 
     /// Queues units for prefetching, in the given order (a profile's
-    /// replay); units the index does not have are skipped.
-    pub fn replay(&self, units: &[UnitRef]) -> usize {
+    /// replay), each as far as reads went into it (and a little more);
+    /// units the index does not have are skipped.
+    pub fn replay(&self, units: &[Reach]) -> usize {
         let mut n = 0;
-        for &(layer, u) in units {
+        for &((layer, u), reach) in units {
             if let Some(l) = self.layers.get(layer as usize) {
                 if (u as usize) < l.layout.units.len() {
-                    self.store.prefetch(l, [u as usize], Priority::Replay);
+                    let want = reach.saturating_add(REACH_SLACK);
+                    self.store
+                        .prefetch_prefixes(l, [(u as usize, want, want)], Priority::Replay);
                     n += 1;
                 }
             }
@@ -111,10 +135,9 @@ impl ImageView {
 
     /// Reads `len` bytes of layer `layer` at `pos` (recording the units).
     fn read_layer(&self, layer: u32, l: &LayerRef, pos: u64, len: u64, out: &mut Vec<u8>) -> Result<(), ReadError> {
-        if len > 0 && self.recorder.active() {
-            let last_byte = (pos + len - 1).min(l.layout.uncompressed_size.saturating_sub(1));
-            self.recorder
-                .note(layer, l.layout.unit_at(pos), l.layout.unit_at(last_byte));
+        let end = pos.saturating_add(len).min(l.layout.uncompressed_size);
+        if end > pos && self.recorder.active() {
+            self.recorder.note(layer, &l.layout, pos, end);
         }
         self.store.read(l, pos, len, out)
     }

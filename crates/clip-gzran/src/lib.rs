@@ -263,6 +263,20 @@ pub fn decompress_span(
     digest: &[u8; 32],
     compressed: &[u8],
 ) -> Result<Vec<u8>> {
+    decompress_span_prefix(layout, k, window, digest, compressed, u64::MAX)
+}
+
+/// [`decompress_span`], stopping after the span's first `limit` bytes:
+/// the digest covers the compressed bytes, so a prefix is as verified as
+/// the whole, and inflating costs in proportion to what it produces.
+pub fn decompress_span_prefix(
+    layout: &Layout<'_>,
+    k: usize,
+    window: &[u8],
+    digest: &[u8; 32],
+    compressed: &[u8],
+    limit: u64,
+) -> Result<Vec<u8>> {
     let Layout {
         compression,
         checkpoints,
@@ -286,7 +300,7 @@ pub fn decompress_span(
     }
     let cp = checkpoints[k];
     let out_end = checkpoints.get(k + 1).map_or(uncompressed_size, |c| c.out);
-    let want = out_end - cp.out;
+    let want = (out_end - cp.out).min(limit);
     let mut out = Vec::with_capacity(want as usize);
     resume(compression, cp, window, compressed, 0, want, &mut out)?;
     if out.len() as u64 != want {

@@ -117,6 +117,15 @@ fn check_random_access(original: &[u8], compressed: &[u8], map: &LayerMap) {
         .unwrap_or_else(|e| panic!("span {k}: {e}"));
         let end = points.get(k + 1).map_or(original.len(), |c| c.out as usize);
         assert!(bytes == original[cp.point.out as usize..end], "span {k} differs");
+        // A prefix is the span's first bytes, and still checks the digest.
+        let limit = (bytes.len() / 3) as u64;
+        let layout = layout_of(map, &points);
+        let slice = &compressed[s as usize..e as usize];
+        let prefix = decompress_span_prefix(&layout, k, &cp.window, &map.span_digests[k], slice, limit).unwrap();
+        assert!(prefix[..] == bytes[..limit as usize], "span {k}'s prefix differs");
+        let mut bad = map.span_digests[k];
+        bad[0] ^= 1;
+        assert!(decompress_span_prefix(&layout, k, &cp.window, &bad, slice, limit).is_err());
     }
     let mut x = 12345u64;
     for _ in 0..50 {

@@ -144,6 +144,14 @@ pub const CACHE_WARMED: CounterDef = counter(
     "clip_cache_warmed",
     "Disk cache files read ahead into the page cache because a prefetch asked for them.",
 );
+pub const PREFIX_SAVED_BYTES: CounterDef = counter(
+    "clip_prefix_saved_bytes",
+    "Uncompressed bytes a replay left uninflated: its profile saw no read reach them.",
+);
+pub const PREFIX_MISSES: CounterDef = counter(
+    "clip_prefix_misses",
+    "Reads past the prefix of a unit a replay inflated, which then fetched the whole unit.",
+);
 
 // FUSE.
 pub const FUSE_OPS: CounterDef = counter("clip_fuse_ops", "FUSE requests answered, by operation.");

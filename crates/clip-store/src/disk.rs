@@ -4,7 +4,9 @@
 //!
 //! A unit is verified once, before it is written; the file's header repeats
 //! the identity and length, so a hit is checked by reading 48 bytes and
-//! then reads only the bytes asked for (`pread`), with no hashing. Files are
+//! then reads only the bytes asked for (`pread`), with no hashing. A file
+//! may hold only a unit's first bytes (a replay inflates no further than
+//! its profile saw reads go); the whole unit replaces it when fetched. Files are
 //! written by a background thread to a temporary name, synced, and renamed
 //! into place, so a torn write is never seen. The size is bounded; least
 //! recently used files go first. Everything is root-only (0700/0600): the
@@ -90,7 +92,9 @@ struct Shared {
 }
 
 enum Job {
-    Write(UnitId, Arc<Vec<u8>>),
+    /// Writes what `pending` holds for the unit then (a longer prefix, or
+    /// the whole unit, may have replaced what was queued).
+    Write(UnitId),
     Flush(SyncSender<()>),
 }
 
@@ -123,16 +127,24 @@ impl Shared {
         }
     }
 
+    /// Indexes a file of `size` bytes, replacing the entry of a shorter
+    /// one (a prefix the whole unit replaced).
     fn insert(&self, id: UnitId, size: u64) {
         let mut g = lock(&self.state);
         let st = &mut *g;
-        if st.entries.contains_key(&id) {
-            return;
+        if let Some((old, t)) = st.entries.remove(&id) {
+            st.order.remove(&t);
+            st.total -= old;
         }
         st.tick += 1;
         st.entries.insert(id, (size, st.tick));
         st.order.insert(st.tick, id);
         st.total += size;
+    }
+
+    /// The bytes of unit `id` its file holds, if indexed.
+    fn stored(&self, id: &UnitId) -> Option<u64> {
+        lock(&self.state).entries.get(id).map(|(size, _)| size - HEADER as u64)
     }
 
     fn forget(&self, id: &UnitId) {
@@ -145,7 +157,7 @@ impl Shared {
 
     fn write(&self, id: &UnitId, data: &[u8]) -> std::io::Result<()> {
         let path = self.path(id);
-        if lock(&self.state).entries.contains_key(id) && path.exists() {
+        if self.stored(id).is_some_and(|n| n >= data.len() as u64) && path.exists() {
             return Ok(());
         }
         let dir = path.parent().expect("has a parent");
@@ -265,13 +277,20 @@ impl Shared {
         crate::prio::background(19, true);
         for job in rx {
             match job {
-                Job::Write(id, data) => {
+                Job::Write(id) => {
                     self.wait_quiet();
+                    let Some(data) = lock(&self.pending).get(&id).cloned() else {
+                        continue;
+                    };
                     if let Err(e) = self.write(&id, &data) {
                         tracing::warn!(error = %e, "cannot write to the span cache");
                     }
-                    lock(&self.pending).remove(&id);
-                    self.pending_bytes.fetch_sub(data.len() as u64, Ordering::Relaxed);
+                    // Replaced meanwhile: the later job writes that one.
+                    let mut pending = lock(&self.pending);
+                    if pending.get(&id).is_some_and(|v| Arc::ptr_eq(v, &data)) {
+                        pending.remove(&id);
+                        self.pending_bytes.fetch_sub(data.len() as u64, Ordering::Relaxed);
+                    }
                 }
                 Job::Flush(ack) => {
                     let _ = ack.send(());
@@ -345,28 +364,30 @@ impl DiskCache {
     }
 
     /// Appends bytes `off..off + len` of unit `id` (of `unit_len` bytes)
-    /// to `out`, if the unit is cached intact. Reads only what is asked.
+    /// to `out`, if the cache holds them intact. Reads only what is asked.
     pub fn read(&self, id: &UnitId, unit_len: u64, off: u64, len: u64, out: &mut Vec<u8>) -> bool {
+        let Some(end) = off.checked_add(len).filter(|&e| e <= unit_len) else {
+            return false;
+        };
         if let Some(v) = lock(&self.shared.pending).get(id) {
-            let end = off
-                .checked_add(len)
-                .filter(|&e| e <= unit_len && v.len() as u64 == unit_len);
-            if let Some(end) = end {
+            if end <= v.len() as u64 && v.len() as u64 <= unit_len {
                 out.extend_from_slice(&v[off as usize..end as usize]);
                 return true;
             }
+        }
+        // A prefix too short for this read is no damage.
+        if self.shared.stored(id).is_some_and(|n| n < end) {
+            return false;
         }
         let path = self.shared.path(id);
         let Ok(f) = File::open(&path) else {
             return false;
         };
         let mut header = [0u8; HEADER];
-        let ok = f.read_exact_at(&mut header, 0).is_ok()
-            && &header[..8] == MAGIC
-            && &header[8..40] == id
-            && u64::from_le_bytes(header[40..].try_into().expect("8 bytes")) == unit_len
-            && f.metadata().is_ok_and(|m| m.len() == HEADER as u64 + unit_len)
-            && off.checked_add(len).is_some_and(|e| e <= unit_len);
+        let ok = f.read_exact_at(&mut header, 0).is_ok() && &header[..8] == MAGIC && &header[8..40] == id && {
+            let held = u64::from_le_bytes(header[40..].try_into().expect("8 bytes"));
+            held > 0 && held <= unit_len && end <= held && f.metadata().is_ok_and(|m| m.len() == HEADER as u64 + held)
+        };
         if !ok {
             tracing::warn!(path = %path.display(), "discarding a damaged or foreign cache file");
             let _ = fs::remove_file(&path);
@@ -383,8 +404,17 @@ impl DiskCache {
         true
     }
 
-    pub fn contains(&self, id: &UnitId) -> bool {
-        lock(&self.shared.state).entries.contains_key(id) || lock(&self.shared.pending).contains_key(id)
+    /// Whether the cache holds at least the first `need` bytes of unit
+    /// `id` (queued for writing counts).
+    pub fn contains(&self, id: &UnitId, need: u64) -> bool {
+        self.held(id).is_some_and(|n| n >= need)
+    }
+
+    /// How many of unit `id`'s first bytes the cache holds (queued for
+    /// writing counts).
+    pub fn held(&self, id: &UnitId) -> Option<u64> {
+        let queued = lock(&self.shared.pending).get(id).map(|v| v.len() as u64);
+        queued.max(self.shared.stored(id))
     }
 
     /// Whether unit `id` is in a file (not only queued for writing).
@@ -402,23 +432,30 @@ impl DiskCache {
         }
     }
 
-    /// Queues a verified unit for writing; dropped when too much is queued
-    /// (the cache is an optimisation, never a requirement).
+    /// Queues a verified unit (or its first bytes) for writing; dropped
+    /// when too much is queued (the cache is an optimisation, never a
+    /// requirement), or when as much of it is already held.
     pub fn put(&self, id: UnitId, data: Arc<Vec<u8>>) {
         let len = data.len() as u64;
+        if self.shared.stored(&id).is_some_and(|n| n >= len) {
+            return;
+        }
         {
             let mut pending = lock(&self.shared.pending);
-            if pending.contains_key(&id)
-                || self.shared.pending_bytes.load(Ordering::Relaxed) + len > self.shared.pending_max
+            let queued = pending.get(&id).map_or(0, |v| v.len() as u64);
+            if queued >= len
+                || self.shared.pending_bytes.load(Ordering::Relaxed) + len - queued > self.shared.pending_max
             {
                 return;
             }
-            pending.insert(id, data.clone());
-            self.shared.pending_bytes.fetch_add(len, Ordering::Relaxed);
+            pending.insert(id, data);
+            self.shared.pending_bytes.fetch_add(len - queued, Ordering::Relaxed);
         }
-        if lock(&self.writer).send(Job::Write(id, data)).is_err() {
-            lock(&self.shared.pending).remove(&id);
-            self.shared.pending_bytes.fetch_sub(len, Ordering::Relaxed);
+        if lock(&self.writer).send(Job::Write(id)).is_err() {
+            let mut pending = lock(&self.shared.pending);
+            if let Some(v) = pending.remove(&id) {
+                self.shared.pending_bytes.fetch_sub(v.len() as u64, Ordering::Relaxed);
+            }
         }
     }
 
@@ -520,7 +557,8 @@ mod tests {
         fs::copy(c.shared.path(&id), c.shared.path(&other)).unwrap();
         assert!(!c.read(&other, 5, 0, 5, &mut Vec::new()), "header names another unit");
         assert!(!c.shared.path(&other).exists());
-        assert!(!c.read(&id, 6, 0, 5, &mut Vec::new()), "length disagrees");
+        assert!(!c.read(&id, 4, 0, 4, &mut Vec::new()), "longer than its unit");
+        assert!(!c.shared.path(&id).exists());
         // A truncated file is discarded.
         c.put(id, Arc::new(b"hello".to_vec()));
         c.flush();
@@ -539,7 +577,7 @@ mod tests {
         // Reopened, it finds its files.
         drop(c);
         let c = DiskCache::open(dir.path(), 10_000).unwrap();
-        assert!(c.contains(&[19; 32]));
+        assert!(c.contains(&[19; 32], 2000));
         assert_eq!(usage(dir.path()), c.size());
     }
 
@@ -554,12 +592,12 @@ mod tests {
         // Not on disk while the store is busy, but served and counted.
         std::thread::sleep(Duration::from_millis(100));
         assert!(!c.shared.path(&id).exists());
-        assert!(c.contains(&id));
+        assert!(c.contains(&id, 7));
         assert_eq!(c.pending(), 7);
         let mut out = Vec::new();
         assert!(c.read(&id, 7, 3, 4, &mut out));
         assert_eq!(out, b"ting");
-        assert!(!c.read(&id, 8, 0, 7, &mut Vec::new()), "length disagrees");
+        assert!(!c.read(&id, 6, 0, 6, &mut Vec::new()), "longer than its unit");
         // A flush does not wait for quiet.
         c.flush();
         assert!(c.shared.path(&id).exists());
@@ -592,6 +630,45 @@ mod tests {
         let max = c.shared.pending_max;
         assert!((256 << 20..=1 << 30).contains(&max), "{max}");
         c.put([9u8; 32], Arc::new(vec![0; max as usize + 1]));
-        assert!(!c.contains(&[9u8; 32]));
+        assert!(!c.contains(&[9u8; 32], 1));
+    }
+
+    #[test]
+    fn a_prefix_serves_what_it_holds_until_the_whole_unit_replaces_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = DiskCache::open(dir.path(), 1 << 20).unwrap();
+        let id = [3u8; 32];
+        let whole: Vec<u8> = (0..100u8).collect();
+        // Queued, then written: the first 40 bytes of a 100-byte unit.
+        c.set_quiet(Duration::from_secs(3600));
+        c.busy();
+        c.put(id, Arc::new(whole[..40].to_vec()));
+        assert!(c.contains(&id, 40) && !c.contains(&id, 41));
+        c.put(id, Arc::new(whole[..20].to_vec()));
+        assert_eq!(c.held(&id), Some(40), "a shorter prefix replaces nothing");
+        for _ in 0..2 {
+            let mut out = Vec::new();
+            assert!(c.read(&id, 100, 10, 30, &mut out));
+            assert_eq!(out, &whole[10..40]);
+            assert!(!c.read(&id, 100, 10, 31, &mut Vec::new()), "past the prefix");
+            c.flush();
+        }
+        assert!(c.shared.path(&id).exists(), "a short prefix is not damage");
+        // A longer prefix queued behind a shorter one is what gets written.
+        c.put(id, Arc::new(whole[..60].to_vec()));
+        c.put(id, Arc::new(whole[..80].to_vec()));
+        assert_eq!(c.pending(), 80);
+        c.flush();
+        assert_eq!((c.held(&id), c.pending()), (Some(80), 0));
+        // The whole unit replaces the prefix, in the file and in the bound.
+        c.put(id, Arc::new(whole.clone()));
+        c.flush();
+        let mut out = Vec::new();
+        assert!(c.read(&id, 100, 0, 100, &mut out));
+        assert_eq!(out, whole);
+        assert_eq!(c.size(), (HEADER + 100) as u64);
+        drop(c);
+        let c = DiskCache::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(c.held(&id), Some(100));
     }
 }

@@ -46,6 +46,10 @@ use memory::MemCache;
 /// A unit's identity (see [`LayerLayout`]).
 pub type UnitId = [u8; 32];
 
+/// A unit to prefetch, as `(unit, need, upto)`: see
+/// [`LayerStore::prefetch_prefixes`].
+pub type Want = (usize, u64, u64);
+
 /// Why a read failed. Cloned to every reader that shared the fetch.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ReadError {
@@ -208,6 +212,8 @@ struct Metrics {
     disk_hit_bytes: Arc<Counter>,
     misses: Arc<Counter>,
     prefetches: Arc<Counter>,
+    prefix_saved: Arc<Counter>,
+    prefix_misses: Arc<Counter>,
 }
 
 /// A stream over a whole layer (its registry ignores Range) or over one
@@ -287,6 +293,8 @@ impl LayerStore {
                 disk_hit_bytes: defs::CACHE_HIT_BYTES.with(&[("tier", "disk")]),
                 misses: defs::CACHE_MISSES.get(),
                 prefetches: defs::PREFETCHES.get(),
+                prefix_saved: defs::PREFIX_SAVED_BYTES.get(),
+                prefix_misses: defs::PREFIX_MISSES.get(),
             },
             me: me.clone(),
         });
@@ -326,19 +334,28 @@ impl LayerStore {
         Ok(())
     }
 
-    /// Whether unit `u` is cached (memory or disk).
+    /// Whether all of unit `u` is cached (memory or disk).
     pub fn cached(&self, layer: &LayerLayout, u: usize) -> bool {
+        self.holds(layer, u, layer.units[u].len)
+    }
+
+    /// Whether at least the first `need` bytes of unit `u` are cached.
+    pub fn holds(&self, layer: &LayerLayout, u: usize, need: u64) -> bool {
         let id = &layer.units[u].id;
-        self.mem.contains(id) || self.disk.as_ref().is_some_and(|d| d.contains(id))
+        self.mem.contains(id, need) || self.disk.as_ref().is_some_and(|d| d.contains(id, need))
     }
 
     fn read_unit(&self, layer: &LayerRef, u: usize, off: u64, n: u64, out: &mut Vec<u8>) -> Result<(), ReadError> {
         let unit = &layer.layout.units[u];
+        let mut short = false;
         if let Some(v) = self.mem.get(&unit.id) {
-            self.metrics.mem_hits.inc();
-            self.metrics.mem_hit_bytes.inc_by(n);
-            out.extend_from_slice(&v[off as usize..(off + n) as usize]);
-            return Ok(());
+            if let Some(b) = v.get(off as usize..(off + n) as usize) {
+                self.metrics.mem_hits.inc();
+                self.metrics.mem_hit_bytes.inc_by(n);
+                out.extend_from_slice(b);
+                return Ok(());
+            }
+            short = true;
         }
         if let Some(d) = &self.disk {
             if d.read(&unit.id, unit.len, off, n, out) {
@@ -346,6 +363,11 @@ impl LayerStore {
                 self.metrics.disk_hit_bytes.inc_by(n);
                 return Ok(());
             }
+            short |= d.held(&unit.id).is_some();
+        }
+        if short {
+            // A replay inflated less of this unit than is read now.
+            self.metrics.prefix_misses.inc();
         }
         // A failure just seen is the answer, with nothing fetched ahead.
         if let Some(e) = self.remembered_failure(&unit.id) {
@@ -362,9 +384,16 @@ impl LayerStore {
         }
         let v = {
             let _waiting = Counted::enter(&self.waiting);
-            self.unit(layer, u, Why::Demand)?
+            self.unit(layer, u, Why::Demand, off + n)?
         };
-        out.extend_from_slice(&v[off as usize..(off + n) as usize]);
+        let b = v.get(off as usize..(off + n) as usize).ok_or_else(|| {
+            ReadError::Index(format!(
+                "layer {} unit {u}: {} bytes, read at {off}+{n} (internal error)",
+                layer.layout.short,
+                v.len()
+            ))
+        })?;
+        out.extend_from_slice(b);
         Ok(())
     }
 
@@ -376,8 +405,10 @@ impl LayerStore {
             .map(|(_, e)| e.clone())
     }
 
-    /// Unit `u`'s bytes, fetched, joined or taken from the caches.
-    fn unit(&self, layer: &LayerRef, u: usize, why: Why) -> Result<Arc<Vec<u8>>, ReadError> {
+    /// Unit `u`'s bytes, fetched, joined or taken from the caches: at
+    /// least its first `need` (a flight or cache entry of fewer, a
+    /// replay's prefix, is not the answer).
+    fn unit(&self, layer: &LayerRef, u: usize, why: Why, need: u64) -> Result<Arc<Vec<u8>>, ReadError> {
         let l = &layer.layout;
         let unit = &l.units[u];
         let abandoned = |why_text| ReadError::Abandoned {
@@ -397,7 +428,9 @@ impl LayerStore {
                 .claim(unit.id, (abandoned("its leader stopped, likely a panic"), why))
             {
                 Claim::Waiter(f) => match f.wait(self.opts.wait) {
-                    Some(Ok(v)) => return Ok(v),
+                    Some(Ok(v)) if v.len() as u64 >= need => return Ok(v),
+                    // A prefix too short: fetched again, whole.
+                    Some(Ok(_)) => continue,
                     // A prefetch's failure is not a demand read's: try
                     // again, once, as the leader.
                     Some(Err((_, Why::Prefetch))) if why == Why::Demand && !retried => {
@@ -414,7 +447,7 @@ impl LayerStore {
                     }
                 },
                 Claim::Leader(lead) => {
-                    let r = self.load(layer, u);
+                    let r = self.load(layer, u, need);
                     match &r {
                         Ok(_) => {
                             lock(&self.failed).remove(&unit.id);
@@ -432,17 +465,20 @@ impl LayerStore {
     }
 
     /// Gets unit `u` as its flight's leader: from the caches if another
-    /// leader just finished it, else from the source.
-    fn load(&self, layer: &LayerRef, u: usize) -> Result<Arc<Vec<u8>>, ReadError> {
+    /// leader just finished it (at least `need` bytes of it), else all of
+    /// it from the source.
+    fn load(&self, layer: &LayerRef, u: usize, need: u64) -> Result<Arc<Vec<u8>>, ReadError> {
         let l = &layer.layout;
         let unit = &l.units[u];
-        if let Some(v) = self.mem.get(&unit.id) {
+        if let Some(v) = self.mem.get(&unit.id).filter(|v| v.len() as u64 >= need) {
             return Ok(v);
         }
         if let Some(d) = &self.disk {
-            let mut v = Vec::with_capacity(unit.len as usize);
-            if d.read(&unit.id, unit.len, 0, unit.len, &mut v) {
-                return Ok(Arc::new(v));
+            if let Some(held) = d.held(&unit.id).filter(|&h| h >= need) {
+                let mut v = Vec::with_capacity(held as usize);
+                if d.read(&unit.id, unit.len, 0, held, &mut v) {
+                    return Ok(Arc::new(v));
+                }
             }
         }
         let span = &l.spans[unit.span];
@@ -450,7 +486,9 @@ impl LayerStore {
             return self.wait_for_stream(layer, u);
         }
         let mut got = None;
-        match self.fetch_spans(layer, &[unit.span], Why::Demand, false, &mut |data| got = Some(data)) {
+        match self.fetch_spans(layer, &[(unit.span, u64::MAX)], Why::Demand, false, &mut |data| {
+            got = Some(data)
+        }) {
             Ok(()) => {
                 let data = got.expect("one span delivered");
                 self.mem.put(unit.id, data.clone());
@@ -464,23 +502,24 @@ impl LayerStore {
         }
     }
 
-    /// Fetches `spans` (ascending, none streamed) with one range request
-    /// from the first's start to the last's end, checks and inflates each
-    /// and hands it to `deliver` at once, in order: a reader waiting for
-    /// the first span of a coalesced request does not wait for the others
-    /// to inflate. The bytes between them are skipped. A span that fails
-    /// its digest is fetched once more, with the spans after it: a flipped
-    /// bit in flight should not fail a read, a bad registry must.
+    /// Fetches `spans` (ascending, none streamed; each with the most of it
+    /// to inflate) with one range request from the first's start to the
+    /// last's end, checks and inflates each and hands it to `deliver` at
+    /// once, in order: a reader waiting for the first span of a coalesced
+    /// request does not wait for the others to inflate. The bytes between
+    /// them are skipped. A span that fails its digest is fetched once more,
+    /// with the spans after it: a flipped bit in flight should not fail a
+    /// read, a bad registry must.
     fn fetch_spans(
         &self,
         layer: &LayerRef,
-        spans: &[usize],
+        spans: &[(usize, u64)],
         why: Why,
         replay: bool,
         deliver: &mut dyn FnMut(Arc<Vec<u8>>),
     ) -> Result<(), ReadError> {
         let l = &layer.layout;
-        let (Some(&k0), Some(&k1)) = (spans.first(), spans.last()) else {
+        let (Some(&(k0, _)), Some(&(k1, _))) = (spans.first(), spans.last()) else {
             return Ok(());
         };
         self.metrics.misses.inc_by(spans.len() as u64);
@@ -489,7 +528,7 @@ impl LayerStore {
         let mut from = 0;
         let mut last = None;
         for attempt in 0..2 {
-            let (start, end) = (l.spans[spans[from]].comp.0, l.spans[k1].comp.1);
+            let (start, end) = (l.spans[spans[from].0].comp.0, l.spans[k1].comp.1);
             let fetch_err = |span: usize, e: clip_registry::Error| ReadError::Fetch {
                 layer: l.short.clone(),
                 span,
@@ -502,18 +541,18 @@ impl LayerStore {
                 let bytes = layer
                     .source
                     .read_range(&l.desc, start, end - start)
-                    .map_err(|e| fetch_err(spans[from], e))?;
+                    .map_err(|e| fetch_err(spans[from].0, e))?;
                 Body::Whole(bytes, start)
             } else {
                 let r = layer
                     .source
                     .open_range(&l.desc, start, Some(end - start))
-                    .map_err(|e| fetch_err(spans[from], e))?;
+                    .map_err(|e| fetch_err(spans[from].0, e))?;
                 Body::Stream(SpanStream::new(r, start))
             };
             let fetch_ms = t0.elapsed().as_millis() as u64;
             let mut failed = None;
-            for (i, &k) in spans.iter().enumerate().skip(from) {
+            for (i, &(k, limit)) in spans.iter().enumerate().skip(from) {
                 let s = &l.spans[k];
                 let slice = body.span(s.comp).map_err(|e| fetch_err(k, clip_registry::from_io(e)))?;
                 // A demand read inflates at once; a prefetch waits its turn
@@ -525,7 +564,7 @@ impl LayerStore {
                     (replay && self.waiting.load(Ordering::Relaxed) > 0)
                         || spans[i..]
                             .iter()
-                            .any(|&j| self.flights.awaited(&l.units[l.spans[j].units.start].id))
+                            .any(|&(j, _)| self.flights.awaited(&l.units[l.spans[j].units.start].id))
                 };
                 let _permit = match why {
                     Why::Prefetch => self.inflating.acquire_unless(awaited),
@@ -533,7 +572,7 @@ impl LayerStore {
                 };
                 // A damaged index is not the registry's fault: no retry.
                 let window = l.window(k)?;
-                match self.inflate(l, k, &window, slice) {
+                match self.inflate(l, k, &window, slice, limit) {
                     Ok(v) => {
                         self.note_busy();
                         deliver(v)
@@ -551,9 +590,9 @@ impl LayerStore {
                 }
                 Some((i, e)) => {
                     defs::VERIFY_FAILURES.with(&[("layer", &l.short)]).inc();
-                    tracing::warn!(layer = %l.desc.digest, span = spans[i], attempt, error = %e, "span failed verification");
+                    tracing::warn!(layer = %l.desc.digest, span = spans[i].0, attempt, error = %e, "span failed verification");
                     from = i;
-                    last = Some((spans[i], e));
+                    last = Some((spans[i].0, e));
                 }
             }
         }
@@ -565,22 +604,27 @@ impl LayerStore {
         })
     }
 
-    /// Checks and inflates span `k` from its compressed bytes, and caches
-    /// it on disk.
+    /// Checks and inflates span `k` from its compressed bytes (its first
+    /// `limit` bytes at most), and caches it on disk.
     fn inflate(
         &self,
         l: &LayerLayout,
         k: usize,
         window: &[u8],
         compressed: &[u8],
+        limit: u64,
     ) -> Result<Arc<Vec<u8>>, clip_gzran::Error> {
         let cpu = defs::INFLATE_SECONDS.with(&[("layer", &l.short)]);
         let out = defs::with_cpu_time(&cpu, || {
-            clip_gzran::decompress_span(&l.gz(), k, window, &l.spans[k].digest, compressed)
+            clip_gzran::decompress_span_prefix(&l.gz(), k, window, &l.spans[k].digest, compressed, limit)
         })?;
         defs::INFLATE_BYTES
             .with(&[("layer", &l.short)])
             .inc_by(out.len() as u64);
+        let whole = l.units[l.spans[k].units.start].len;
+        if (out.len() as u64) < whole {
+            self.metrics.prefix_saved.inc_by(whole - out.len() as u64);
+        }
         let out = Arc::new(out);
         if let Some(d) = &self.disk {
             d.put(l.units[l.spans[k].units.start].id, out.clone());
@@ -610,7 +654,7 @@ impl LayerStore {
                 // Produced before this reader asked, and already gone from
                 // the recent list: the caches have it.
                 drop(st);
-                if let Some(v) = self.mem.get(&unit.id) {
+                if let Some(v) = self.mem.get(&unit.id).filter(|v| v.len() as u64 == unit.len) {
                     return Ok(v);
                 }
                 return Err(ReadError::Abandoned {
@@ -781,7 +825,9 @@ impl LayerStore {
             }
             let buf = input.span(s.comp).map_err(stream_err)?;
             let window = l.window(k)?;
-            let data = self.inflate(l, k, &window, buf).map_err(|e| verify_err(l, k, e))?;
+            let data = self
+                .inflate(l, k, &window, buf, u64::MAX)
+                .map_err(|e| verify_err(l, k, e))?;
             let u = s.units.start;
             self.produce(fill, &l.units[u], u, data, false);
         }
@@ -792,24 +838,44 @@ impl LayerStore {
     /// already in a disk cache file are read into the page cache instead
     /// (in the same order): a fresh mount over a warm span cache, as after
     /// a restart or once an image's mount has lingered out.
+    ///
+    /// A unit that holds a prefix (a replay's) is left as it is: the
+    /// profile saw where reads of it end, better than a guess; a read past
+    /// it fetches the whole unit. Read-ahead that made such units whole
+    /// fetched 28 more units in a cold torch start with a profile.
     pub fn prefetch(&self, layer: &LayerRef, units: impl IntoIterator<Item = usize>, priority: Priority) {
+        self.prefetch_prefixes(layer, units.into_iter().map(|u| (u, 1, u64::MAX)), priority)
+    }
+
+    /// [`LayerStore::prefetch`], each unit as `(unit, need, upto)`: a unit
+    /// that holds its first `need` bytes, or will once the fetch queued for
+    /// it is done, is left alone; else its first `upto` bytes are fetched.
+    /// A profile knows where the reads of a unit ended, and inflating the
+    /// rest is CPU the starting container needs (`need` = `upto` = that
+    /// reach); read-ahead is content with any prefix, and fetches a unit
+    /// nobody has whole. A read past a prefix fetches the whole unit.
+    pub fn prefetch_prefixes(&self, layer: &LayerRef, units: impl IntoIterator<Item = Want>, priority: Priority) {
         let l = &layer.layout;
         let mut warm = Vec::new();
         let items: Vec<_> = units
             .into_iter()
-            .filter(|&u| u < l.units.len())
-            .filter(|&u| {
-                if !self.cached(l, u) {
+            .filter(|&(u, _, _)| u < l.units.len())
+            .map(|(u, need, upto)| {
+                let len = l.units[u].len;
+                (u, need.clamp(1, len), upto.clamp(need.clamp(1, len), len))
+            })
+            .filter(|&(u, need, _)| {
+                if !self.holds(l, u, need) {
                     return true;
                 }
                 let id = &l.units[u].id;
                 // Only in a file (not in memory, nor only queued for writing).
-                if !self.mem.contains(id) && self.disk.as_ref().is_some_and(|d| d.on_disk(id)) {
+                if !self.mem.contains(id, need) && self.disk.as_ref().is_some_and(|d| d.on_disk(id)) {
                     warm.push(*id);
                 }
                 false
             })
-            .map(|u| (layer.clone(), u))
+            .map(|(u, need, upto)| (layer.clone(), u, need, upto))
             .collect();
         if let Some(d) = &self.disk {
             d.warm(warm);
@@ -855,7 +921,11 @@ impl LayerStore {
             led,
         };
         let layer = layer.clone();
-        let run: Vec<usize> = std::iter::once(u).chain(ahead.iter().copied()).collect();
+        // The missed unit whole; the guesses after it content with any
+        // prefix (see `prefetch`).
+        let run: Vec<Want> = std::iter::once((u, l.units[u].len, u64::MAX))
+            .chain(ahead.iter().map(|&a| (a, 1, u64::MAX)))
+            .collect();
         let spawned = std::thread::Builder::new().name("clip-miss".into()).spawn(move || {
             let _run = Counted(&me.miss_runs);
             me.run_units(&layer, &run, Priority::Readahead, Some(reader));
@@ -876,7 +946,7 @@ impl LayerStore {
 
     /// One prefetch job, from a worker: a run of units taken from the
     /// queue together ([`prefetch::Queue::pop_run`]), in one request.
-    fn prefetch_run(&self, layer: &LayerRef, run: &[usize], priority: Priority) {
+    fn prefetch_run(&self, layer: &LayerRef, run: &[Want], priority: Priority) {
         self.metrics.prefetches.inc();
         let _replay = (priority == Priority::Replay).then(|| Counted::enter(&self.replay_runs));
         self.run_units(layer, run, priority, None);
@@ -887,9 +957,11 @@ impl LayerStore {
         self.replay_runs.load(Ordering::Relaxed) > 0 || self.queue.replay_queued()
     }
 
-    /// Fetches the units of `run` nobody has or fetches, in one request. A
-    /// span a reader waits for inflates at once; the others by `priority`.
-    fn run_units(&self, layer: &LayerRef, run: &[usize], priority: Priority, miss: Option<MissReader>) {
+    /// Fetches the units of `run` (`(unit, need, upto)`, as for
+    /// [`LayerStore::prefetch_prefixes`]) nobody has or fetches, in one
+    /// request. A span a reader waits for inflates at once; the others by
+    /// `priority`.
+    fn run_units(&self, layer: &LayerRef, run: &[Want], priority: Priority, miss: Option<MissReader>) {
         let l = &layer.layout;
         let abandoned = |span| {
             (
@@ -903,9 +975,9 @@ impl LayerStore {
         };
         let mut spans = Vec::with_capacity(run.len());
         let mut leaders = std::collections::VecDeque::with_capacity(run.len());
-        for &u in run {
+        for &(u, need, upto) in run {
             let unit = &l.units[u];
-            if self.cached(l, u) {
+            if self.holds(l, u, need) {
                 continue;
             }
             if l.spans[unit.span].streamed || l.range_ignored.load(Ordering::Relaxed) {
@@ -915,7 +987,7 @@ impl LayerStore {
             }
             // In flight already (a reader fetches it): skipped here.
             if let Some(lead) = self.flights.try_lead(unit.id, abandoned(unit.span)) {
-                spans.push(unit.span);
+                spans.push((unit.span, upto));
                 leaders.push_back(lead);
             }
         }
@@ -944,7 +1016,7 @@ impl LayerStore {
             Err(ReadError::Fetch { source, .. }) if source.is_range_ignored() => {
                 l.range_ignored.store(true, Ordering::Relaxed);
                 drop(leaders);
-                self.start_fill(layer, spans[0]);
+                self.start_fill(layer, spans[0].0);
             }
             Err(e) => {
                 tracing::debug!(layer = %l.desc.digest, spans = ?spans, error = %e, "prefetch failed");

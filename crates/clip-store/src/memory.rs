@@ -1,5 +1,6 @@
-//! The memory tier: decompressed units, least recently used out first,
-//! under one bound for the whole host.
+//! The memory tier: decompressed units (or their first bytes, see
+//! `DiskCache`), least recently used out first, under one bound for the
+//! whole host.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -43,8 +44,12 @@ impl MemCache {
         Some(v.clone())
     }
 
-    pub(crate) fn contains(&self, id: &UnitId) -> bool {
-        lock(&self.inner).map.contains_key(id)
+    /// Whether at least the first `need` bytes of unit `id` are here.
+    pub(crate) fn contains(&self, id: &UnitId, need: u64) -> bool {
+        lock(&self.inner)
+            .map
+            .get(id)
+            .is_some_and(|(v, _)| v.len() as u64 >= need)
     }
 
     pub(crate) fn put(&self, id: UnitId, v: Arc<Vec<u8>>) {
@@ -53,8 +58,15 @@ impl MemCache {
         }
         let mut g = lock(&self.inner);
         let inner = &mut *g;
-        if inner.map.contains_key(&id) {
-            return;
+        // A longer prefix (or the whole unit) replaces a shorter one.
+        match inner.map.get(&id) {
+            Some((old, _)) if old.len() >= v.len() => return,
+            Some(_) => {
+                let (old, t) = inner.map.remove(&id).expect("present");
+                inner.order.remove(&t);
+                inner.bytes -= old.len();
+            }
+            None => {}
         }
         inner.tick += 1;
         inner.bytes += v.len();
@@ -86,10 +98,17 @@ mod tests {
         m.put(id(2), Arc::new(vec![2; 100]));
         assert!(m.get(&id(1)).is_some());
         m.put(id(3), Arc::new(vec![3; 100]));
-        assert!(m.contains(&id(1)) && m.contains(&id(3)));
-        assert!(!m.contains(&id(2)), "least recently used");
+        assert!(m.contains(&id(1), 100) && m.contains(&id(3), 100));
+        assert!(!m.contains(&id(2), 1), "least recently used");
         assert!(m.bytes() <= 250);
         m.put(id(4), Arc::new(vec![4; 1000]));
-        assert!(!m.contains(&id(4)), "larger than the bound");
+        assert!(!m.contains(&id(4), 1), "larger than the bound");
+        // A longer prefix replaces a shorter one, never the reverse.
+        m.put(id(5), Arc::new(vec![5; 10]));
+        m.put(id(5), Arc::new(vec![5; 50]));
+        m.put(id(5), Arc::new(vec![5; 20]));
+        assert_eq!(m.get(&id(5)).unwrap().len(), 50);
+        assert!(m.contains(&id(5), 50) && !m.contains(&id(5), 51));
+        assert!(m.bytes() <= 250);
     }
 }

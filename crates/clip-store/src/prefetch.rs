@@ -1,16 +1,17 @@
 //! The prefetch queue: two lanes (a recorded profile's replay first, then
 //! read-ahead), in order within each, served by worker threads. A unit is
-//! queued once. A worker takes a unit with the queued spans around it, in
+//! queued once, with the most of its first bytes any push needs and wants
+//! (see `LayerStore::prefetch_prefixes`). A worker takes a unit with the queued spans around it, in
 //! one step ([`Queue::pop_run`]), wherever they wait in the queue: workers
 //! popping side by side would otherwise split a run of neighbours into a
 //! request each.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Condvar, Mutex, Weak};
 use std::time::Duration;
 
 use crate::flight::lock;
-use crate::{LayerRef, LayerStore, UnitId};
+use crate::{LayerRef, LayerStore, UnitId, Want};
 
 /// What a prefetch is for, in the order workers serve them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,7 +25,8 @@ pub enum Priority {
 #[derive(Default)]
 struct State {
     lanes: [VecDeque<(LayerRef, usize)>; 2],
-    queued: HashSet<(UnitId, usize)>,
+    /// Each queued unit's `(need, upto)`.
+    queued: HashMap<(UnitId, usize), (u64, u64)>,
 }
 
 #[derive(Default)]
@@ -34,13 +36,24 @@ pub(crate) struct Queue {
 }
 
 impl Queue {
-    pub(crate) fn push(&self, items: impl Iterator<Item = (LayerRef, usize)>, priority: Priority) {
+    /// Queues `(layer, unit, need, upto)`. A unit queued already keeps its
+    /// place and `upto`, raised to this `need` at most: a read-ahead that
+    /// needs less than a replay's prefix does not make it whole.
+    pub(crate) fn push(&self, items: impl Iterator<Item = (LayerRef, usize, u64, u64)>, priority: Priority) {
         let mut st = lock(&self.st);
         let mut added = false;
-        for (layer, u) in items {
-            if st.queued.insert((layer.layout.key, u)) {
-                st.lanes[priority as usize].push_back((layer, u));
-                added = true;
+        for (layer, u, need, upto) in items {
+            match st.queued.entry((layer.layout.key, u)) {
+                std::collections::hash_map::Entry::Occupied(mut e) => {
+                    let (n, up) = e.get_mut();
+                    *n = (*n).max(need);
+                    *up = (*up).max(need);
+                }
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert((need, upto));
+                    st.lanes[priority as usize].push_back((layer, u));
+                    added = true;
+                }
             }
         }
         if added {
@@ -68,17 +81,17 @@ impl Queue {
         timeout: Duration,
         max_bytes: u64,
         max_gap: u64,
-    ) -> Option<(LayerRef, Vec<usize>, Priority)> {
+    ) -> Option<(LayerRef, Vec<Want>, Priority)> {
         let mut st = lock(&self.st);
         loop {
             for (lane, prio) in [(0, Priority::Replay), (1, Priority::Readahead)] {
                 while let Some((layer, u)) = st.lanes[lane].pop_front() {
                     // Entries taken into another's run are stale.
-                    if !st.queued.remove(&(layer.layout.key, u)) {
+                    let Some((need, upto)) = st.queued.remove(&(layer.layout.key, u)) else {
                         continue;
-                    }
+                    };
                     let l = &layer.layout;
-                    let mut run = vec![u];
+                    let mut run = vec![(u, need, upto)];
                     let k0 = l.units[u].span;
                     if l.spans[k0].streamed || l.spans[k0].units.start != u {
                         return Some((layer, run, prio));
@@ -95,8 +108,8 @@ impl Queue {
                         {
                             break;
                         }
-                        if st.queued.remove(&(l.key, s.units.start)) {
-                            run.insert(0, s.units.start);
+                        if let Some((need, upto)) = st.queued.remove(&(l.key, s.units.start)) {
+                            run.insert(0, (s.units.start, need, upto));
                             first = k;
                         }
                     }
@@ -109,8 +122,8 @@ impl Queue {
                         {
                             break;
                         }
-                        if st.queued.remove(&(l.key, s.units.start)) {
-                            run.push(s.units.start);
+                        if let Some((need, upto)) = st.queued.remove(&(l.key, s.units.start)) {
+                            run.push((s.units.start, need, upto));
                             last = k;
                         }
                     }

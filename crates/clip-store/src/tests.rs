@@ -609,7 +609,7 @@ fn a_run_hands_out_each_span_once_its_own_bytes_are_in() {
     *s.fake.stall.0.lock().unwrap() = Some((spans[4].comp.0 + spans[4].comp.1) / 2);
     s.store.prefetch(&s.layer, [2, 3, 4, 5], Priority::Replay);
     wait_until("spans 2 and 3", || {
-        (2..4).all(|u| s.store.mem.contains(&s.layer.layout.units[u].id))
+        (2..4).all(|u| s.store.mem.contains(&s.layer.layout.units[u].id, 1))
     });
     assert!(!s.store.cached(&s.layer.layout, 4), "its bytes are not all in");
     assert_eq!(s.fake.reads.load(Ordering::SeqCst), 1);
@@ -649,10 +649,13 @@ fn a_coalesced_prefetch_hands_out_each_span_and_refetches_from_a_bad_one() {
         (spans[5].comp.1 - spans[2].comp.0) + (spans[5].comp.1 - spans[4].comp.0)
     );
     for u in [2, 3] {
-        assert!(s.store.mem.contains(&layer.layout.units[u].id), "span {u} handed out");
+        assert!(
+            s.store.mem.contains(&layer.layout.units[u].id, 1),
+            "span {u} handed out"
+        );
     }
     for u in [4, 5] {
-        assert!(!s.store.mem.contains(&layer.layout.units[u].id), "span {u}");
+        assert!(!s.store.mem.contains(&layer.layout.units[u].id, 1), "span {u}");
     }
     let mut out = Vec::new();
     let (o, _) = s.unit_range(2);
@@ -697,14 +700,14 @@ fn a_replay_inflates_without_a_permit_while_a_reader_waits_and_readahead_does_no
     // A replay inflates meanwhile: the container waits, its core is idle.
     s.store.prefetch(&s.layer, [unit_of(2)], Priority::Replay);
     let id = |k: usize| l.units[unit_of(k)].id;
-    wait_until("the replay", || s.store.mem.contains(&id(2)));
+    wait_until("the replay", || s.store.mem.contains(&id(2), 1));
     // Read-ahead is a guess: it waits for the permit even so.
     s.store.prefetch(&s.layer, [unit_of(8)], Priority::Readahead);
     wait_until("the read-ahead's fetch", || s.fake.reads.load(Ordering::SeqCst) == 3);
     std::thread::sleep(Duration::from_millis(100));
-    assert!(!s.store.mem.contains(&id(8)), "read-ahead took no permit");
+    assert!(!s.store.mem.contains(&id(8), 1), "read-ahead took no permit");
     drop(held);
-    wait_until("the read-ahead, with the permit", || s.store.mem.contains(&id(8)));
+    wait_until("the read-ahead, with the permit", || s.store.mem.contains(&id(8), 1));
     s.fake.open();
     let got = reader.join().unwrap().unwrap();
     let (o, n) = s.unit_range(unit_of(5));
@@ -888,4 +891,96 @@ fn a_replay_of_units_on_disk_reads_their_files_into_the_page_cache_without_fetch
     fresh.read(&s.layer, 0, all, &mut out).unwrap();
     assert!(out == s.data);
     assert_eq!(s.fake.reads.load(Ordering::SeqCst), fetched, "nothing fetched");
+}
+
+#[test]
+fn a_replay_inflates_only_its_prefix_and_a_read_past_it_fetches_the_whole_unit() {
+    let s = setup(1);
+    let l = &s.layer.layout;
+    let (o2, len2) = s.unit_range(2);
+    let (o3, len3) = s.unit_range(3);
+    let (p2, p3) = (len2 / 4, len3 / 2);
+    s.store
+        .prefetch_prefixes(&s.layer, [(2, p2, p2), (3, p3, p3)], Priority::Replay);
+    wait_until("the replay", || {
+        s.store.queued() == 0 && s.store.holds(l, 2, p2) && s.store.holds(l, 3, p3)
+    });
+    assert_eq!(s.fake.reads.load(Ordering::SeqCst), 1, "both in one request");
+    assert!(!s.store.cached(l, 2) && !s.store.cached(l, 3), "prefixes only");
+    assert_eq!(s.store.mem.get(&l.units[2].id).unwrap().len() as u64, p2);
+    // Within the prefixes: served, nothing fetched; the same on disk, for
+    // a fresh store over the same cache.
+    s.expect(o2, p2);
+    s.expect(o3 + p3 - 10, 10);
+    assert_eq!(s.fake.reads.load(Ordering::SeqCst), 1);
+    s.store.disk().unwrap().flush();
+    let fresh = LayerStore::new(s.store.options().clone()).unwrap();
+    let mut out = Vec::new();
+    fresh.read(&s.layer, o3, p3, &mut out).unwrap();
+    assert!(out == s.data[o3 as usize..(o3 + p3) as usize]);
+    assert_eq!(s.fake.reads.load(Ordering::SeqCst), 1, "the prefix was on disk");
+    // A replay asking again for no more than is held fetches nothing.
+    s.store.prefetch_prefixes(&s.layer, [(2, p2, p2)], Priority::Replay);
+    assert_eq!(s.store.queued(), 0);
+    // Nor does read-ahead that needs no more than the prefix.
+    s.store
+        .prefetch_prefixes(&s.layer, [(2, p2, u64::MAX)], Priority::Readahead);
+    assert_eq!(s.store.queued(), 0);
+    // Past a prefix: the whole unit is fetched, and replaces the prefix.
+    s.expect(o2 + p2 - 5, 10);
+    assert_eq!(s.fake.reads.load(Ordering::SeqCst), 2);
+    assert!(s.store.cached(l, 2));
+    s.expect(o2, len2);
+    assert_eq!(s.fake.reads.load(Ordering::SeqCst), 2);
+    s.store.disk().unwrap().flush();
+    let fresh = LayerStore::new(s.store.options().clone()).unwrap();
+    assert!(fresh.cached(l, 2), "the whole unit replaced the prefix on disk");
+    // The same from a fresh store that holds only the prefix on disk.
+    let mut out = Vec::new();
+    fresh.read(&s.layer, o3, len3, &mut out).unwrap();
+    assert!(out == s.data[o3 as usize..(o3 + len3) as usize]);
+    assert_eq!(s.fake.reads.load(Ordering::SeqCst), 3);
+}
+
+#[test]
+fn a_demand_read_that_joins_a_replay_of_a_shorter_prefix_gets_its_bytes() {
+    let s = Arc::new(setup(1));
+    let (o2, len2) = s.unit_range(2);
+    let start2 = s.layer.layout.spans[2].comp.0;
+    s.fake.close_for(move |off| off == start2);
+    s.store.prefetch_prefixes(&s.layer, [(2, 100, 100)], Priority::Replay);
+    wait_until("the replay's request", || s.holders(2) >= 2);
+    let reader = {
+        let s = s.clone();
+        std::thread::spawn(move || s.read(o2 + len2 - 100, 100))
+    };
+    wait_until("the reader to join", || s.holders(2) >= 3);
+    s.fake.open();
+    let got = reader.join().unwrap().unwrap();
+    assert!(got == s.data[(o2 + len2 - 100) as usize..(o2 + len2) as usize]);
+    assert_eq!(
+        s.fake.reads.load(Ordering::SeqCst),
+        2,
+        "the prefix, then the whole unit"
+    );
+}
+
+#[test]
+fn read_ahead_behind_a_queued_replay_raises_its_prefix_only_to_what_it_needs() {
+    let s = setup(1);
+    let l = &s.layer.layout;
+    let (_, len2) = s.unit_range(2);
+    s.fake.close_for(|_| true);
+    // The worker takes unit 0 and waits at the gate; unit 2, queued
+    // after, waits in the queue.
+    s.store.prefetch_prefixes(&s.layer, [(0, 10, 10)], Priority::Replay);
+    wait_until("the worker's request", || s.holders(0) >= 2);
+    s.store.prefetch_prefixes(&s.layer, [(2, 100, 100)], Priority::Replay);
+    s.store
+        .prefetch_prefixes(&s.layer, [(2, 300, u64::MAX)], Priority::Readahead);
+    s.fake.open();
+    wait_until("the queue", || s.store.queued() == 0 && s.store.holds(l, 2, 300));
+    assert!(!s.store.cached(l, 2), "raised to 300 bytes, not made whole");
+    assert_eq!(s.store.mem.get(&l.units[2].id).unwrap().len(), 300);
+    assert!(len2 > 300);
 }

@@ -385,7 +385,7 @@ impl Daemon {
             // A fresh mount: fetch what its containers read first, in the
             // background, in the order they read it.
             if let Some(p) = crate::profiles::load(&record.index, &index.index.image.manifest_digest) {
-                let n = view.replay(&p.units);
+                let n = view.replay(&p.replay_list());
                 tracing::info!(dir = %record.dir.display(), units = n, "replaying the prefetch profile");
             }
         }
