@@ -65,6 +65,17 @@ fn wait_for_replay(tmp: &std::path::Path, proxy: &FaultProxy) {
     }
 }
 
+/// The profile recorded next to the node's one index.
+fn recorded_profile(tmp: &std::path::Path) -> serde_json::Value {
+    let profile = std::fs::read_dir(tmp.join("base/index"))
+        .unwrap()
+        .flatten()
+        .find(|e| e.path().extension().is_some_and(|x| x == "profile"))
+        .expect("a profile next to the index")
+        .path();
+    serde_json::from_slice(&std::fs::read(&profile).unwrap()).unwrap()
+}
+
 /// `sh -c CMD` over the unpacked debian image, with `/` as its root.
 fn expected_of(cmd: &str) -> String {
     let u = unpacked("debian");
@@ -87,13 +98,7 @@ fn a_replay_inflates_units_only_as_far_as_the_recording_read_and_a_read_past_tha
     let whole = "cat /opt/clip/random.bin | md5sum";
     let (head_sum, whole_sum) = (expected_of(head), expected_of(whole));
     assert_eq!(ok(tmp.path(), &["record", &image, "sh", "-c", head]), head_sum);
-    let profile = std::fs::read_dir(tmp.path().join("base/index"))
-        .unwrap()
-        .flatten()
-        .find(|e| e.path().extension().is_some_and(|x| x == "profile"))
-        .expect("a profile next to the index")
-        .path();
-    let p: serde_json::Value = serde_json::from_slice(&std::fs::read(&profile).unwrap()).unwrap();
+    let p = recorded_profile(tmp.path());
     let (units, reach) = (p["units"].as_array().unwrap(), p["reach"].as_array().unwrap());
     assert_eq!(units.len(), reach.len(), "{p}");
     assert!(reach.iter().all(|r| r.as_u64().is_some_and(|r| r > 0)), "{p}");
@@ -134,29 +139,12 @@ fn a_recorded_profile_is_fetched_in_parallel_and_the_container_reads_the_cache()
     let _daemon = DaemonGuard::new(tmp.path());
     let image = format!("{}/clip/debian:latest", proxy.host());
     let cmd = "cat /usr/bin/bash /usr/lib/x86_64-linux-gnu/libc.so.6 /opt/clip/random.bin | md5sum";
-    let expected = {
-        let u = unpacked("debian");
-        let out = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "cat {0}/usr/bin/bash {0}/usr/lib/x86_64-linux-gnu/libc.so.6 {0}/opt/clip/random.bin | md5sum",
-                u.display()
-            ))
-            .output()
-            .unwrap();
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let expected = expected_of(cmd);
 
     // Record.
     let out = ok(tmp.path(), &["record", &image, "sh", "-c", cmd]);
     assert_eq!(out, expected);
-    let profile = std::fs::read_dir(tmp.path().join("base/index"))
-        .unwrap()
-        .flatten()
-        .find(|e| e.path().extension().is_some_and(|x| x == "profile"))
-        .expect("a profile next to the index")
-        .path();
-    let p: serde_json::Value = serde_json::from_slice(&std::fs::read(&profile).unwrap()).unwrap();
+    let p = recorded_profile(tmp.path());
     let units = p["units"].as_array().unwrap().len();
     assert!(units >= 3, "{p}");
 
