@@ -375,23 +375,27 @@ impl DiskCache {
                 return true;
             }
         }
-        // A prefix too short for this read is no damage.
-        if self.shared.stored(id).is_some_and(|n| n < end) {
-            return false;
-        }
         let path = self.shared.path(id);
         let Ok(f) = File::open(&path) else {
             return false;
         };
         let mut header = [0u8; HEADER];
-        let ok = f.read_exact_at(&mut header, 0).is_ok() && &header[..8] == MAGIC && &header[8..40] == id && {
-            let held = u64::from_le_bytes(header[40..].try_into().expect("8 bytes"));
-            held > 0 && held <= unit_len && end <= held && f.metadata().is_ok_and(|m| m.len() == HEADER as u64 + held)
-        };
+        let read = f.read_exact_at(&mut header, 0).is_ok();
+        let held = u64::from_le_bytes(header[40..].try_into().expect("8 bytes"));
+        let ok = read
+            && &header[..8] == MAGIC
+            && &header[8..40] == id
+            && held > 0
+            && held <= unit_len
+            && f.metadata().is_ok_and(|m| m.len() == HEADER as u64 + held);
         if !ok {
             tracing::warn!(path = %path.display(), "discarding a damaged or foreign cache file");
             let _ = fs::remove_file(&path);
             self.shared.forget(id);
+            return false;
+        }
+        // A prefix too short for this read is no damage.
+        if end > held {
             return false;
         }
         let start = out.len();
