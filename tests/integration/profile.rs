@@ -175,3 +175,58 @@ fn a_recorded_profile_is_fetched_in_parallel_and_the_container_reads_the_cache()
     ok(tmp.path(), &["umount", "--cid", "warmup"]);
     assert!(crate::mount::daemon_log(tmp.path()).contains("replaying the prefetch profile"));
 }
+
+/// The LOOKUPs clipd has answered so far (its counter of the op).
+fn lookups(tmp: &std::path::Path) -> f64 {
+    metric(tmp, "clip_fuse_ops_total{op=\"lookup\"}")
+}
+
+#[test]
+fn a_fresh_mount_looks_up_the_profiles_names_before_its_container_does() {
+    let reg = registry();
+    let tmp = tempfile::tempdir().unwrap();
+    let _daemon = DaemonGuard::new(tmp.path());
+    let image = format!("{}/clip/debian:latest", reg.host());
+    // 200 names that are not there (each a LOOKUP the kernel then caches
+    // as absent), and files that are.
+    let cmd = "for i in $(seq 1 200); do [ -e /usr/share/absent-$i ] && echo ?; done; \
+               cat /etc/os-release /usr/bin/bash | md5sum";
+    let expected = expected_of(cmd);
+    assert_eq!(ok(tmp.path(), &["record", &image, "sh", "-c", cmd]), expected);
+    let p = recorded_profile(tmp.path());
+    let names: Vec<&str> = p["lookups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|l| l.as_str())
+        .collect();
+    assert!(
+        names.contains(&"usr/share/absent-1") && names.contains(&"usr/share/absent-200"),
+        "{p}"
+    );
+    assert!(
+        names.contains(&"usr/bin/bash") && names.contains(&"etc/os-release"),
+        "{p}"
+    );
+
+    // A fresh mount: its own lookups of the profile's names come first.
+    ok(tmp.path(), &["daemon", "stop"]);
+    ok(tmp.path(), &["mount", "--image", &image, "--cid", "warmup"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !crate::mount::daemon_log(tmp.path()).contains("looked up the profile's names") {
+        assert!(
+            Instant::now() < deadline,
+            "the mount did not look up the profile's names"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let before = lookups(tmp.path());
+    assert!(before >= 200.0, "the mount made {before} lookups");
+
+    // The container finds every name in the kernel's cache: of its 200
+    // probes and the rest, next to nothing reaches clipd.
+    assert_eq!(ok(tmp.path(), &["run", "--rm", &image, "sh", "-c", cmd]), expected);
+    let made = lookups(tmp.path()) - before;
+    assert!(made < 20.0, "the container made {made} lookups of its own");
+    ok(tmp.path(), &["umount", "--cid", "warmup"]);
+}

@@ -230,6 +230,28 @@ impl Index {
         Some(ino)
     }
 
+    /// The path of directory `ino` from the root (`a/b`; empty for the
+    /// root), found through its parents' entries. None when `ino` is not a
+    /// directory, or its parents do not lead to the root.
+    pub fn dir_path(&self, ino: u64) -> Option<Vec<u8>> {
+        if self.node(ino)?.kind != Kind::Dir {
+            return None;
+        }
+        let mut names: Vec<&[u8]> = Vec::new();
+        let mut at = ino;
+        while at != ROOT_INO {
+            // Deeper than any path the kernel takes: a loop.
+            if names.len() > 4096 {
+                return None;
+            }
+            let parent = self.node(self.node(at)?.parent)?;
+            names.push(&parent.entries.iter().find(|e| e.ino == at)?.name);
+            at = self.node(at)?.parent;
+        }
+        names.reverse();
+        Some(names.join(&b'/'))
+    }
+
     /// Resolves a path as the kernel would inside the image: symlinks are
     /// followed (absolute targets from the image's root), `..` stops at the
     /// root, and more than 40 links is a loop.

@@ -142,6 +142,50 @@ fn symlinks_are_followed_inside_the_image() {
     assert_eq!(ix.resolve(b"/abs"), Some(base + 1));
 }
 
+#[test]
+fn a_directory_knows_its_path() {
+    let mut f = sample(2);
+    let template = f.index.nodes[0].clone();
+    let dir = |parent: u64, entries: Vec<DirEntry>| Node {
+        parent,
+        entries,
+        ..template.clone()
+    };
+    // /a/b, with the file f0000000 (inode 2) inside b.
+    let a = f.index.nodes.len() as u64 + 1;
+    let b = a + 1;
+    let file = f.index.nodes[0].entries[0].clone();
+    f.index.nodes.push(dir(
+        ROOT_INO,
+        vec![DirEntry {
+            name: b"b".to_vec(),
+            ino: b,
+        }],
+    ));
+    f.index.nodes.push(dir(a, vec![file.clone()]));
+    f.index.nodes[0].entries.push(DirEntry {
+        name: b"a".to_vec(),
+        ino: a,
+    });
+    f.index.nodes[0].entries.sort_by(|x, y| x.name.cmp(&y.name));
+    let ix = &f.index;
+    assert_eq!(ix.dir_path(ROOT_INO).unwrap(), b"");
+    assert_eq!(ix.dir_path(a).unwrap(), b"a");
+    assert_eq!(ix.dir_path(b).unwrap(), b"a/b");
+    assert_eq!(ix.dir_path(file.ino), None, "a file is not a directory");
+    assert_eq!(ix.dir_path(999), None);
+    // A parent that does not list it, and a loop.
+    f.index.nodes[(b - 1) as usize].parent = ROOT_INO;
+    assert_eq!(f.index.dir_path(b), None);
+    f.index.nodes[(b - 1) as usize].parent = a;
+    f.index.nodes[(a - 1) as usize].parent = b;
+    f.index.nodes[(b - 1) as usize].entries.push(DirEntry {
+        name: b"z".to_vec(),
+        ino: a,
+    });
+    assert_eq!(f.index.dir_path(b), None);
+}
+
 /// Every window of a decoded file, read and checked.
 fn read_all_windows(f: &IndexFile) -> Result<()> {
     for (l, layer) in f.index.layers.iter().enumerate() {

@@ -248,6 +248,7 @@ impl Filesystem for ClipFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.view.note_lookup(parent.0, name.as_bytes());
         self.guarded(Op::Lookup, || {
             let index = &self.view.index().index;
             match self.node(parent) {
@@ -472,6 +473,12 @@ mod tests {
 
     /// A filesystem over an index with nothing but its root.
     fn empty_fs() -> ClipFs {
+        fs_with(|_| {})
+    }
+
+    /// A filesystem over an index of a root directory that `build` may
+    /// add to (`nodes[0]` is the root, inode 1).
+    fn fs_with(build: impl FnOnce(&mut Vec<clip_format::Node>)) -> ClipFs {
         use clip_format::{Data, Image, Index, IndexFile, Node, WindowWriter, ROOT_INO};
         let root = Node {
             kind: Kind::Dir,
@@ -500,7 +507,11 @@ mod tests {
             },
             spacing: 1 << 20,
             layers: Vec::new(),
-            nodes: vec![root],
+            nodes: {
+                let mut nodes = vec![root];
+                build(&mut nodes);
+                nodes
+            },
         };
         let file = Arc::new(IndexFile::new(index, WindowWriter::default()));
         let store = clip_store::LayerStore::new(clip_store::StoreOptions {
@@ -521,6 +532,37 @@ mod tests {
         fs.guarded(Op::Lookup, || ran_after = true);
         assert!(ran_after, "the thread goes on serving");
         assert_eq!(defs::PANICS.with(&[("where", "fuse")]).get(), before + 1);
+    }
+
+    #[test]
+    fn a_recording_keeps_the_names_looked_up_in_first_lookup_order() {
+        use clip_format::{DirEntry, ROOT_INO};
+        // /d, a directory (inode 2).
+        let fs = fs_with(|nodes| {
+            let mut d = nodes[0].clone();
+            d.parent = ROOT_INO;
+            nodes.push(d);
+            nodes[0].entries.push(DirEntry {
+                name: b"d".to_vec(),
+                ino: 2,
+            });
+        });
+        let v = &fs.view;
+        v.note_lookup(ROOT_INO, b"before");
+        v.record_for(Duration::from_secs(60));
+        v.note_lookup(ROOT_INO, b"d");
+        v.note_lookup(2, b"absent");
+        v.note_lookup(ROOT_INO, b"d");
+        v.note_lookup(2, b"\xff");
+        v.note_lookup(99, b"in-no-directory");
+        let r = v.take_recording();
+        assert_eq!(
+            r.lookups,
+            ["d", "d/absent"],
+            "once each; not UTF-8 or in no directory: left out"
+        );
+        v.note_lookup(ROOT_INO, b"after");
+        assert!(v.take_recording().lookups.is_empty(), "the window closed");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! An image as its files: an index's tree over the host's layer store.
 //! Each mount has one; every mount of the host shares the store.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -40,10 +40,29 @@ struct Recorder {
     until: AtomicU64,
     /// Each unit's place in the order, and the order.
     seen: Mutex<(HashMap<UnitRef, usize>, Vec<Reach>)>,
+    /// The names the kernel looked up, found or not, as (directory inode,
+    /// name), in first-lookup order.
+    lookups: Mutex<(HashSet<LookedUp>, Vec<LookedUp>)>,
 }
+
+/// A name looked up in a directory: (the directory's inode, the name).
+type LookedUp = (u64, Vec<u8>);
 
 /// The most units one recording keeps.
 const MAX_RECORDED: usize = 1 << 16;
+/// The most lookups one recording keeps.
+pub const MAX_RECORDED_LOOKUPS: usize = 1 << 15;
+
+/// What a recording window saw.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Recording {
+    /// Units, in first-access order, each with its reach.
+    pub units: Vec<Reach>,
+    /// Paths from the image's root (`usr/lib/x`) whose last name the
+    /// kernel looked up, found or not, in first-lookup order. Names that
+    /// are not UTF-8 are left out.
+    pub lookups: Vec<String>,
+}
 
 impl Recorder {
     fn active(&self) -> bool {
@@ -68,6 +87,14 @@ impl Recorder {
                 }
                 None => {}
             }
+        }
+    }
+
+    fn note_lookup(&self, dir: u64, name: &[u8]) {
+        let mut g = self.lookups.lock().unwrap_or_else(|p| p.into_inner());
+        let (seen, order) = &mut *g;
+        if order.len() < MAX_RECORDED_LOOKUPS && seen.insert((dir, name.to_vec())) {
+            order.push((dir, name.to_vec()));
         }
     }
 }
@@ -96,6 +123,7 @@ impl ImageView {
                 started: Instant::now(),
                 until: AtomicU64::new(0),
                 seen: Mutex::new((HashMap::new(), Vec::new())),
+                lookups: Mutex::new((HashSet::new(), Vec::new())),
             },
         }))
     }
@@ -106,13 +134,46 @@ impl ImageView {
         self.recorder.until.fetch_max(until.max(1), Ordering::Relaxed);
     }
 
-    /// Closes the recording window and returns what it saw, in
-    /// first-access order (and forgets it).
-    pub fn take_recording(&self) -> Vec<Reach> {
+    /// Closes the recording window and returns what it saw (and forgets
+    /// it).
+    pub fn take_recording(&self) -> Recording {
         self.recorder.until.store(0, Ordering::Relaxed);
-        let mut g = self.recorder.seen.lock().unwrap_or_else(|p| p.into_inner());
-        g.0.clear();
-        std::mem::take(&mut g.1)
+        let units = {
+            let mut g = self.recorder.seen.lock().unwrap_or_else(|p| p.into_inner());
+            g.0.clear();
+            std::mem::take(&mut g.1)
+        };
+        let looked_up = {
+            let mut g = self.recorder.lookups.lock().unwrap_or_else(|p| p.into_inner());
+            g.0.clear();
+            std::mem::take(&mut g.1)
+        };
+        let index = &self.index.index;
+        let mut dirs: HashMap<u64, Option<String>> = HashMap::new();
+        let lookups = looked_up
+            .into_iter()
+            .filter_map(|(dir, name)| {
+                let dir = dirs
+                    .entry(dir)
+                    .or_insert_with(|| String::from_utf8(index.dir_path(dir)?).ok())
+                    .as_deref()?;
+                let name = std::str::from_utf8(&name).ok()?;
+                Some(if dir.is_empty() {
+                    name.to_string()
+                } else {
+                    format!("{dir}/{name}")
+                })
+            })
+            .collect();
+        Recording { units, lookups }
+    }
+
+    /// Notes that the kernel looked `name` up in directory `dir`, while a
+    /// recording window is open.
+    pub fn note_lookup(&self, dir: u64, name: &[u8]) {
+        if self.recorder.active() {
+            self.recorder.note_lookup(dir, name);
+        }
     }
 
     /// Queues units for prefetching, in the given order (a profile's

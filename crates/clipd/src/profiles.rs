@@ -1,17 +1,22 @@
 //! Prefetch profiles: the units an image's containers read first, in
 //! first-access order, and how far into each the reads went, kept next to
-//! the image's index (`INDEX.profile`). A new recording refines the
-//! profile: what it saw that the profile lacks is appended, up to a bound,
-//! and a unit read further than before keeps the further reach.
+//! the image's index (`INDEX.profile`); and the names the kernel looked up
+//! meanwhile. A new recording refines the profile: what it saw that the
+//! profile lacks is appended, up to a bound, and a unit read further than
+//! before keeps the further reach.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
-use clip_fs::view::{Reach, UnitRef};
+use clip_format::{Index, Kind};
+use clip_fs::view::{Reach, Recording, UnitRef};
 use serde::{Deserialize, Serialize};
 
 /// The most units a profile keeps.
 const MAX_UNITS: usize = 1 << 16;
+/// The most lookups a profile keeps, and the most bytes of their paths.
+const MAX_LOOKUPS: usize = clip_fs::view::MAX_RECORDED_LOOKUPS;
+const MAX_LOOKUP_BYTES: usize = 4 << 20;
 
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Profile {
@@ -25,6 +30,12 @@ pub struct Profile {
     /// ones): their units are replayed whole.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reach: Vec<u64>,
+    /// Paths from the image's root whose last name the kernel looked up,
+    /// found or not, in first-lookup order. A fresh mount looks them up
+    /// itself before its container does: each is a FUSE round trip that
+    /// then leaves the container's way.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lookups: Vec<String>,
 }
 
 impl Profile {
@@ -35,6 +46,28 @@ impl Profile {
             .iter()
             .enumerate()
             .map(|(i, &u)| (u, if known { self.reach[i] } else { u64::MAX }))
+            .collect()
+    }
+
+    /// The profile's lookups that stay inside the image when a mount of
+    /// `index` looks them up: every name but the last is a directory of
+    /// the index (so no symlink is followed on the way), and the last is
+    /// one plain name. A published profile is data from the registry.
+    pub fn lookups_in(&self, index: &Index) -> Vec<&str> {
+        self.lookups
+            .iter()
+            .take(MAX_LOOKUPS)
+            .filter(|p| {
+                let (dir, name) = p.rsplit_once('/').unwrap_or(("", p));
+                let plain = |c: &str| !c.is_empty() && c != "." && c != ".." && !c.contains('\0');
+                plain(name)
+                    && (dir.is_empty() || dir.split('/').all(plain))
+                    && index
+                        .resolve(dir.as_bytes())
+                        .and_then(|i| index.node(i))
+                        .is_some_and(|n| n.kind == Kind::Dir)
+            })
+            .map(String::as_str)
             .collect()
     }
 }
@@ -51,17 +84,16 @@ pub fn load(index: &Path, manifest_digest: &str) -> Option<Profile> {
 }
 
 /// Adds a recording to the profile; returns how many units it has now.
-pub fn merge(index: &Path, manifest_digest: &str, recorded: &[Reach]) -> Result<usize> {
+pub fn merge(index: &Path, manifest_digest: &str, recorded: &Recording) -> Result<usize> {
     let mut p = load(index, manifest_digest).unwrap_or(Profile {
         version: 1,
         manifest_digest: manifest_digest.to_string(),
-        units: Vec::new(),
-        reach: Vec::new(),
+        ..Default::default()
     });
     let mut reach = p.replay_list().into_iter().map(|(_, r)| r).collect::<Vec<_>>();
     let mut places: std::collections::HashMap<UnitRef, usize> =
         p.units.iter().enumerate().map(|(i, &u)| (u, i)).collect();
-    for &(u, r) in recorded {
+    for &(u, r) in &recorded.units {
         match places.get(&u) {
             Some(&i) => reach[i] = reach[i].max(r),
             None if p.units.len() < MAX_UNITS => {
@@ -73,6 +105,17 @@ pub fn merge(index: &Path, manifest_digest: &str, recorded: &[Reach]) -> Result<
         }
     }
     p.reach = reach;
+    let mut known: std::collections::HashSet<String> = p.lookups.iter().cloned().collect();
+    let mut bytes: usize = p.lookups.iter().map(String::len).sum();
+    for l in &recorded.lookups {
+        if p.lookups.len() >= MAX_LOOKUPS || bytes + l.len() > MAX_LOOKUP_BYTES {
+            break;
+        }
+        if known.insert(l.clone()) {
+            bytes += l.len();
+            p.lookups.push(l.clone());
+        }
+    }
     crate::images::write_atomic(&path_for(index), &serde_json::to_vec(&p)?)?;
     Ok(p.units.len())
 }
@@ -81,23 +124,121 @@ pub fn merge(index: &Path, manifest_digest: &str, recorded: &[Reach]) -> Result<
 mod tests {
     use super::*;
 
+    fn units(u: &[Reach]) -> Recording {
+        Recording {
+            units: u.to_vec(),
+            lookups: Vec::new(),
+        }
+    }
+
     #[test]
     fn recordings_refine_a_profile_in_first_access_order() {
         let dir = tempfile::tempdir().unwrap();
         let index = dir.path().join("x.clip");
         assert!(load(&index, "sha256:a").is_none());
         assert_eq!(
-            merge(&index, "sha256:a", &[((0, 5), 10), ((1, 2), 20), ((0, 1), 30)]).unwrap(),
+            merge(&index, "sha256:a", &units(&[((0, 5), 10), ((1, 2), 20), ((0, 1), 30)])).unwrap(),
             3
         );
         assert_eq!(
-            merge(&index, "sha256:a", &[((1, 2), 5), ((0, 9), 40), ((0, 5), 50)]).unwrap(),
+            merge(&index, "sha256:a", &units(&[((1, 2), 5), ((0, 9), 40), ((0, 5), 50)])).unwrap(),
             4
         );
         let p = load(&index, "sha256:a").unwrap();
         assert_eq!(p.units, vec![(0, 5), (1, 2), (0, 1), (0, 9)]);
         assert_eq!(p.reach, vec![50, 20, 30, 40], "each unit keeps its furthest reach");
         assert!(load(&index, "sha256:b").is_none(), "a profile binds to its manifest");
+    }
+
+    #[test]
+    fn lookups_refine_in_first_lookup_order_without_repeats() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = dir.path().join("x.clip");
+        let rec = |l: &[&str]| Recording {
+            units: Vec::new(),
+            lookups: l.iter().map(|s| s.to_string()).collect(),
+        };
+        merge(&index, "sha256:a", &rec(&["usr", "usr/lib", "nope"])).unwrap();
+        merge(&index, "sha256:a", &rec(&["etc", "usr/lib", "etc/passwd"])).unwrap();
+        let p = load(&index, "sha256:a").unwrap();
+        assert_eq!(p.lookups, ["usr", "usr/lib", "nope", "etc", "etc/passwd"]);
+        // Bounded: a recording past the bound adds nothing more.
+        let many: Vec<String> = (0..MAX_LOOKUPS + 10).map(|i| format!("n{i}")).collect();
+        merge(
+            &index,
+            "sha256:a",
+            &Recording {
+                units: Vec::new(),
+                lookups: many,
+            },
+        )
+        .unwrap();
+        assert_eq!(load(&index, "sha256:a").unwrap().lookups.len(), MAX_LOOKUPS);
+    }
+
+    #[test]
+    fn only_lookups_through_the_images_own_directories_are_made() {
+        use clip_format::{Data, DirEntry, Image, Node, ROOT_INO};
+        let node = |kind, parent, entries: Vec<DirEntry>, target: &[u8]| Node {
+            kind,
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            mtime_nsec: 0,
+            size: 0,
+            nlink: 1,
+            rdev: 0,
+            parent,
+            target: target.to_vec(),
+            xattrs: Vec::new(),
+            data: Data::None,
+            entries,
+        };
+        let e = |name: &str, ino| DirEntry {
+            name: name.as_bytes().to_vec(),
+            ino,
+        };
+        // / = {etc (dir 2), link -> /etc (3), file (4)}; etc = {}
+        let index = Index {
+            image: Image {
+                reference: String::new(),
+                manifest_digest: String::new(),
+                manifest_media_type: String::new(),
+                platform: String::new(),
+                config_digest: String::new(),
+                config: Vec::new(),
+            },
+            spacing: 1 << 20,
+            layers: Vec::new(),
+            nodes: vec![
+                node(Kind::Dir, ROOT_INO, vec![e("etc", 2), e("file", 4), e("link", 3)], b""),
+                node(Kind::Dir, ROOT_INO, Vec::new(), b""),
+                node(Kind::Symlink, ROOT_INO, Vec::new(), b"/etc"),
+                node(Kind::File, ROOT_INO, Vec::new(), b""),
+            ],
+        };
+        let p = Profile {
+            lookups: [
+                "etc",
+                "etc/passwd",
+                "link",
+                "absent", // kept
+                "link/passwd",
+                "file/x",
+                "absent/x", // through a symlink, a file, nothing
+                "/etc/passwd",
+                "etc/../etc",
+                "etc/./passwd",
+                "etc//passwd",
+                "",
+                "etc/", // not plain
+            ]
+            .map(String::from)
+            .to_vec(),
+            ..Default::default()
+        };
+        assert_eq!(p.lookups_in(&index), ["etc", "etc/passwd", "link", "absent"]);
     }
 
     #[test]
@@ -108,7 +249,7 @@ mod tests {
         std::fs::write(path_for(&index), old).unwrap();
         let p = load(&index, "sha256:a").unwrap();
         assert_eq!(p.replay_list(), vec![((0, 5), u64::MAX), ((1, 2), u64::MAX)]);
-        merge(&index, "sha256:a", &[((0, 5), 10), ((0, 7), 20)]).unwrap();
+        merge(&index, "sha256:a", &units(&[((0, 5), 10), ((0, 7), 20)])).unwrap();
         let p = load(&index, "sha256:a").unwrap();
         assert_eq!(
             p.replay_list(),
