@@ -558,7 +558,7 @@ mod tests {
         let r = v.take_recording();
         assert_eq!(
             r.lookups,
-            ["d", "d/absent"],
+            [("d".to_string(), true), ("d/absent".to_string(), false)],
             "once each; not UTF-8 or in no directory: left out"
         );
         v.note_lookup(ROOT_INO, b"after");

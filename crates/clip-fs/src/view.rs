@@ -59,9 +59,9 @@ pub struct Recording {
     /// Units, in first-access order, each with its reach.
     pub units: Vec<Reach>,
     /// Paths from the image's root (`usr/lib/x`) whose last name the
-    /// kernel looked up, found or not, in first-lookup order. Names that
-    /// are not UTF-8 are left out.
-    pub lookups: Vec<String>,
+    /// kernel looked up, in first-lookup order, each with whether the image
+    /// has it. Names that are not UTF-8 are left out.
+    pub lookups: Vec<(String, bool)>,
 }
 
 impl Recorder {
@@ -152,17 +152,19 @@ impl ImageView {
         let mut dirs: HashMap<u64, Option<String>> = HashMap::new();
         let lookups = looked_up
             .into_iter()
-            .filter_map(|(dir, name)| {
+            .filter_map(|(at, name)| {
                 let dir = dirs
-                    .entry(dir)
-                    .or_insert_with(|| String::from_utf8(index.dir_path(dir)?).ok())
+                    .entry(at)
+                    .or_insert_with(|| String::from_utf8(index.dir_path(at)?).ok())
                     .as_deref()?;
+                let found = index.lookup(at, &name).is_some();
                 let name = std::str::from_utf8(&name).ok()?;
-                Some(if dir.is_empty() {
+                let path = if dir.is_empty() {
                     name.to_string()
                 } else {
                     format!("{dir}/{name}")
-                })
+                };
+                Some((path, found))
             })
             .collect();
         Recording { units, lookups }

@@ -31,7 +31,8 @@ pub struct Profile {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reach: Vec<u64>,
     /// Paths from the image's root whose last name the kernel looked up,
-    /// found or not, in first-lookup order. A fresh mount looks them up
+    /// in first-lookup order: found or not in the first recording, found
+    /// in later ones. A fresh mount looks them up
     /// itself before its container does: each is a FUSE round trip that
     /// then leaves the container's way.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -105,13 +106,18 @@ pub fn merge(index: &Path, manifest_digest: &str, recorded: &Recording) -> Resul
         }
     }
     p.reach = reach;
+    // Names a workload makes up (temporary files, Python's `X.pyc.ID`
+    // while it writes bytecode) are looked up absent, and new ones come
+    // with every run: absent names are taken from the first recording
+    // only, and later ones add names the image has.
+    let first = p.lookups.is_empty();
     let mut known: std::collections::HashSet<String> = p.lookups.iter().cloned().collect();
     let mut bytes: usize = p.lookups.iter().map(String::len).sum();
-    for l in &recorded.lookups {
+    for (l, found) in &recorded.lookups {
         if p.lookups.len() >= MAX_LOOKUPS || bytes + l.len() > MAX_LOOKUP_BYTES {
             break;
         }
-        if known.insert(l.clone()) {
+        if (first || *found) && known.insert(l.clone()) {
             bytes += l.len();
             p.lookups.push(l.clone());
         }
@@ -154,16 +160,29 @@ mod tests {
     fn lookups_refine_in_first_lookup_order_without_repeats() {
         let dir = tempfile::tempdir().unwrap();
         let index = dir.path().join("x.clip");
+        // A leading `-`: a name the image does not have.
         let rec = |l: &[&str]| Recording {
             units: Vec::new(),
-            lookups: l.iter().map(|s| s.to_string()).collect(),
+            lookups: l
+                .iter()
+                .map(|s| (s.trim_start_matches('-').to_string(), !s.starts_with('-')))
+                .collect(),
         };
-        merge(&index, "sha256:a", &rec(&["usr", "usr/lib", "nope"])).unwrap();
-        merge(&index, "sha256:a", &rec(&["etc", "usr/lib", "etc/passwd"])).unwrap();
+        merge(&index, "sha256:a", &rec(&["usr", "usr/lib", "-nope"])).unwrap();
+        merge(
+            &index,
+            "sha256:a",
+            &rec(&["etc", "usr/lib", "-x.pyc.1234", "etc/passwd"]),
+        )
+        .unwrap();
         let p = load(&index, "sha256:a").unwrap();
-        assert_eq!(p.lookups, ["usr", "usr/lib", "nope", "etc", "etc/passwd"]);
+        assert_eq!(
+            p.lookups,
+            ["usr", "usr/lib", "nope", "etc", "etc/passwd"],
+            "absent names come from the first recording only"
+        );
         // Bounded: a recording past the bound adds nothing more.
-        let many: Vec<String> = (0..MAX_LOOKUPS + 10).map(|i| format!("n{i}")).collect();
+        let many = (0..MAX_LOOKUPS + 10).map(|i| (format!("n{i}"), true)).collect();
         merge(
             &index,
             "sha256:a",
