@@ -392,8 +392,8 @@ impl Daemon {
             }
         }
         let served = clip_fs::serve_fd(view.clone(), fd, initialized, self.opts.fuse_threads)?;
-        if let Some(p) = profile {
-            look_up_ahead(&record.dir, &index.index, &p);
+        if let Some(p) = profile.filter(|p| !p.lookups.is_empty()) {
+            look_up_ahead(&record.dir, index.clone(), p);
         }
         let dup = served.fd.try_clone()?;
         let dir = record.dir.clone();
@@ -673,14 +673,12 @@ impl Daemon {
 /// lookups of those names make no FUSE round trip. Each one costs a
 /// container about 0.1 ms on a busy node, and Python makes a thousand
 /// (it opens every module's `__pycache__` entry by name).
-fn look_up_ahead(dir: &Path, index: &clip_format::Index, profile: &crate::profiles::Profile) {
-    let paths: Vec<PathBuf> = profile.lookups_in(index).into_iter().map(|p| dir.join(p)).collect();
-    if paths.is_empty() {
-        return;
-    }
+fn look_up_ahead(dir: &Path, index: Arc<clip_format::IndexFile>, profile: crate::profiles::Profile) {
     let dir = dir.to_path_buf();
     let spawned = std::thread::Builder::new().name("clip-lookups".into()).spawn(move || {
         let t = Instant::now();
+        // Checked here, off the mount's path: a thousand resolves.
+        let paths: Vec<PathBuf> = profile.lookups_in(&index.index).into_iter().map(|p| dir.join(p)).collect();
         for p in &paths {
             // Absent names are the point as much as present ones.
             let _ = std::fs::symlink_metadata(p);
