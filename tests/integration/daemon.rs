@@ -329,3 +329,30 @@ fn an_image_lingers_after_its_last_container() {
     // It mounts again on demand.
     run();
 }
+
+/// A test that fails between `mount --cid` and `umount --cid` must not
+/// leave the container's overlay mounted: its `DaemonGuard` detaches every
+/// overlay below its directory, paths with spaces included.
+#[test]
+fn a_daemon_guard_detaches_overlays_left_mounted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("containers/a b");
+    for d in ["lower", "upper", "work", "rootfs"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        root.join("lower").display(),
+        root.join("upper").display(),
+        root.join("work").display()
+    );
+    let o = Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o", &opts])
+        .arg(root.join("rootfs"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(harness::overlays_under(tmp.path()), vec![root.join("rootfs")]);
+    drop(DaemonGuard::new(tmp.path()));
+    assert!(harness::overlays_under(tmp.path()).is_empty());
+}

@@ -246,6 +246,12 @@ impl DaemonGuard {
 
 impl Drop for DaemonGuard {
     fn drop(&mut self) {
+        // A test that failed between `mount --cid` and `umount --cid` left
+        // a container's overlay mounted over clipd's mount: detach it
+        // first, or it outlives the test.
+        for dir in overlays_under(&self.0) {
+            let _ = Command::new("umount").arg("-l").arg(&dir).output();
+        }
         let _ = clipctl()
             .args(["daemon", "stop"])
             .env("CLIP_RUN_DIR", self.0.join("run"))
@@ -253,6 +259,45 @@ impl Drop for DaemonGuard {
             .env("CLIP_CACHE_DIR", self.0.join("cache"))
             .output();
     }
+}
+
+/// Overlay mount points below `dir`, deepest first (from this process's
+/// mountinfo, whose paths escape spaces and the like as octal).
+pub fn overlays_under(dir: &Path) -> Vec<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut found: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            let point = pre.split(' ').nth(4)?;
+            (post.split(' ').next()? == "overlay").then(|| PathBuf::from(unescape_mountinfo(point)))
+        })
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    found
+}
+
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b
+            .get(i + 1..i + 4)
+            .and_then(|o| u8::from_str_radix(std::str::from_utf8(o).ok()?, 8).ok())
+        {
+            Some(v) if b[i] == b'\\' => {
+                out.push(v);
+                i += 4;
+            }
+            _ => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Runs clipctl, asserting success; returns stdout.
