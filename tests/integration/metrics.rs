@@ -173,6 +173,14 @@ fn scraped_range_get_bytes_equal_what_the_registry_served() {
     assert!(total(&e, "clip_cache_misses", None) >= requests - base_requests);
     assert!(total(&e, "clip_inflate_bytes", None) >= read as f64);
     assert!(total(&e, "clip_inflate_cpu_seconds", None) > 0.0);
+    // The cold reads waited for fetches: at most two per read (a read may
+    // cross the end of a unit).
+    let waits = total(&e, "clip_demand_waits", None);
+    assert!(
+        waits >= 1.0 && waits <= 2.0 * total(&e, "clip_fuse_ops", Some(("op", "read"))),
+        "{text}"
+    );
+    assert!(total(&e, "clip_demand_wait_seconds", None) > 0.0);
     assert!(total(&e, "clip_fuse_bytes", Some(("op", "read"))) >= read as f64);
     assert!(total(&e, "clip_fuse_ops", Some(("op", "lookup"))) > 0.0);
     assert_eq!(

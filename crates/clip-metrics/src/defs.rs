@@ -135,6 +135,14 @@ pub const CACHE_MISSES: CounterDef = counter(
     "clip_cache_misses",
     "Units (spans, or pieces of long spans) fetched because neither cache had them.",
 );
+pub const DEMAND_WAITS: CounterDef = counter(
+    "clip_demand_waits",
+    "Reads that found their unit in no cache and waited for it: fetched by the read itself, or by a fetch already under way.",
+);
+pub const DEMAND_WAIT_SECONDS: CounterDef = seconds(
+    "clip_demand_wait_seconds",
+    "Time reads spent waiting for units no cache held (see clip_demand_waits).",
+);
 pub const CACHE_WRITTEN_BYTES: CounterDef = counter(
     "clip_cache_written_bytes",
     "Uncompressed bytes written to the disk cache.",

@@ -211,6 +211,8 @@ struct Metrics {
     disk_hits: Arc<Counter>,
     disk_hit_bytes: Arc<Counter>,
     misses: Arc<Counter>,
+    demand_waits: Arc<Counter>,
+    demand_wait_seconds: Arc<Counter>,
     prefetches: Arc<Counter>,
     prefix_saved: Arc<Counter>,
     prefix_misses: Arc<Counter>,
@@ -292,6 +294,8 @@ impl LayerStore {
                 disk_hits: defs::CACHE_HITS.with(&[("tier", "disk")]),
                 disk_hit_bytes: defs::CACHE_HIT_BYTES.with(&[("tier", "disk")]),
                 misses: defs::CACHE_MISSES.get(),
+                demand_waits: defs::DEMAND_WAITS.get(),
+                demand_wait_seconds: defs::DEMAND_WAIT_SECONDS.get(),
                 prefetches: defs::PREFETCHES.get(),
                 prefix_saved: defs::PREFIX_SAVED_BYTES.get(),
                 prefix_misses: defs::PREFIX_MISSES.get(),
@@ -384,7 +388,11 @@ impl LayerStore {
         }
         let v = {
             let _waiting = Counted::enter(&self.waiting);
-            self.unit(layer, u, Why::Demand, off + n)?
+            let t0 = Instant::now();
+            let v = self.unit(layer, u, Why::Demand, off + n);
+            self.metrics.demand_waits.inc();
+            self.metrics.demand_wait_seconds.inc_by(t0.elapsed().as_nanos() as u64);
+            v?
         };
         let b = v.get(off as usize..(off + n) as usize).ok_or_else(|| {
             ReadError::Index(format!(
