@@ -209,9 +209,16 @@ fn a_fresh_mount_looks_up_the_profiles_names_before_its_container_does() {
         "{p}"
     );
 
-    // A fresh mount: its own lookups of the profile's names come first.
+    // A fresh mount: its own lookups of the profile's names wait for the
+    // first read (a container's exec: the runtime's setup needs none of
+    // them), and then come first.
     ok(tmp.path(), &["daemon", "stop"]);
-    ok(tmp.path(), &["mount", "--image", &image, "--cid", "warmup"]);
+    let rootfs = ok(tmp.path(), &["mount", "--image", &image, "--cid", "warmup"]);
+    let rootfs = std::path::Path::new(rootfs.trim());
+    let unread = lookups(tmp.path());
+    assert!(unread < 200.0, "the mount looked up {unread} names before a read");
+    assert!(!crate::mount::daemon_log(tmp.path()).contains("looked up the profile's names"));
+    assert!(!std::fs::read(rootfs.join("etc/os-release")).unwrap().is_empty());
     let deadline = Instant::now() + Duration::from_secs(60);
     while !crate::mount::daemon_log(tmp.path()).contains("looked up the profile's names") {
         assert!(

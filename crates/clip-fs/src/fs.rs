@@ -566,6 +566,31 @@ mod tests {
     }
 
     #[test]
+    fn the_first_read_of_a_file_is_signalled() {
+        use clip_format::DirEntry;
+        // /f, ten bytes of zeros (inode 2).
+        let fs = fs_with(|nodes| {
+            let mut f = nodes[0].clone();
+            (f.kind, f.size, f.nlink) = (Kind::File, 10, 1);
+            nodes.push(f);
+            nodes[0].entries.push(DirEntry {
+                name: b"f".to_vec(),
+                ino: 2,
+            });
+        });
+        let v = fs.view.clone();
+        assert!(!v.wait_first_read(Duration::ZERO), "nothing read yet");
+        let waiter = {
+            let v = v.clone();
+            std::thread::spawn(move || v.wait_first_read(Duration::from_secs(60)))
+        };
+        let f = v.index().index.node(2).unwrap();
+        assert_eq!(v.read(f, 0, 100, false).unwrap(), vec![0; 10]);
+        assert!(waiter.join().unwrap(), "a waiter is woken");
+        assert!(v.wait_first_read(Duration::ZERO), "and it stays read");
+    }
+
+    #[test]
     fn device_numbers_use_the_kernel_encoding() {
         // glibc makedev(1, 3) and makedev(259, 70000)
         let glibc = |major: u64, minor: u64| {

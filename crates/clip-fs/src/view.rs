@@ -2,8 +2,8 @@
 //! Each mount has one; every mount of the host shares the store.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use clip_format::{Data, IndexFile, Node};
@@ -17,6 +17,9 @@ pub struct ImageView {
     /// Units fetched ahead of a sequential reader.
     readahead_units: usize,
     recorder: Recorder,
+    /// Whether a file has been read yet, for [`ImageView::wait_first_read`].
+    read_yet: AtomicBool,
+    first_read: (Mutex<bool>, Condvar),
 }
 
 /// A unit of the image: (layer index, unit index in its layout).
@@ -125,6 +128,8 @@ impl ImageView {
                 seen: Mutex::new((HashMap::new(), Vec::new())),
                 lookups: Mutex::new((HashSet::new(), Vec::new())),
             },
+            read_yet: AtomicBool::new(false),
+            first_read: (Mutex::new(false), Condvar::new()),
         }))
     }
 
@@ -176,6 +181,18 @@ impl ImageView {
         if self.recorder.active() {
             self.recorder.note_lookup(dir, name);
         }
+    }
+
+    /// Waits until a file of the image is first read, or `timeout`;
+    /// whether one was. In a container's rootfs the first read is its
+    /// process's exec: the runtime's setup before it reads nothing.
+    pub fn wait_first_read(&self, timeout: Duration) -> bool {
+        let (m, cv) = &self.first_read;
+        let g = m.lock().unwrap_or_else(|p| p.into_inner());
+        let (g, _) = cv
+            .wait_timeout_while(g, timeout, |read| !*read)
+            .unwrap_or_else(|p| p.into_inner());
+        *g
     }
 
     /// Queues units for prefetching, in the given order (a profile's
@@ -232,6 +249,11 @@ impl ImageView {
     pub fn read(&self, node: &Node, offset: u64, size: u32, sequential: bool) -> Result<Vec<u8>, ReadError> {
         if offset >= node.size {
             return Ok(Vec::new());
+        }
+        if !self.read_yet.load(Ordering::Relaxed) && !self.read_yet.swap(true, Ordering::Relaxed) {
+            let (m, cv) = &self.first_read;
+            *m.lock().unwrap_or_else(|p| p.into_inner()) = true;
+            cv.notify_all();
         }
         let end = node.size.min(offset + u64::from(size));
         let mut out = Vec::with_capacity((end - offset) as usize);

@@ -393,7 +393,7 @@ impl Daemon {
         }
         let served = clip_fs::serve_fd(view.clone(), fd, initialized, self.opts.fuse_threads)?;
         if let Some(p) = profile.filter(|p| !p.lookups.is_empty()) {
-            look_up_ahead(&record.dir, index.clone(), p);
+            look_up_ahead(&record.dir, index.clone(), p, view.clone());
         }
         let dup = served.fd.try_clone()?;
         let dir = record.dir.clone();
@@ -667,18 +667,33 @@ impl Daemon {
     }
 }
 
+/// How long a fresh mount's lookups wait for its container's first read.
+const FIRST_READ_WAIT: Duration = Duration::from_secs(60);
+
 /// Looks up a profile's names in the fresh mount at `dir`, in the order
 /// its containers did, on a thread of its own: the kernel keeps each
 /// answer (found or not) for the entries' timeout, so the container's own
 /// lookups of those names make no FUSE round trip. Each one costs a
 /// container about 0.1 ms on a busy node, and Python makes a thousand
-/// (it opens every module's `__pycache__` entry by name).
-fn look_up_ahead(dir: &Path, index: Arc<clip_format::IndexFile>, profile: crate::profiles::Profile) {
+/// (it opens every module's `__pycache__` entry by name). They start at
+/// the mount's first read, or after [`FIRST_READ_WAIT`] without one.
+fn look_up_ahead(
+    dir: &Path,
+    index: Arc<clip_format::IndexFile>,
+    profile: crate::profiles::Profile,
+    view: Arc<ImageView>,
+) {
     let dir = dir.to_path_buf();
     let spawned = std::thread::Builder::new().name("clip-lookups".into()).spawn(move || {
-        let t = Instant::now();
         // Checked here, off the mount's path: a thousand resolves.
         let paths: Vec<PathBuf> = profile.lookups_in(&index.index).into_iter().map(|p| dir.join(p)).collect();
+        // Not beside the runtime's setup, which has the same two cores to
+        // share and needs none of these names: from the container's first
+        // read (its exec) on, ahead of its own lookups.
+        let waited = Instant::now();
+        let read = view.wait_first_read(FIRST_READ_WAIT);
+        let t = Instant::now();
+        tracing::debug!(read, waited = waited.elapsed().as_secs_f64(), "the mount's first read");
         for p in &paths {
             // Absent names are the point as much as present ones.
             let _ = std::fs::symlink_metadata(p);
