@@ -393,7 +393,7 @@ impl Daemon {
         }
         let served = clip_fs::serve_fd(view.clone(), fd, initialized, self.opts.fuse_threads)?;
         if let Some(p) = profile.filter(|p| !p.lookups.is_empty()) {
-            look_up_ahead(&record.dir, index.clone(), p, view.clone());
+            look_up_ahead(&record.dir, p, view.clone());
         }
         let dup = served.fd.try_clone()?;
         let dir = record.dir.clone();
@@ -677,16 +677,11 @@ const FIRST_READ_WAIT: Duration = Duration::from_secs(60);
 /// container about 0.1 ms on a busy node, and Python makes a thousand
 /// (it opens every module's `__pycache__` entry by name). They start at
 /// the mount's first read, or after [`FIRST_READ_WAIT`] without one.
-fn look_up_ahead(
-    dir: &Path,
-    index: Arc<clip_format::IndexFile>,
-    profile: crate::profiles::Profile,
-    view: Arc<ImageView>,
-) {
+fn look_up_ahead(dir: &Path, profile: crate::profiles::Profile, view: Arc<ImageView>) {
     let dir = dir.to_path_buf();
     let spawned = std::thread::Builder::new().name("clip-lookups".into()).spawn(move || {
         // Checked here, off the mount's path: a thousand resolves.
-        let paths: Vec<PathBuf> = profile.lookups_in(&index.index).into_iter().map(|p| dir.join(p)).collect();
+        let paths: Vec<PathBuf> = profile.lookups_in(&view.index().index).into_iter().map(|p| dir.join(p)).collect();
         // Not beside the runtime's setup, which has the same two cores to
         // share and needs none of these names: from the container's first
         // read (its exec) on, ahead of its own lookups.
