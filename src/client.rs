@@ -50,32 +50,57 @@ fn idempotent(req: &Request) -> bool {
 }
 
 /// Sends a request to the host's clipd (started if none runs), showing
-/// progress on a terminal and warnings on stderr. An idempotent request
-/// whose connection the daemon dropped (its worker died mid-request) is
-/// sent once more, to the next worker.
+/// progress on a terminal and warnings on stderr. A request the daemon
+/// dropped is sent once more, to the next worker (see [`resend`]).
 pub fn call(req: &Request) -> Result<Reply> {
-    match call_once(req) {
-        Err(e) if idempotent(req) && dropped(&e) => {
-            std::thread::sleep(std::time::Duration::from_millis(200));
-            call_once(req)
+    let mut attempt = 1;
+    loop {
+        match call_once(req) {
+            Err(e) if attempt < 5 && dropped(&e).is_some_and(|d| resend(req, d, attempt)) => {
+                std::thread::sleep(std::time::Duration::from_millis(100 * attempt));
+                attempt += 1;
+            }
+            r => return r,
         }
-        r => r,
     }
 }
 
-fn dropped(e: &anyhow::Error) -> bool {
-    e.chain()
-        .any(|c| c.downcast_ref::<clip_api::Error>().is_some_and(api_dropped))
+/// How a daemon dropped a request.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Dropped {
+    /// Reset or a broken pipe: a Unix socket is reset only when it closes
+    /// with the request unread (never accepted, or half read), so no
+    /// daemon acted on it. A daemon killed just before the client
+    /// connected still holds its listener for the moment its threads take
+    /// to exit; the client's connection then lands in a dying backlog.
+    Unread,
+    /// The connection ended without a reply: the request may have been
+    /// acted on.
+    Unanswered,
 }
 
-fn api_dropped(e: &clip_api::Error) -> bool {
+/// Whether a request dropped this way is sent again after `attempt`
+/// tries: one never read, a few times (a dying daemon's backlog can take
+/// one try); one perhaps acted on, once, and only if sending it twice
+/// means the same.
+fn resend(req: &Request, d: Dropped, attempt: u64) -> bool {
+    d == Dropped::Unread || (attempt == 1 && idempotent(req))
+}
+
+fn dropped(e: &anyhow::Error) -> Option<Dropped> {
+    e.chain()
+        .find_map(|c| c.downcast_ref::<clip_api::Error>().and_then(api_dropped))
+}
+
+fn api_dropped(e: &clip_api::Error) -> Option<Dropped> {
     match e {
-        clip_api::Error::NoReply => true,
-        clip_api::Error::Io(io) => matches!(
-            io.kind(),
-            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::UnexpectedEof
-        ),
-        _ => false,
+        clip_api::Error::NoReply => Some(Dropped::Unanswered),
+        clip_api::Error::Io(io) => match io.kind() {
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe => Some(Dropped::Unread),
+            std::io::ErrorKind::UnexpectedEof => Some(Dropped::Unanswered),
+            _ => None,
+        },
+        _ => None,
     }
 }
 
@@ -116,7 +141,7 @@ pub fn call_running(req: &Request) -> Result<Option<Reply>> {
     match Client::connect(&run, false) {
         Ok(c) => match c.call(req, |_| {}) {
             Ok(r) => Ok(Some(r)),
-            Err(e) if idempotent(req) && api_dropped(&e) => {
+            Err(e) if api_dropped(&e).is_some_and(|d| resend(req, d, 1)) => {
                 std::thread::sleep(std::time::Duration::from_millis(200));
                 Ok(Some(Client::connect(&run, false)?.call(req, |_| {})?))
             }
@@ -131,5 +156,42 @@ pub fn call_running(req: &Request) -> Result<Option<Reply>> {
             Ok(None)
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::{UnixListener, UnixStream};
+
+    /// What a client sees of a daemon that dies before or after reading
+    /// its request, on real sockets.
+    fn drop_at(read_first: bool) -> Option<Dropped> {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = UnixListener::bind(dir.path().join("s")).unwrap();
+        let client = Client::from_stream(UnixStream::connect(dir.path().join("s")).unwrap());
+        let waiter = std::thread::spawn(move || client.call(&Request::Ps, |_| {}).unwrap_err());
+        if read_first {
+            let (mut conn, _) = listener.accept().unwrap();
+            let req: Option<Request> = clip_api::read_frame(&mut conn).unwrap();
+            assert!(req.is_some());
+        }
+        // Otherwise the request is in the backlog, unread (or not yet
+        // written: the write then fails), when the listener goes.
+        drop(listener);
+        api_dropped(&waiter.join().unwrap())
+    }
+
+    #[test]
+    fn a_request_the_daemon_never_read_is_sent_again_and_one_it_read_only_if_idempotent() {
+        assert_eq!(drop_at(false), Some(Dropped::Unread));
+        assert_eq!(drop_at(true), Some(Dropped::Unanswered));
+        let umount = Request::Umount { dir: "/mnt".into() };
+        assert!(resend(&umount, Dropped::Unread, 1));
+        assert!(resend(&umount, Dropped::Unread, 3));
+        assert!(!resend(&umount, Dropped::Unanswered, 1));
+        assert!(resend(&Request::Ps, Dropped::Unanswered, 1));
+        assert!(!resend(&Request::Ps, Dropped::Unanswered, 2));
+        assert_eq!(api_dropped(&clip_api::Error::Daemon("no".into())), None);
     }
 }

@@ -306,12 +306,19 @@ pub fn clipctl_ok(args: &[&str]) -> Vec<u8> {
 }
 
 pub fn process_running(pid: i32) -> bool {
-    // A zombie still answers kill(0); look at its state instead.
+    // A zombie still answers kill(0); look at its threads' states instead.
+    // A killed process's leader is a zombie while its other threads are
+    // still exiting, holding its descriptors (a listening socket, say).
+    let live = |stat: &str| {
+        stat.rsplit(')')
+            .next()
+            .is_some_and(|rest| !rest.trim_start().starts_with(['Z', 'X']))
+    };
     pid > 0
-        && std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-            s.rsplit(')')
-                .next()
-                .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+        && std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|tasks| {
+            tasks
+                .flatten()
+                .any(|t| std::fs::read_to_string(t.path().join("stat")).is_ok_and(|s| live(&s)))
         })
 }
 

@@ -372,6 +372,11 @@ pub struct Client {
 }
 
 impl Client {
+    /// A client on a connection made elsewhere.
+    pub fn from_stream(stream: UnixStream) -> Self {
+        Self { stream }
+    }
+
     /// Connects to the daemon of `run` (see [`run_dir`]), starting it if
     /// none answers and `start` is set.
     pub fn connect(run: &Path, start: bool) -> Result<Self> {
