@@ -236,4 +236,14 @@ fn a_fresh_mount_looks_up_the_profiles_names_before_its_container_does() {
     let made = lookups(tmp.path()) - before;
     assert!(made < 20.0, "the container made {made} lookups of its own");
     ok(tmp.path(), &["umount", "--cid", "warmup"]);
+
+    // A mount that ends unread makes none, and its lookups do not wait
+    // out the first read's 60 s holding the image.
+    ok(tmp.path(), &["mount", "--image", &image, "--cid", "unread"]);
+    ok(tmp.path(), &["umount", "--cid", "unread"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !crate::mount::daemon_log(tmp.path()).contains("the mount ended unread: no lookups") {
+        assert!(Instant::now() < deadline, "the unread mount's lookups still wait");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -470,6 +470,7 @@ impl Filesystem for ClipFs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::FirstReadIs;
 
     /// A filesystem over an index with nothing but its root.
     fn empty_fs() -> ClipFs {
@@ -579,15 +580,29 @@ mod tests {
             });
         });
         let v = fs.view.clone();
-        assert!(!v.wait_first_read(Duration::ZERO), "nothing read yet");
+        let signal = v.first_read();
+        assert_eq!(signal.wait(Duration::ZERO), FirstReadIs::Late, "nothing read yet");
         let waiter = {
-            let v = v.clone();
-            std::thread::spawn(move || v.wait_first_read(Duration::from_secs(60)))
+            let signal = signal.clone();
+            std::thread::spawn(move || signal.wait(Duration::from_secs(60)))
         };
         let f = v.index().index.node(2).unwrap();
         assert_eq!(v.read(f, 0, 100, false).unwrap(), vec![0; 10]);
-        assert!(waiter.join().unwrap(), "a waiter is woken");
-        assert!(v.wait_first_read(Duration::ZERO), "and it stays read");
+        assert_eq!(waiter.join().unwrap(), FirstReadIs::Read, "a waiter is woken");
+        drop((fs, v));
+        assert_eq!(signal.wait(Duration::ZERO), FirstReadIs::Read, "and it stays read");
+    }
+
+    #[test]
+    fn a_view_that_goes_unread_wakes_its_first_reads_waiters() {
+        let fs = fs_with(|_| {});
+        let signal = fs.view.first_read();
+        let waiter = {
+            let signal = signal.clone();
+            std::thread::spawn(move || signal.wait(Duration::from_secs(60)))
+        };
+        drop(fs);
+        assert_eq!(waiter.join().unwrap(), FirstReadIs::Gone);
     }
 
     #[test]

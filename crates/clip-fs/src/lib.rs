@@ -11,4 +11,4 @@ pub mod view;
 
 pub use fs::ClipFs;
 pub use session::{notify_resend, serve_fd, Served};
-pub use view::{CopyError, ImageView};
+pub use view::{CopyError, FirstRead, FirstReadIs, ImageView};

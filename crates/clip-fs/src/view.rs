@@ -17,9 +17,56 @@ pub struct ImageView {
     /// Units fetched ahead of a sequential reader.
     readahead_units: usize,
     recorder: Recorder,
-    /// Whether a file has been read yet, for [`ImageView::wait_first_read`].
+    /// Whether a file has been read yet, for [`ImageView::first_read`].
     read_yet: AtomicBool,
-    first_read: (Mutex<bool>, Condvar),
+    first_read: Arc<FirstRead>,
+}
+
+/// A view's first read, told to those who wait for it without holding the
+/// view: a view that goes unread (its mount ended) wakes them too.
+#[derive(Default)]
+pub struct FirstRead {
+    state: Mutex<Option<FirstReadIs>>,
+    cv: Condvar,
+}
+
+/// How a wait for a view's first read ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FirstReadIs {
+    /// A file was read.
+    Read,
+    /// The view went, unread.
+    Gone,
+    /// Neither within the wait.
+    Late,
+}
+
+impl FirstRead {
+    fn set(&self, to: FirstReadIs) {
+        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if g.is_none() {
+            *g = Some(to);
+            self.cv.notify_all();
+        }
+    }
+
+    /// Waits until a file of the view is first read, the view goes, or
+    /// `timeout`. In a container's rootfs the first read is its process's
+    /// exec: the runtime's setup before it reads nothing.
+    pub fn wait(&self, timeout: Duration) -> FirstReadIs {
+        let g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (g, _) = self
+            .cv
+            .wait_timeout_while(g, timeout, |s| s.is_none())
+            .unwrap_or_else(|p| p.into_inner());
+        g.unwrap_or(FirstReadIs::Late)
+    }
+}
+
+impl Drop for ImageView {
+    fn drop(&mut self) {
+        self.first_read.set(FirstReadIs::Gone);
+    }
 }
 
 /// A unit of the image: (layer index, unit index in its layout).
@@ -129,7 +176,7 @@ impl ImageView {
                 lookups: Mutex::new((HashSet::new(), Vec::new())),
             },
             read_yet: AtomicBool::new(false),
-            first_read: (Mutex::new(false), Condvar::new()),
+            first_read: Arc::default(),
         }))
     }
 
@@ -183,16 +230,9 @@ impl ImageView {
         }
     }
 
-    /// Waits until a file of the image is first read, or `timeout`;
-    /// whether one was. In a container's rootfs the first read is its
-    /// process's exec: the runtime's setup before it reads nothing.
-    pub fn wait_first_read(&self, timeout: Duration) -> bool {
-        let (m, cv) = &self.first_read;
-        let g = m.lock().unwrap_or_else(|p| p.into_inner());
-        let (g, _) = cv
-            .wait_timeout_while(g, timeout, |read| !*read)
-            .unwrap_or_else(|p| p.into_inner());
-        *g
+    /// The signal of this view's first read (see [`FirstRead::wait`]).
+    pub fn first_read(&self) -> Arc<FirstRead> {
+        self.first_read.clone()
     }
 
     /// Queues units for prefetching, in the given order (a profile's
@@ -251,9 +291,7 @@ impl ImageView {
             return Ok(Vec::new());
         }
         if !self.read_yet.load(Ordering::Relaxed) && !self.read_yet.swap(true, Ordering::Relaxed) {
-            let (m, cv) = &self.first_read;
-            *m.lock().unwrap_or_else(|p| p.into_inner()) = true;
-            cv.notify_all();
+            self.first_read.set(FirstReadIs::Read);
         }
         let end = node.size.min(offset + u64::from(size));
         let mut out = Vec::with_capacity((end - offset) as usize);

@@ -676,7 +676,8 @@ const FIRST_READ_WAIT: Duration = Duration::from_secs(60);
 /// lookups of those names make no FUSE round trip. Each one costs a
 /// container about 0.1 ms on a busy node, and Python makes a thousand
 /// (it opens every module's `__pycache__` entry by name). They start at
-/// the mount's first read, or after [`FIRST_READ_WAIT`] without one.
+/// the mount's first read, or after [`FIRST_READ_WAIT`] without one; a
+/// mount that ends unread makes none.
 fn look_up_ahead(dir: &Path, profile: crate::profiles::Profile, view: Arc<ImageView>) {
     let dir = dir.to_path_buf();
     let spawned = std::thread::Builder::new().name("clip-lookups".into()).spawn(move || {
@@ -684,11 +685,18 @@ fn look_up_ahead(dir: &Path, profile: crate::profiles::Profile, view: Arc<ImageV
         let paths: Vec<PathBuf> = profile.lookups_in(&view.index().index).into_iter().map(|p| dir.join(p)).collect();
         // Not beside the runtime's setup, which has the same two cores to
         // share and needs none of these names: from the container's first
-        // read (its exec) on, ahead of its own lookups.
+        // read (its exec) on, ahead of its own lookups. The wait does not
+        // hold the view (and its index) past its mount.
+        let first_read = view.first_read();
+        drop(view);
         let waited = Instant::now();
-        let read = view.wait_first_read(FIRST_READ_WAIT);
+        let read = first_read.wait(FIRST_READ_WAIT);
         let t = Instant::now();
-        tracing::debug!(read, waited = waited.elapsed().as_secs_f64(), "the mount's first read");
+        tracing::debug!(?read, waited = waited.elapsed().as_secs_f64(), "the mount's first read");
+        if read == clip_fs::FirstReadIs::Gone {
+            tracing::info!(dir = %dir.display(), "the mount ended unread: no lookups");
+            return;
+        }
         for p in &paths {
             // Absent names are the point as much as present ones.
             let _ = std::fs::symlink_metadata(p);
