@@ -51,11 +51,17 @@ fn idempotent(req: &Request) -> bool {
 
 /// Sends a request to the host's clipd (started if none runs), showing
 /// progress on a terminal and warnings on stderr. A request the daemon
-/// dropped is sent once more, to the next worker (see [`resend`]).
+/// dropped goes again, to the next worker, as [`resend`] allows.
 pub fn call(req: &Request) -> Result<Reply> {
+    resending(req, || call_once(req))
+}
+
+/// Runs `once` (one connection, one request) again while it fails in a
+/// way [`resend`] allows, at most 5 times, backing off a little each time.
+fn resending<T>(req: &Request, mut once: impl FnMut() -> Result<T>) -> Result<T> {
     let mut attempt = 1;
     loop {
-        match call_once(req) {
+        match once() {
             Err(e) if attempt < 5 && dropped(&e).is_some_and(|d| resend(req, d, attempt)) => {
                 std::thread::sleep(std::time::Duration::from_millis(100 * attempt));
                 attempt += 1;
@@ -138,25 +144,26 @@ fn call_once(req: &Request) -> Result<Reply> {
 /// Asks a running clipd, without starting one.
 pub fn call_running(req: &Request) -> Result<Option<Reply>> {
     let run = clip_api::run_dir();
-    match Client::connect(&run, false) {
-        Ok(c) => match c.call(req, |_| {}) {
-            Ok(r) => Ok(Some(r)),
-            Err(e) if api_dropped(&e).is_some_and(|d| resend(req, d, 1)) => {
-                std::thread::sleep(std::time::Duration::from_millis(200));
-                Ok(Some(Client::connect(&run, false)?.call(req, |_| {})?))
-            }
-            Err(e) => Err(e.into()),
-        },
+    let mut first = match Client::connect(&run, false) {
+        Ok(c) => Some(c),
         Err(clip_api::Error::Connect { source, .. })
             if matches!(
                 source.kind(),
                 std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
             ) =>
         {
-            Ok(None)
+            return Ok(None)
         }
-        Err(e) => Err(e.into()),
-    }
+        Err(e) => return Err(e.into()),
+    };
+    resending(req, || {
+        let c = match first.take() {
+            Some(c) => c,
+            None => Client::connect(&run, false)?,
+        };
+        Ok(c.call(req, |_| {})?)
+    })
+    .map(Some)
 }
 
 #[cfg(test)]
