@@ -325,7 +325,12 @@ fn nix_statfs(p: &Path) -> u64 {
 fn kill_and_wait(pid: i32) {
     // SAFETY: plain kill of our test's daemon.
     unsafe { libc::kill(pid, libc::SIGKILL) };
-    let deadline = Instant::now() + Duration::from_secs(5);
+    wait_gone(pid);
+}
+
+/// Waits (a while) for a killed process to end, every thread of it.
+fn wait_gone(pid: i32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
     while harness::process_running(pid) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -371,6 +376,7 @@ fn mounts_survive_a_killed_worker_and_a_killed_daemon_is_cleaned_up() {
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }
     m.umount();
+    wait_gone(w3);
     assert!(!harness::process_running(w3));
     assert!(!is_mounted(&m.dir));
     let out = m.cmd(&["umount", m.dir.to_str().unwrap()]).output().unwrap();
