@@ -219,14 +219,12 @@ fn a_fresh_mount_looks_up_the_profiles_names_before_its_container_does() {
     assert!(unread < 200.0, "the mount looked up {unread} names before a read");
     assert!(!crate::mount::daemon_log(tmp.path()).contains("looked up the profile's names"));
     assert!(!std::fs::read(rootfs.join("etc/os-release")).unwrap().is_empty());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !crate::mount::daemon_log(tmp.path()).contains("looked up the profile's names") {
-        assert!(
-            Instant::now() < deadline,
-            "the mount did not look up the profile's names"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_log(
+        tmp.path(),
+        "looked up the profile's names",
+        60,
+        "the mount did not look up the profile's names",
+    );
     let before = lookups(tmp.path());
     assert!(before >= 200.0, "the mount made {before} lookups");
 
@@ -241,9 +239,20 @@ fn a_fresh_mount_looks_up_the_profiles_names_before_its_container_does() {
     // out the first read's 60 s holding the image.
     ok(tmp.path(), &["mount", "--image", &image, "--cid", "unread"]);
     ok(tmp.path(), &["umount", "--cid", "unread"]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !crate::mount::daemon_log(tmp.path()).contains("the mount ended unread: no lookups") {
-        assert!(Instant::now() < deadline, "the unread mount's lookups still wait");
+    wait_for_log(
+        tmp.path(),
+        "the mount ended unread: no lookups",
+        30,
+        "the unread mount's lookups still wait",
+    );
+}
+
+/// Waits up to `secs` for the node's clipd to log `line`; fails with
+/// `otherwise`.
+fn wait_for_log(tmp: &std::path::Path, line: &str, secs: u64, otherwise: &str) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !crate::mount::daemon_log(tmp).contains(line) {
+        assert!(Instant::now() < deadline, "{otherwise}");
         std::thread::sleep(Duration::from_millis(50));
     }
 }
