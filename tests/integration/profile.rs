@@ -250,9 +250,102 @@ fn a_fresh_mount_looks_up_the_profiles_names_before_its_container_does() {
 /// Waits up to `secs` for the node's clipd to log `line`; fails with
 /// `otherwise`.
 fn wait_for_log(tmp: &std::path::Path, line: &str, secs: u64, otherwise: &str) {
+    wait_for_logs(tmp, line, 1, secs, otherwise)
+}
+
+/// [`wait_for_log`], until the log (kept across restarts) has `line`
+/// `count` times.
+fn wait_for_logs(tmp: &std::path::Path, line: &str, count: usize, secs: u64, otherwise: &str) {
     let deadline = Instant::now() + Duration::from_secs(secs);
-    while !crate::mount::daemon_log(tmp).contains(line) {
+    while crate::mount::daemon_log(tmp).matches(line).count() < count {
         assert!(Instant::now() < deadline, "{otherwise}");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+#[test]
+fn a_fresh_mount_pushes_the_profiles_reads_into_the_page_cache_and_shrugs_off_bogus_ones() {
+    let reg = registry();
+    let tmp = tempfile::tempdir().unwrap();
+    let _daemon = DaemonGuard::new(tmp.path());
+    let image = format!("{}/clip/debian:latest", reg.host());
+    let cmd = "cat /usr/bin/bash /usr/lib/x86_64-linux-gnu/libc.so.6 /opt/clip/random.bin | md5sum";
+    let expected = expected_of(cmd);
+    assert_eq!(ok(tmp.path(), &["record", &image, "sh", "-c", cmd]), expected);
+    let mut p = recorded_profile(tmp.path());
+    let recorded: u64 = p["reads"]
+        .as_array()
+        .expect("the profile keeps its reads")
+        .iter()
+        .map(|r| r[2].as_u64().unwrap())
+        .sum();
+    let files = [
+        "usr/bin/bash",
+        "usr/lib/x86_64-linux-gnu/libc.so.6",
+        "opt/clip/random.bin",
+    ];
+    let sizes: u64 = files
+        .iter()
+        .map(|f| std::fs::metadata(unpacked("debian").join(f)).unwrap().len())
+        .sum();
+    assert!(recorded >= sizes, "the reads cover {recorded} bytes, the files {sizes}");
+
+    // A cold node but for the index and the profile. The mount pushes
+    // once its first read (a container's exec) has come and the lookups
+    // are made.
+    let push_and_run = |tmp: &std::path::Path, nth: usize| {
+        ok(tmp, &["daemon", "stop"]);
+        std::fs::remove_dir_all(tmp.join("cache")).unwrap();
+        let rootfs = ok(tmp, &["mount", "--image", &image, "--cid", "warmup"]);
+        assert!(
+            !std::fs::read(std::path::Path::new(rootfs.trim()).join("etc/os-release"))
+                .unwrap()
+                .is_empty()
+        );
+        wait_for_logs(
+            tmp,
+            "pushed the profile's reads into the page cache",
+            nth,
+            60,
+            "the mount did not push the profile's reads",
+        );
+        let pushed = metric(tmp, "clip_page_cache_pushed_bytes_total");
+        let before = metric(tmp, "clip_fuse_bytes_total{op=\"read\"}");
+        // The container's bytes are right, and nearly all of them come
+        // from the page cache: the pushed pieces, not FUSE reads.
+        assert_eq!(ok(tmp, &["run", "--rm", &image, "sh", "-c", cmd]), expected);
+        let read = metric(tmp, "clip_fuse_bytes_total{op=\"read\"}") - before;
+        ok(tmp, &["umount", "--cid", "warmup"]);
+        (pushed, read)
+    };
+    let (pushed, read) = push_and_run(tmp.path(), 1);
+    assert!(pushed >= sizes as f64, "pushed {pushed} bytes of the files' {sizes}");
+    assert!(
+        read < sizes as f64 / 10.0,
+        "the container still read {read} bytes through FUSE"
+    );
+
+    // Reads that name no layer, bytes past a layer's end, or overflow,
+    // among the good ones: skipped, and the container's bytes stay right.
+    let reads = p["reads"].as_array_mut().unwrap();
+    for bogus in [
+        serde_json::json!([99, 0, 4096]),
+        serde_json::json!([0, u64::MAX - 10, u64::MAX]),
+        serde_json::json!([0, 1u64 << 50, 1 << 20]),
+    ] {
+        reads.insert(0, bogus);
+    }
+    let profile = std::fs::read_dir(tmp.path().join("base/index"))
+        .unwrap()
+        .flatten()
+        .find(|e| e.path().extension().is_some_and(|x| x == "profile"))
+        .unwrap()
+        .path();
+    std::fs::write(&profile, serde_json::to_vec(&p).unwrap()).unwrap();
+    let (pushed, read) = push_and_run(tmp.path(), 2);
+    assert!(pushed >= sizes as f64, "pushed {pushed} bytes of the files' {sizes}");
+    assert!(
+        read < sizes as f64 / 10.0,
+        "the container still read {read} bytes through FUSE"
+    );
 }

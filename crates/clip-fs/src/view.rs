@@ -76,6 +76,12 @@ pub type UnitRef = (u32, u32);
 /// its start to the end of the furthest read (`u64::MAX`: all of it).
 pub type Reach = (UnitRef, u64);
 
+/// Bytes of a layer a read asked for: (layer index, first byte of the
+/// layer's uncompressed stream, length). Independent of the index's
+/// checkpoints and inode numbers: any index of the image maps it to its
+/// files.
+pub type LayerRead = (u32, u64, u64);
+
 /// Slack added to a recorded reach when it is replayed: the kernel's
 /// read-ahead in a later start may go a little further than in the one
 /// recorded, and a read past a prefix fetches its unit again, whole.
@@ -93,7 +99,13 @@ struct Recorder {
     /// The names the kernel looked up, found or not, as (directory inode,
     /// name), in first-lookup order.
     lookups: Mutex<(HashSet<LookedUp>, Vec<LookedUp>)>,
+    /// The layer bytes reads asked for, in first-access order (a read
+    /// that continues the last one extends it), and the starts seen.
+    reads: Mutex<(HashSet<ReadStart>, Vec<LayerRead>)>,
 }
+
+/// Where a recorded read starts: (layer index, byte of its stream).
+type ReadStart = (u32, u64);
 
 /// A name looked up in a directory: (the directory's inode, the name).
 type LookedUp = (u64, Vec<u8>);
@@ -102,6 +114,8 @@ type LookedUp = (u64, Vec<u8>);
 const MAX_RECORDED: usize = 1 << 16;
 /// The most lookups one recording keeps.
 pub const MAX_RECORDED_LOOKUPS: usize = 1 << 15;
+/// The most reads one recording keeps.
+pub const MAX_RECORDED_READS: usize = 1 << 16;
 
 /// What a recording window saw.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -112,6 +126,8 @@ pub struct Recording {
     /// kernel looked up, in first-lookup order, each with whether the image
     /// has it. Names that are not UTF-8 are left out.
     pub lookups: Vec<(String, bool)>,
+    /// The layer bytes reads asked for, in first-access order.
+    pub reads: Vec<LayerRead>,
 }
 
 impl Recorder {
@@ -137,6 +153,14 @@ impl Recorder {
                 }
                 None => {}
             }
+        }
+        drop(g);
+        let mut g = self.reads.lock().unwrap_or_else(|p| p.into_inner());
+        let (starts, order) = &mut *g;
+        if let Some((_, _, n)) = order.last_mut().filter(|(l, p, n)| *l == layer && p + n == pos) {
+            *n += end - pos;
+        } else if order.len() < MAX_RECORDED_READS && starts.insert((layer, pos)) {
+            order.push((layer, pos, end - pos));
         }
     }
 
@@ -174,6 +198,7 @@ impl ImageView {
                 until: AtomicU64::new(0),
                 seen: Mutex::new((HashMap::new(), Vec::new())),
                 lookups: Mutex::new((HashSet::new(), Vec::new())),
+                reads: Mutex::new((HashSet::new(), Vec::new())),
             },
             read_yet: AtomicBool::new(false),
             first_read: Arc::default(),
@@ -192,6 +217,11 @@ impl ImageView {
         self.recorder.until.store(0, Ordering::Relaxed);
         let units = {
             let mut g = self.recorder.seen.lock().unwrap_or_else(|p| p.into_inner());
+            g.0.clear();
+            std::mem::take(&mut g.1)
+        };
+        let reads = {
+            let mut g = self.recorder.reads.lock().unwrap_or_else(|p| p.into_inner());
             g.0.clear();
             std::mem::take(&mut g.1)
         };
@@ -219,7 +249,7 @@ impl ImageView {
                 Some((path, found))
             })
             .collect();
-        Recording { units, lookups }
+        Recording { units, lookups, reads }
     }
 
     /// Notes that the kernel looked `name` up in directory `dir`, while a

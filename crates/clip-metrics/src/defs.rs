@@ -167,6 +167,14 @@ pub const FUSE_ERRORS: CounterDef = counter(
     "clip_fuse_errors",
     "FUSE requests that failed with EIO (a span could not be fetched or verified), by operation.",
 );
+pub const PAGE_CACHE_PUSHES: CounterDef = counter(
+    "clip_page_cache_pushes",
+    "Pieces of a profile's recorded reads handed to the kernel's page cache at a fresh mount, by result (stored, unknown_inode, not_held).",
+);
+pub const PAGE_CACHE_PUSHED_BYTES: CounterDef = counter(
+    "clip_page_cache_pushed_bytes",
+    "Bytes the kernel's page cache took from profile pushes (reads of them need no FUSE request).",
+);
 pub const FUSE_BYTES: CounterDef = counter("clip_fuse_bytes", "Bytes returned by FUSE reads, by operation.");
 pub const FUSE_SECONDS: HistogramDef = HistogramDef {
     name: "clip_fuse_op_seconds",

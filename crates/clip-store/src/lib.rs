@@ -891,6 +891,67 @@ impl LayerStore {
         self.queue.push(items.into_iter(), priority);
     }
 
+    /// Waits until at least the first `need` bytes of unit `u` are held
+    /// (memory or disk), for as long as a fetch of it is queued or under
+    /// way and at most until `deadline`; whether they are. Never fetches:
+    /// it is for work that follows a replay and must not add to it.
+    pub fn wait_held(&self, layer: &LayerLayout, u: usize, need: u64, deadline: Instant) -> bool {
+        let Some(unit) = layer.units.get(u) else { return false };
+        let need = need.min(unit.len);
+        // A worker takes a unit off the queue a moment before it leads
+        // its flight: only a unit missing from both for a few checks in a
+        // row is not coming.
+        let mut absent = 0;
+        loop {
+            if self.holds(layer, u, need) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            if self.queue.contains(layer.key, u) || self.flights.holders(&unit.id) > 0 {
+                absent = 0;
+            } else {
+                absent += 1;
+                if absent > 2 {
+                    return false;
+                }
+            }
+            self.mem
+                .wait_for(&unit.id, need, (deadline - now).min(Duration::from_millis(20)));
+        }
+    }
+
+    /// Appends the layer's bytes `pos..pos + len` to `out` if all of them
+    /// are held (memory or disk); whether they were. Never fetches.
+    pub fn read_held(&self, layer: &LayerLayout, mut pos: u64, len: u64, out: &mut Vec<u8>) -> bool {
+        let end = pos.saturating_add(len).min(layer.uncompressed_size);
+        let before = out.len();
+        while pos < end {
+            let unit = &layer.units[layer.unit_at(pos)];
+            let off = pos - unit.out;
+            let n = (unit.out + unit.len).min(end).saturating_sub(pos);
+            let got = n > 0
+                && match self.mem.get(&unit.id) {
+                    Some(v) if v.len() as u64 >= off + n => {
+                        out.extend_from_slice(&v[off as usize..(off + n) as usize]);
+                        true
+                    }
+                    _ => self
+                        .disk
+                        .as_ref()
+                        .is_some_and(|d| d.read(&unit.id, unit.len, off, n, out)),
+                };
+            if !got {
+                out.truncate(before);
+                return false;
+            }
+            pos += n;
+        }
+        true
+    }
+
     /// Units waiting in the prefetch queue.
     pub fn queued(&self) -> usize {
         self.queue.len()

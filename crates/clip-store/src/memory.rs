@@ -3,7 +3,8 @@
 //! whole host.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use crate::flight::lock;
 use crate::UnitId;
@@ -17,6 +18,8 @@ struct Inner {
 
 pub(crate) struct MemCache {
     inner: Mutex<Inner>,
+    /// Signalled whenever a unit (or a longer prefix) comes in.
+    arrived: Condvar,
     max: usize,
 }
 
@@ -29,6 +32,7 @@ impl MemCache {
                 tick: 0,
                 bytes: 0,
             }),
+            arrived: Condvar::new(),
             max,
         }
     }
@@ -78,6 +82,23 @@ impl MemCache {
                 inner.bytes -= v.len();
             }
         }
+        drop(g);
+        self.arrived.notify_all();
+    }
+
+    /// Waits up to `timeout` for at least the first `need` bytes of unit
+    /// `id` to come in; whether they are here.
+    pub(crate) fn wait_for(&self, id: &UnitId, need: u64, timeout: Duration) -> bool {
+        let here = |i: &Inner| i.map.get(id).is_some_and(|(v, _)| v.len() as u64 >= need);
+        let g = lock(&self.inner);
+        if here(&g) {
+            return true;
+        }
+        let (g, _) = self
+            .arrived
+            .wait_timeout_while(g, timeout, |i| !here(i))
+            .unwrap_or_else(|p| p.into_inner());
+        here(&g)
     }
 
     #[cfg(test)]

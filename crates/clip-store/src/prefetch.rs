@@ -61,6 +61,11 @@ impl Queue {
         }
     }
 
+    /// Whether unit `u` of the layout `key` waits in the queue.
+    pub(crate) fn contains(&self, key: UnitId, u: usize) -> bool {
+        lock(&self.st).queued.contains_key(&(key, u))
+    }
+
     /// Whether a replay waits in the queue.
     pub(crate) fn replay_queued(&self) -> bool {
         !lock(&self.st).lanes[Priority::Replay as usize].is_empty()

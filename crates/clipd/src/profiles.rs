@@ -1,7 +1,8 @@
 //! Prefetch profiles: the units an image's containers read first, in
 //! first-access order, and how far into each the reads went, kept next to
 //! the image's index (`INDEX.profile`); and the names the kernel looked up
-//! meanwhile. A new recording refines the profile: what it saw that the
+//! meanwhile; and the layer bytes the reads asked for, which a fresh mount
+//! writes into the kernel's page cache as they arrive. A new recording refines the profile: what it saw that the
 //! profile lacks is appended, up to a bound, and a unit read further than
 //! before keeps the further reach.
 
@@ -9,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use clip_format::{Index, Kind};
-use clip_fs::view::{Reach, Recording, UnitRef};
+use clip_fs::view::{LayerRead, Reach, Recording, UnitRef};
 use serde::{Deserialize, Serialize};
 
 /// The most units a profile keeps.
@@ -17,6 +18,8 @@ const MAX_UNITS: usize = 1 << 16;
 /// The most lookups a profile keeps, and the most bytes of their paths.
 const MAX_LOOKUPS: usize = clip_fs::view::MAX_RECORDED_LOOKUPS;
 const MAX_LOOKUP_BYTES: usize = 4 << 20;
+/// The most reads a profile keeps.
+const MAX_READS: usize = clip_fs::view::MAX_RECORDED_READS;
 
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Profile {
@@ -37,6 +40,11 @@ pub struct Profile {
     /// then leaves the container's way.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lookups: Vec<String>,
+    /// The layer bytes the recorded reads asked for, in first-access
+    /// order: a fresh mount hands them to the kernel's page cache as their
+    /// units arrive, so the container reads them without a FUSE round trip.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reads: Vec<LayerRead>,
 }
 
 impl Profile {
@@ -122,6 +130,17 @@ pub fn merge(index: &Path, manifest_digest: &str, recorded: &Recording) -> Resul
             p.lookups.push(l.clone());
         }
     }
+    // Reads starting where one already does are seen; the first
+    // recording's ranges stand.
+    let mut starts: std::collections::HashSet<(u32, u64)> = p.reads.iter().map(|&(l, pos, _)| (l, pos)).collect();
+    for &r in &recorded.reads {
+        if p.reads.len() >= MAX_READS {
+            break;
+        }
+        if starts.insert((r.0, r.1)) {
+            p.reads.push(r);
+        }
+    }
     crate::images::write_atomic(&path_for(index), &serde_json::to_vec(&p)?)?;
     Ok(p.units.len())
 }
@@ -133,7 +152,7 @@ mod tests {
     fn units(u: &[Reach]) -> Recording {
         Recording {
             units: u.to_vec(),
-            lookups: Vec::new(),
+            ..Default::default()
         }
     }
 
@@ -157,12 +176,42 @@ mod tests {
     }
 
     #[test]
+    fn reads_refine_in_first_access_order_within_a_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = dir.path().join("x.clip");
+        let rec = |r: Vec<LayerRead>| Recording {
+            reads: r,
+            ..Default::default()
+        };
+        merge(&index, "sha256:a", &rec(vec![(0, 4096, 8192), (1, 0, 4096)])).unwrap();
+        merge(
+            &index,
+            "sha256:a",
+            &rec(vec![(1, 0, 65536), (0, 0, 4096), (1, 8192, 4096)]),
+        )
+        .unwrap();
+        let p = load(&index, "sha256:a").unwrap();
+        assert_eq!(
+            p.reads,
+            vec![(0, 4096, 8192), (1, 0, 4096), (0, 0, 4096), (1, 8192, 4096)]
+        );
+        let many = (0..MAX_READS as u64 + 10).map(|i| (2, i << 12, 4096)).collect();
+        merge(&index, "sha256:a", &rec(many)).unwrap();
+        assert_eq!(load(&index, "sha256:a").unwrap().reads.len(), MAX_READS);
+        // Profiles written before reads were kept still load.
+        let old = r#"{"version":1,"manifest_digest":"sha256:b","units":[[0,1]]}"#;
+        std::fs::write(path_for(&index), old).unwrap();
+        assert!(load(&index, "sha256:b").unwrap().reads.is_empty());
+    }
+
+    #[test]
     fn lookups_refine_in_first_lookup_order_without_repeats() {
         let dir = tempfile::tempdir().unwrap();
         let index = dir.path().join("x.clip");
         // A leading `-`: a name the image does not have.
         let rec = |l: &[&str]| Recording {
             units: Vec::new(),
+            reads: Vec::new(),
             lookups: l
                 .iter()
                 .map(|s| (s.trim_start_matches('-').to_string(), !s.starts_with('-')))
@@ -187,8 +236,8 @@ mod tests {
             &index,
             "sha256:a",
             &Recording {
-                units: Vec::new(),
                 lookups: many,
+                ..Default::default()
             },
         )
         .unwrap();

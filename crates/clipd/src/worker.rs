@@ -392,8 +392,8 @@ impl Daemon {
             }
         }
         let served = clip_fs::serve_fd(view.clone(), fd, initialized, self.opts.fuse_threads)?;
-        if let Some(p) = profile.filter(|p| !p.lookups.is_empty()) {
-            look_up_ahead(&record.dir, p, view.clone());
+        if let Some(p) = profile.filter(|p| !p.lookups.is_empty() || !p.reads.is_empty()) {
+            ahead_of_the_container(&record.dir, p, &view, served.fd.try_clone()?);
         }
         let dup = served.fd.try_clone()?;
         let dir = record.dir.clone();
@@ -669,6 +669,9 @@ impl Daemon {
 
 /// How long a fresh mount's lookups wait for its container's first read.
 const FIRST_READ_WAIT: Duration = Duration::from_secs(60);
+/// How long after that first read a fresh mount pushes its profile's
+/// reads into the page cache: a start's reads, not a long run's.
+const PUSH_FOR: Duration = Duration::from_secs(30);
 
 /// Looks up a profile's names in the fresh mount at `dir`, in the order
 /// its containers did, on a thread of its own: the kernel keeps each
@@ -678,8 +681,14 @@ const FIRST_READ_WAIT: Duration = Duration::from_secs(60);
 /// (it opens every module's `__pycache__` entry by name). They start at
 /// the mount's first read, or after [`FIRST_READ_WAIT`] without one; a
 /// mount that ends unread makes none.
-fn look_up_ahead(dir: &Path, profile: crate::profiles::Profile, view: Arc<ImageView>) {
+///
+/// Then, with the inodes known to the kernel, it hands the profile's
+/// recorded reads to the page cache as the replay brings their units in
+/// (`clip_fs::push`), for [`PUSH_FOR`] at most: the container's reads of
+/// them make no FUSE round trip either. `fd` is the mount's connection.
+fn ahead_of_the_container(dir: &Path, profile: crate::profiles::Profile, view: &Arc<ImageView>, fd: OwnedFd) {
     let dir = dir.to_path_buf();
+    let view = view.clone();
     let spawned = std::thread::Builder::new().name("clip-lookups".into()).spawn(move || {
         // Checked here, off the mount's path: a thousand resolves.
         let paths: Vec<PathBuf> = profile.lookups_in(&view.index().index).into_iter().map(|p| dir.join(p)).collect();
@@ -688,6 +697,7 @@ fn look_up_ahead(dir: &Path, profile: crate::profiles::Profile, view: Arc<ImageV
         // read (its exec) on, ahead of its own lookups. The wait does not
         // hold the view (and its index) past its mount.
         let first_read = view.first_read();
+        let weak = Arc::downgrade(&view);
         drop(view);
         let waited = Instant::now();
         let read = first_read.wait(FIRST_READ_WAIT);
@@ -702,6 +712,18 @@ fn look_up_ahead(dir: &Path, profile: crate::profiles::Profile, view: Arc<ImageV
             let _ = std::fs::symlink_metadata(p);
         }
         tracing::info!(dir = %dir.display(), names = paths.len(), seconds = t.elapsed().as_secs_f64(), "looked up the profile's names");
+        if !profile.reads.is_empty() {
+            let p = clip_fs::push::push_reads(&weak, fd.as_fd(), &profile.reads, t + PUSH_FOR);
+            tracing::info!(
+                dir = %dir.display(),
+                pieces = p.stored,
+                bytes = p.bytes,
+                unknown = p.unknown,
+                not_held = p.missing,
+                seconds = t.elapsed().as_secs_f64(),
+                "pushed the profile's reads into the page cache"
+            );
+        }
     });
     if let Err(e) = spawned {
         tracing::warn!(error = %e, "cannot start the profile's lookups");
