@@ -393,7 +393,11 @@ impl Daemon {
         }
         let served = clip_fs::serve_fd(view.clone(), fd, initialized, self.opts.fuse_threads)?;
         if let Some(p) = profile.filter(|p| !p.lookups.is_empty() || !p.reads.is_empty()) {
-            ahead_of_the_container(&record.dir, p, &view, served.fd.try_clone()?);
+            // Speed, not correctness: a mount without them still serves.
+            match served.fd.try_clone() {
+                Ok(fd) => ahead_of_the_container(&record.dir, p, &view, fd),
+                Err(e) => tracing::warn!(error = %e, "no lookups or page-cache pushes for this mount"),
+            }
         }
         let dup = served.fd.try_clone()?;
         let dir = record.dir.clone();
