@@ -65,15 +65,19 @@ fn wait_for_replay(tmp: &std::path::Path, proxy: &FaultProxy) {
     }
 }
 
-/// The profile recorded next to the node's one index.
-fn recorded_profile(tmp: &std::path::Path) -> serde_json::Value {
-    let profile = std::fs::read_dir(tmp.join("base/index"))
+/// Where the profile next to the node's one index is.
+fn profile_path(tmp: &std::path::Path) -> std::path::PathBuf {
+    std::fs::read_dir(tmp.join("base/index"))
         .unwrap()
         .flatten()
         .find(|e| e.path().extension().is_some_and(|x| x == "profile"))
         .expect("a profile next to the index")
-        .path();
-    serde_json::from_slice(&std::fs::read(&profile).unwrap()).unwrap()
+        .path()
+}
+
+/// The profile recorded next to the node's one index.
+fn recorded_profile(tmp: &std::path::Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(profile_path(tmp)).unwrap()).unwrap()
 }
 
 /// `sh -c CMD` over the unpacked debian image, with `/` as its root.
@@ -335,13 +339,7 @@ fn a_fresh_mount_pushes_the_profiles_reads_into_the_page_cache_and_shrugs_off_bo
     ] {
         reads.insert(0, bogus);
     }
-    let profile = std::fs::read_dir(tmp.path().join("base/index"))
-        .unwrap()
-        .flatten()
-        .find(|e| e.path().extension().is_some_and(|x| x == "profile"))
-        .unwrap()
-        .path();
-    std::fs::write(&profile, serde_json::to_vec(&p).unwrap()).unwrap();
+    std::fs::write(profile_path(tmp.path()), serde_json::to_vec(&p).unwrap()).unwrap();
     let (pushed, read) = push_and_run(tmp.path(), 2);
     assert!(pushed >= sizes as f64, "pushed {pushed} bytes of the files' {sizes}");
     assert!(

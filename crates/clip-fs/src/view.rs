@@ -110,6 +110,13 @@ type ReadStart = (u32, u64);
 /// A name looked up in a directory: (the directory's inode, the name).
 type LookedUp = (u64, Vec<u8>);
 
+/// A recorder's list, taken, with what it had seen forgotten.
+fn drain<S: Default, T>(m: &Mutex<(S, Vec<T>)>) -> Vec<T> {
+    let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
+    g.0 = S::default();
+    std::mem::take(&mut g.1)
+}
+
 /// The most units one recording keeps.
 const MAX_RECORDED: usize = 1 << 16;
 /// The most lookups one recording keeps.
@@ -215,21 +222,11 @@ impl ImageView {
     /// it).
     pub fn take_recording(&self) -> Recording {
         self.recorder.until.store(0, Ordering::Relaxed);
-        let units = {
-            let mut g = self.recorder.seen.lock().unwrap_or_else(|p| p.into_inner());
-            g.0.clear();
-            std::mem::take(&mut g.1)
-        };
-        let reads = {
-            let mut g = self.recorder.reads.lock().unwrap_or_else(|p| p.into_inner());
-            g.0.clear();
-            std::mem::take(&mut g.1)
-        };
-        let looked_up = {
-            let mut g = self.recorder.lookups.lock().unwrap_or_else(|p| p.into_inner());
-            g.0.clear();
-            std::mem::take(&mut g.1)
-        };
+        let (units, reads, looked_up) = (
+            drain(&self.recorder.seen),
+            drain(&self.recorder.reads),
+            drain(&self.recorder.lookups),
+        );
         let index = &self.index.index;
         let mut dirs: HashMap<u64, Option<String>> = HashMap::new();
         let lookups = looked_up
