@@ -898,25 +898,19 @@ impl LayerStore {
     pub fn wait_held(&self, layer: &LayerLayout, u: usize, need: u64, deadline: Instant) -> bool {
         let Some(unit) = layer.units.get(u) else { return false };
         let need = need.min(unit.len);
-        // A worker takes a unit off the queue a moment before it leads
-        // its flight: only a unit missing from both for a few checks in a
-        // row is not coming.
-        let mut absent = 0;
         loop {
             if self.holds(layer, u, need) {
                 return true;
             }
             let now = Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            if self.queue.contains(layer.key, u) || self.flights.holders(&unit.id) > 0 {
-                absent = 0;
-            } else {
-                absent += 1;
-                if absent > 2 {
-                    return false;
-                }
+            // A unit a worker took off the queue is in no flight until
+            // the worker leads it: any run still in hand may be bringing
+            // it.
+            let coming =
+                self.queue.contains(layer.key, u) || self.queue.in_hand() || self.flights.holders(&unit.id) > 0;
+            if now >= deadline || !coming {
+                // It may have come in since it was last looked for.
+                return self.holds(layer, u, need);
             }
             self.mem
                 .wait_for(&unit.id, need, (deadline - now).min(Duration::from_millis(20)));

@@ -27,6 +27,9 @@ struct State {
     lanes: [VecDeque<(LayerRef, usize)>; 2],
     /// Each queued unit's `(need, upto)`.
     queued: HashMap<(UnitId, usize), (u64, u64)>,
+    /// Runs taken off the queue whose jobs have not ended: their units
+    /// are neither queued nor yet (or any more) in flight.
+    in_hand: usize,
 }
 
 #[derive(Default)]
@@ -66,6 +69,11 @@ impl Queue {
         lock(&self.st).queued.contains_key(&(key, u))
     }
 
+    /// Whether a run taken off the queue is still being worked on.
+    pub(crate) fn in_hand(&self) -> bool {
+        lock(&self.st).in_hand > 0
+    }
+
     /// Whether a replay waits in the queue.
     pub(crate) fn replay_queued(&self) -> bool {
         !lock(&self.st).lanes[Priority::Replay as usize].is_empty()
@@ -99,6 +107,7 @@ impl Queue {
                     let mut run = vec![(u, need, upto)];
                     let k0 = l.units[u].span;
                     if l.spans[k0].streamed || l.spans[k0].units.start != u {
+                        st.in_hand += 1;
                         return Some((layer, run, prio));
                     }
                     // Backwards first (what was queued behind it sits
@@ -132,6 +141,7 @@ impl Queue {
                             last = k;
                         }
                     }
+                    st.in_hand += 1;
                     return Some((layer, run, prio));
                 }
             }
@@ -154,6 +164,7 @@ pub(crate) fn worker(store: Weak<LayerStore>) {
         };
         // One job's panic must not end the worker.
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.prefetch_run(&layer, &run, prio)));
+        lock(&s.queue.st).in_hand -= 1;
         if r.is_err() {
             tracing::error!(layer = %layer.layout.desc.digest, units = ?run, "a prefetch panicked");
         }

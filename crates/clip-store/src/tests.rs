@@ -984,3 +984,38 @@ fn read_ahead_behind_a_queued_replay_raises_its_prefix_only_to_what_it_needs() {
     assert_eq!(s.store.mem.get(&l.units[2].id).unwrap().len(), 300);
     assert!(len2 > 300);
 }
+
+#[test]
+fn waiting_for_a_held_unit_follows_its_fetch_and_never_fetches() {
+    let s = setup(1);
+    let l = &s.layer.layout;
+    let far = Instant::now() + Duration::from_secs(30);
+    // Nobody fetches unit 2: no wait, no request.
+    let t = Instant::now();
+    assert!(!s.store.wait_held(l, 2, 1, far));
+    assert!(t.elapsed() < Duration::from_secs(5), "waited for a unit nobody fetches");
+    assert_eq!(s.fake.reads.load(Ordering::SeqCst), 0, "a wait never fetches");
+    let mut out = Vec::new();
+    assert!(!s.store.read_held(l, l.units[2].out, 10, &mut out) && out.is_empty());
+    // Queued behind a stalled fetch: the wait lasts until its bytes are in.
+    *s.fake.stall.0.lock().unwrap() = Some(0);
+    s.store.prefetch(&s.layer, [2], Priority::Replay);
+    let waiter = {
+        let (store, layer) = (s.store.clone(), s.layer.clone());
+        std::thread::spawn(move || store.wait_held(&layer.layout, 2, layer.layout.units[2].len, far))
+    };
+    wait_until("the fetch to start", || s.holders(2) > 0);
+    assert!(!waiter.is_finished(), "gave up on a unit being fetched");
+    *s.fake.stall.0.lock().unwrap() = None;
+    s.fake.stall.1.notify_all();
+    assert!(waiter.join().unwrap());
+    let (pos, len) = s.unit_range(2);
+    assert!(s.store.read_held(l, pos, len, &mut out));
+    assert_eq!(out, s.data[pos as usize..(pos + len) as usize]);
+    // A deadline ends a wait for a unit that does not come in time.
+    *s.fake.stall.0.lock().unwrap() = Some(0);
+    s.store.prefetch(&s.layer, [4], Priority::Replay);
+    assert!(!s.store.wait_held(l, 4, 1, Instant::now() + Duration::from_millis(200)));
+    *s.fake.stall.0.lock().unwrap() = None;
+    s.fake.stall.1.notify_all();
+}
