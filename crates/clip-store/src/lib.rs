@@ -198,6 +198,13 @@ impl Drop for Counted<'_> {
     }
 }
 
+/// Which cache served a read.
+#[derive(Debug, Clone, Copy)]
+enum Tier {
+    Memory,
+    Disk,
+}
+
 /// Why a unit is wanted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Why {
@@ -351,25 +358,16 @@ impl LayerStore {
 
     fn read_unit(&self, layer: &LayerRef, u: usize, off: u64, n: u64, out: &mut Vec<u8>) -> Result<(), ReadError> {
         let unit = &layer.layout.units[u];
-        let mut short = false;
-        if let Some(v) = self.mem.get(&unit.id) {
-            if let Some(b) = v.get(off as usize..(off + n) as usize) {
-                self.metrics.mem_hits.inc();
-                self.metrics.mem_hit_bytes.inc_by(n);
-                out.extend_from_slice(b);
-                return Ok(());
-            }
-            short = true;
+        if let Some(tier) = self.read_cached(unit, off, n, out) {
+            let (hits, bytes) = match tier {
+                Tier::Memory => (&self.metrics.mem_hits, &self.metrics.mem_hit_bytes),
+                Tier::Disk => (&self.metrics.disk_hits, &self.metrics.disk_hit_bytes),
+            };
+            hits.inc();
+            bytes.inc_by(n);
+            return Ok(());
         }
-        if let Some(d) = &self.disk {
-            if d.read(&unit.id, unit.len, off, n, out) {
-                self.metrics.disk_hits.inc();
-                self.metrics.disk_hit_bytes.inc_by(n);
-                return Ok(());
-            }
-            short |= d.held(&unit.id).is_some();
-        }
-        if short {
+        if self.mem.contains(&unit.id, 0) || self.disk.as_ref().is_some_and(|d| d.held(&unit.id).is_some()) {
             // A replay inflated less of this unit than is read now.
             self.metrics.prefix_misses.inc();
         }
@@ -403,6 +401,24 @@ impl LayerStore {
         })?;
         out.extend_from_slice(b);
         Ok(())
+    }
+
+    /// Appends bytes `off..off + n` of `unit` to `out` from memory or
+    /// disk, if either holds them; which one did.
+    fn read_cached(&self, unit: &Unit, off: u64, n: u64, out: &mut Vec<u8>) -> Option<Tier> {
+        if let Some(b) = self
+            .mem
+            .get(&unit.id)
+            .as_deref()
+            .and_then(|v| v.get(off as usize..(off + n) as usize))
+        {
+            out.extend_from_slice(b);
+            return Some(Tier::Memory);
+        }
+        self.disk
+            .as_ref()
+            .filter(|d| d.read(&unit.id, unit.len, off, n, out))
+            .map(|_| Tier::Disk)
     }
 
     /// A demand read's recent failure of this unit, if any.
@@ -924,20 +940,8 @@ impl LayerStore {
         let before = out.len();
         while pos < end {
             let unit = &layer.units[layer.unit_at(pos)];
-            let off = pos - unit.out;
             let n = (unit.out + unit.len).min(end).saturating_sub(pos);
-            let got = n > 0
-                && match self.mem.get(&unit.id) {
-                    Some(v) if v.len() as u64 >= off + n => {
-                        out.extend_from_slice(&v[off as usize..(off + n) as usize]);
-                        true
-                    }
-                    _ => self
-                        .disk
-                        .as_ref()
-                        .is_some_and(|d| d.read(&unit.id, unit.len, off, n, out)),
-                };
-            if !got {
+            if n == 0 || self.read_cached(unit, pos - unit.out, n, out).is_none() {
                 out.truncate(before);
                 return false;
             }

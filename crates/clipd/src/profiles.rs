@@ -1,10 +1,11 @@
-//! Prefetch profiles: the units an image's containers read first, in
-//! first-access order, and how far into each the reads went, kept next to
-//! the image's index (`INDEX.profile`); and the names the kernel looked up
+//! Prefetch profiles, kept next to the image's index (`INDEX.profile`):
+//! the units an image's containers read first, in first-access order, and
+//! how far into each the reads went; the names the kernel looked up
 //! meanwhile; and the layer bytes the reads asked for, which a fresh mount
-//! writes into the kernel's page cache as they arrive. A new recording refines the profile: what it saw that the
-//! profile lacks is appended, up to a bound, and a unit read further than
-//! before keeps the further reach.
+//! writes into the kernel's page cache as they arrive. A new recording
+//! refines the profile: what it saw that the profile lacks is appended,
+//! up to a bound, and a unit read further than before keeps the further
+//! reach.
 
 use std::path::{Path, PathBuf};
 
