@@ -161,12 +161,17 @@ pub fn push_reads(view: &Weak<ImageView>, fd: BorrowedFd<'_>, reads: &[LayerRead
     let bytes = defs::PAGE_CACHE_PUSHED_BYTES.get();
     let mut seen = HashSet::new();
     let mut buf = Vec::new();
+    // While it waits, a push holds the layer's layout and the store, not
+    // the view: a mount that ends mid-start frees its index at once.
+    let mounted = || view.strong_count() > 0;
     for &(layer, pos, len) in reads {
         let Some(v) = view.upgrade() else { break };
         let Some(l) = v.layers().get(layer as usize) else {
             continue;
         };
-        let layout = &l.layout;
+        let (layout, store) = (l.layout.clone(), v.store().clone());
+        drop(v);
+        let layout = &*layout;
         let end = pos.saturating_add(len).min(layout.uncompressed_size);
         for e in extents.overlapping(layer, pos, end) {
             let unit_end = |p| {
@@ -180,10 +185,13 @@ pub fn push_reads(view: &Weak<ImageView>, fd: BorrowedFd<'_>, reads: &[LayerRead
                 let (a, b) = (e.pos + off, e.pos + off + n);
                 let held = (layout.unit_at(a)..=layout.unit_at(b - 1)).all(|u| {
                     let unit = &layout.units[u];
-                    v.store().wait_held(layout, u, b - unit.out, deadline)
+                    store.wait_held(layout, u, b - unit.out, deadline, &mounted)
                 });
+                if !mounted() {
+                    return done;
+                }
                 buf.clear();
-                if !held || !v.store().read_held(layout, a, n, &mut buf) {
+                if !held || !store.read_held(layout, a, n, &mut buf) {
                     done.missing += 1;
                     missing.inc();
                     continue;

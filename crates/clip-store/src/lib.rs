@@ -909,9 +909,17 @@ impl LayerStore {
 
     /// Waits until at least the first `need` bytes of unit `u` are held
     /// (memory or disk), for as long as a fetch of it is queued or under
-    /// way and at most until `deadline`; whether they are. Never fetches:
-    /// it is for work that follows a replay and must not add to it.
-    pub fn wait_held(&self, layer: &LayerLayout, u: usize, need: u64, deadline: Instant) -> bool {
+    /// way, `wanted()` holds, and at most until `deadline`; whether they
+    /// are. Never fetches: it is for work that follows a replay and must
+    /// not add to it.
+    pub fn wait_held(
+        &self,
+        layer: &LayerLayout,
+        u: usize,
+        need: u64,
+        deadline: Instant,
+        wanted: &dyn Fn() -> bool,
+    ) -> bool {
         let Some(unit) = layer.units.get(u) else { return false };
         let need = need.min(unit.len);
         loop {
@@ -924,7 +932,7 @@ impl LayerStore {
             // it.
             let coming =
                 self.queue.contains(layer.key, u) || self.queue.in_hand() || self.flights.holders(&unit.id) > 0;
-            if now >= deadline || !coming {
+            if now >= deadline || !coming || !wanted() {
                 // It may have come in since it was last looked for.
                 return self.holds(layer, u, need);
             }

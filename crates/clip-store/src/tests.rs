@@ -992,7 +992,7 @@ fn waiting_for_a_held_unit_follows_its_fetch_and_never_fetches() {
     let far = Instant::now() + Duration::from_secs(30);
     // Nobody fetches unit 2: no wait, no request.
     let t = Instant::now();
-    assert!(!s.store.wait_held(l, 2, 1, far));
+    assert!(!s.store.wait_held(l, 2, 1, far, &|| true));
     assert!(t.elapsed() < Duration::from_secs(5), "waited for a unit nobody fetches");
     assert_eq!(s.fake.reads.load(Ordering::SeqCst), 0, "a wait never fetches");
     let mut out = Vec::new();
@@ -1002,7 +1002,7 @@ fn waiting_for_a_held_unit_follows_its_fetch_and_never_fetches() {
     s.store.prefetch(&s.layer, [2], Priority::Replay);
     let waiter = {
         let (store, layer) = (s.store.clone(), s.layer.clone());
-        std::thread::spawn(move || store.wait_held(&layer.layout, 2, layer.layout.units[2].len, far))
+        std::thread::spawn(move || store.wait_held(&layer.layout, 2, layer.layout.units[2].len, far, &|| true))
     };
     wait_until("the fetch to start", || s.holders(2) > 0);
     assert!(!waiter.is_finished(), "gave up on a unit being fetched");
@@ -1015,7 +1015,29 @@ fn waiting_for_a_held_unit_follows_its_fetch_and_never_fetches() {
     // A deadline ends a wait for a unit that does not come in time.
     *s.fake.stall.0.lock().unwrap() = Some(0);
     s.store.prefetch(&s.layer, [4], Priority::Replay);
-    assert!(!s.store.wait_held(l, 4, 1, Instant::now() + Duration::from_millis(200)));
+    assert!(!s
+        .store
+        .wait_held(l, 4, 1, Instant::now() + Duration::from_millis(200), &|| true));
+    // So does the waiter's losing interest (its mount ended), long before
+    // the deadline, with the fetch still stalled.
+    let wanted = Arc::new(AtomicBool::new(true));
+    let waiter = {
+        let (store, layer, wanted) = (s.store.clone(), s.layer.clone(), wanted.clone());
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            let held = store.wait_held(&layer.layout, 4, 1, far, &|| wanted.load(Ordering::SeqCst));
+            (held, t.elapsed())
+        })
+    };
+    wait_until("the fetch of unit 4", || s.holders(4) > 0);
+    assert!(!waiter.is_finished(), "gave up on a unit being fetched");
+    wanted.store(false, Ordering::SeqCst);
+    let (held, waited) = waiter.join().unwrap();
+    assert!(!held);
+    assert!(
+        waited < Duration::from_secs(5),
+        "waited {waited:?} after it was no longer wanted"
+    );
     *s.fake.stall.0.lock().unwrap() = None;
     s.fake.stall.1.notify_all();
 }
