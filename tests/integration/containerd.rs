@@ -500,8 +500,22 @@ fn the_cri_starts_containers_lazily_from_clip() {
     let worker = serde_json::from_str::<serde_json::Value>(&status).unwrap()["worker_pid"]
         .as_i64()
         .unwrap();
+    let sock = node.path("snapshotter.sock");
+    let sock_ino = || std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&sock).unwrap());
+    let bound = sock_ino();
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&sock).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "containerd's socket is root's alone");
     // SAFETY: kill(2) on the worker's pid.
     assert_eq!(unsafe { libc::kill(worker as i32, libc::SIGKILL) }, 0);
+    // The snapshotter socket is the supervisor's: once the dead worker is
+    // gone, and whether or not the next one is up yet, a connection is
+    // taken (it waits in the backlog), never refused.
+    wait_for("the killed worker to be reaped", || {
+        !std::path::Path::new(&format!("/proc/{worker}")).exists()
+    });
+    if let Err(e) = std::os::unix::net::UnixStream::connect(&sock) {
+        panic!("the snapshotter socket refused a connection while its worker restarted: {e}");
+    }
     wait_for("a new worker", || {
         node.clipctl(&["daemon", "status", "--json"])
             .output()
@@ -509,11 +523,6 @@ fn the_cri_starts_containers_lazily_from_clip() {
             .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
             .and_then(|v| v["worker_pid"].as_i64())
             .is_some_and(|p| p != worker)
-    });
-    // The new worker serves the snapshotter socket again.
-    let sock = node.path("snapshotter.sock");
-    wait_for("the snapshotter socket to accept", || {
-        std::os::unix::net::UnixStream::connect(&sock).is_ok()
     });
     let id = c.run_to_exit(&pod, &config, "after", &image, &["sh", "-c", &cmd]);
     assert_eq!(
@@ -532,6 +541,18 @@ fn the_cri_starts_containers_lazily_from_clip() {
         .status
         .unwrap();
     assert_eq!(st.state, cri::ContainerState::ContainerRunning as i32, "{}", node.log());
+    // An upgrade hands the same socket on too: never unbound, never
+    // refused.
+    run(&mut node.clipctl(&["daemon", "upgrade", "--binary", env!("CARGO_BIN_EXE_clipd")]));
+    assert_eq!(sock_ino(), bound, "the snapshotter socket was bound again");
+    let upgraded = c.run_to_exit(&pod, &config, "upgraded", &image, &["sh", "-c", &cmd]);
+    assert_eq!(
+        cri_log(&logs.join("upgraded.log")),
+        md5_of_unpacked(&files),
+        "{}",
+        node.log()
+    );
+    c.remove_container(&upgraded);
     c.rt.block_on(r.stop_container(cri::StopContainerRequest {
         container_id: long.clone(),
         timeout: 1,

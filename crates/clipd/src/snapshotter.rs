@@ -78,8 +78,9 @@ impl Images for ClipImages {
     }
 }
 
-/// Serves the snapshots API on `socket` from a thread of its own.
-pub fn start(d: Arc<Daemon>, socket: &Path, root: &Path) -> Result<()> {
+/// Serves the snapshots API on `std_listener` (bound at `socket`) from a
+/// thread of its own.
+pub fn start(d: Arc<Daemon>, std_listener: std::os::unix::net::UnixListener, socket: &Path, root: &Path) -> Result<()> {
     let store =
         Arc::new(Store::open(root).with_context(|| format!("opening the snapshotter root {}", root.display()))?);
     let images = Arc::new(ClipImages { d });
@@ -92,13 +93,6 @@ pub fn start(d: Arc<Daemon>, socket: &Path, root: &Path) -> Result<()> {
             Err(e) => tracing::warn!(image = %r.image, error = %format!("{e:#}"), "a snapshot's image is not ready"),
         }
     }
-    if let Some(dir) = socket.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let _ = std::fs::remove_file(socket);
-    let std_listener =
-        std::os::unix::net::UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
-    std::fs::set_permissions(socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     std_listener.set_nonblocking(true)?;
     let snapshotter = Arc::new(Snapshotter::new(store, images));
     std::thread::Builder::new()

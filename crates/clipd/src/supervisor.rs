@@ -7,9 +7,14 @@
 //! containers a stall, never an error: requests the dead worker had read
 //! are resent by the kernel to the next one (`FUSE_NOTIFY_RESEND`).
 //!
+//! The listening sockets (the API's, and containerd's snapshotter socket
+//! when there is one) are the supervisor's too: while a worker restarts,
+//! clients' connections wait in the backlog instead of being refused, so
+//! containerd's gRPC channel never falls into its reconnect backoff.
+//!
 //! Upgrades: the worker asks; the supervisor stops it and `exec`s the new
 //! binary in its own process (same pid), passing the lock, the listening
-//! socket and the held descriptors, described in a memfd.
+//! sockets and the held descriptors, described in a memfd.
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -31,6 +36,9 @@ use crate::Options;
 struct Handover {
     lock: RawFd,
     listener: RawFd,
+    /// Absent from the handover of a clipd that did not hold it.
+    #[serde(default)]
+    snapshotter: Option<RawFd>,
     held: Vec<(String, RawFd, MountRecord)>,
 }
 
@@ -60,6 +68,9 @@ fn lock(run: &Path) -> Result<Option<std::fs::File>> {
 }
 
 fn bind(socket: &Path) -> Result<UnixListener> {
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
     let _ = std::fs::remove_file(socket);
     // Root only: the socket is born 0600 (umask), not chmod-ed after.
     // SAFETY: umask only changes this process's file creation mask.
@@ -83,16 +94,21 @@ pub fn run(opts: &Options, handover_fd: Option<RawFd>) -> Result<()> {
     let paths = clip_rootfs::Paths::from_env();
     clip_rootfs::private_dir(&paths.run).context("creating the run directory")?;
     let socket = clip_api::socket_path(&paths.run);
-    let (lock, listener, mut held) = match handover_fd {
+    let (lock, listener, snapshotter, mut held) = match handover_fd {
         None => {
             let Some(lock) = lock(&paths.run)? else {
                 tracing::info!("another clipd runs here; leaving it be");
                 return Ok(());
             };
             let listener = bind(&socket)?;
-            (OwnedFd::from(lock), OwnedFd::from(listener), BTreeMap::new())
+            (OwnedFd::from(lock), OwnedFd::from(listener), None, BTreeMap::new())
         }
         Some(fd) => restore(fd)?,
+    };
+    let snapshotter = match (snapshotter, &opts.snapshotter_socket) {
+        (Some(fd), _) => Some(fd),
+        (None, Some(path)) => Some(OwnedFd::from(bind(path)?)),
+        (None, None) => None,
     };
     write_pidfile(&paths.run);
     tracing::info!(pid = std::process::id(), held = held.len(), "clipd supervisor up");
@@ -108,7 +124,7 @@ pub fn run(opts: &Options, handover_fd: Option<RawFd>) -> Result<()> {
     loop {
         let started = Instant::now();
         let (mine, theirs) = handover::pair()?;
-        let mut child = spawn_worker(opts, &theirs, &listener, &mask)?;
+        let mut child = spawn_worker(opts, &theirs, &listener, snapshotter.as_ref(), &mask)?;
         drop(theirs);
         let pidfd = pidfd_open(child.id() as i32)?;
         let mut upgrade: Option<PathBuf> = None;
@@ -154,13 +170,16 @@ pub fn run(opts: &Options, handover_fd: Option<RawFd>) -> Result<()> {
         let status = child.wait()?;
         if let Some(binary) = upgrade.take() {
             tracing::info!(binary = %binary.display(), "handing over to a new clipd");
-            let e = exec_upgrade(&binary, opts, &lock, &listener, &held);
+            let e = exec_upgrade(&binary, opts, &lock, &listener, snapshotter.as_ref(), &held);
             tracing::error!(error = %e, "upgrade failed; restarting the old worker");
             continue;
         }
         if stopping {
             tracing::info!(%status, "clipd stopped");
             let _ = std::fs::remove_file(&socket);
+            if let (Some(_), Some(path)) = (&snapshotter, &opts.snapshotter_socket) {
+                let _ = std::fs::remove_file(path);
+            }
             let _ = std::fs::remove_file(paths.run.join("clipd.pid"));
             return Ok(());
         }
@@ -251,17 +270,28 @@ fn pass_through(cmd: &mut std::process::Command, opts: &Options) {
     cmd.arg("--snapshotter-root").arg(&opts.snapshotter_root);
 }
 
-fn spawn_worker(opts: &Options, sock: &OwnedFd, listener: &OwnedFd, mask: &SigSet) -> Result<std::process::Child> {
+fn spawn_worker(
+    opts: &Options,
+    sock: &OwnedFd,
+    listener: &OwnedFd,
+    snapshotter: Option<&OwnedFd>,
+    mask: &SigSet,
+) -> Result<std::process::Child> {
     use std::os::unix::process::CommandExt;
     // Inheritable copies (dup clears close-on-exec), closed here after the
     // spawn; the supervisor is single-threaded, so no other child sees them.
     let s = nix::unistd::dup(sock)?;
     let l = nix::unistd::dup(listener)?;
+    let snap = snapshotter.map(nix::unistd::dup).transpose()?;
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
     cmd.arg("--worker");
     pass_through(&mut cmd, opts);
     cmd.env("CLIPD_SUPERVISOR_FD", s.as_raw_fd().to_string())
         .env("CLIPD_LISTEN_FD", l.as_raw_fd().to_string());
+    match &snap {
+        Some(fd) => cmd.env("CLIPD_SNAPSHOTTER_FD", fd.as_raw_fd().to_string()),
+        None => cmd.env_remove("CLIPD_SNAPSHOTTER_FD"),
+    };
     let mask = *mask;
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
@@ -271,11 +301,13 @@ fn spawn_worker(opts: &Options, sock: &OwnedFd, listener: &OwnedFd, mask: &SigSe
         });
     }
     let child = cmd.spawn().context("starting the worker")?;
-    drop((s, l));
+    drop((s, l, snap));
     Ok(child)
 }
 
-fn restore(fd: RawFd) -> Result<(OwnedFd, OwnedFd, BTreeMap<String, Held>)> {
+type Restored = (OwnedFd, OwnedFd, Option<OwnedFd>, BTreeMap<String, Held>);
+
+fn restore(fd: RawFd) -> Result<Restored> {
     // SAFETY: the descriptor named by our own handover.
     let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
     let mut text = String::new();
@@ -292,7 +324,7 @@ fn restore(fd: RawFd) -> Result<(OwnedFd, OwnedFd, BTreeMap<String, Held>)> {
         .into_iter()
         .map(|(id, fd, record)| (id, Held { fd: own(fd), record }))
         .collect();
-    Ok((own(h.lock), own(h.listener), held))
+    Ok((own(h.lock), own(h.listener), h.snapshotter.map(own), held))
 }
 
 /// Replaces this process with `binary`, which takes over as supervisor.
@@ -302,12 +334,14 @@ fn exec_upgrade(
     opts: &Options,
     lock: &OwnedFd,
     listener: &OwnedFd,
+    snapshotter: Option<&OwnedFd>,
     held: &BTreeMap<String, Held>,
 ) -> anyhow::Error {
     let attempt = || -> Result<std::convert::Infallible> {
         let h = Handover {
             lock: lock.as_raw_fd(),
             listener: listener.as_raw_fd(),
+            snapshotter: snapshotter.map(|s| s.as_raw_fd()),
             held: held
                 .iter()
                 .map(|(id, h)| (id.clone(), h.fd.as_raw_fd(), h.record.clone()))
@@ -320,6 +354,9 @@ fn exec_upgrade(
         handover::keep_across_exec(&f)?;
         handover::keep_across_exec(lock)?;
         handover::keep_across_exec(listener)?;
+        if let Some(s) = snapshotter {
+            handover::keep_across_exec(s)?;
+        }
         for h in held.values() {
             handover::keep_across_exec(&h.fd)?;
         }

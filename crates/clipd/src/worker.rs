@@ -232,7 +232,9 @@ pub fn run(opts: &Options) -> Result<()> {
             .spawn(move || d.flush_loop())?;
     }
     if let Some(sock) = &opts.snapshotter_socket {
-        crate::snapshotter::start(d.clone(), sock, &opts.snapshotter_root)?;
+        // The supervisor's socket, which outlives this worker.
+        let listener = UnixListener::from(env_fd("CLIPD_SNAPSHOTTER_FD")?);
+        crate::snapshotter::start(d.clone(), listener, sock, &opts.snapshotter_root)?;
     }
     // containerd depends on a snapshotter being there: no idle exit.
     if let Some(secs) = opts.idle_exit.filter(|_| opts.snapshotter_socket.is_none()) {
