@@ -169,6 +169,20 @@ impl Registry {
         self.bytes_served_matching("")
     }
 
+    /// [`Registry::bytes_served`] once it is at least `min`, or after 60 s.
+    /// The registry logs a response just after sending it, so a client
+    /// that has its bytes can look before the line is there.
+    pub fn bytes_served_at_least(&self, min: u64) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let b = self.bytes_served();
+            if b >= min || Instant::now() > deadline {
+                return b;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Bytes the registry wrote in blob responses (whole or ranges).
     pub fn blob_bytes_served(&self) -> u64 {
         self.bytes_served_matching("/blobs/")
