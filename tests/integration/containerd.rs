@@ -148,6 +148,16 @@ impl Drop for Node {
     fn drop(&mut self) {
         let _ = self.containerd.kill();
         let _ = self.containerd.wait();
+        // A test that failed midway leaves its pods' shims running (and
+        // their containers, the shims' children): not past the test.
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                // `[c]`: the pattern does not match this shell's own command line.
+                "for p in $(pgrep -f '[c]ontainerd-shim.* -address {sock}'); do pkill -9 -P $p; kill -9 $p; done",
+                sock = self.path("containerd.sock").display()
+            ))
+            .status();
         // Whatever containerd left running.
         let _ = Command::new("sh")
             .arg("-c")
