@@ -447,13 +447,19 @@ fn the_cri_starts_containers_lazily_from_clip() {
     let pod = c.sandbox(&config);
     let files = ["/usr/bin/bash", "/opt/clip/random.bin"];
     let cmd = format!("cat {} | md5sum", files.join(" "));
-    let id = c.run_to_exit(&pod, &config, "first", &image, &["sh", "-c", &cmd]);
-    assert_eq!(
-        cri_log(&logs.join("first.log")),
-        md5_of_unpacked(&files),
-        "{}",
-        node.log()
-    );
+    // Runs the files' md5sum in a new container of the image to its exit
+    // and checks it against the unpacked image's; the container's id.
+    let md5_run = |c: &mut Cri, name: &str| {
+        let id = c.run_to_exit(&pod, &config, name, &image, &["sh", "-c", &cmd]);
+        assert_eq!(
+            cri_log(&logs.join(format!("{name}.log"))),
+            md5_of_unpacked(&files),
+            "{}",
+            node.log()
+        );
+        id
+    };
+    let id = md5_run(&mut c, "first");
     // No full-layer GET of the image's layers: containerd downloaded
     // nothing, clip read ranges.
     crate::proxy::assert_ranges_only(&proxy.log.lock().unwrap(), &layers);
@@ -487,8 +493,7 @@ fn the_cri_starts_containers_lazily_from_clip() {
     };
     let mounts_before = node_mounts();
     assert!(mounts_before >= 1);
-    let id = c.run_to_exit(&pod, &config, "second", &image, &["sh", "-c", &cmd]);
-    assert_eq!(cri_log(&logs.join("second.log")), md5_of_unpacked(&files));
+    let id = md5_run(&mut c, "second");
     assert_eq!(mounts_before, node_mounts(), "the image is mounted once");
     c.remove_container(&id);
 
@@ -534,13 +539,7 @@ fn the_cri_starts_containers_lazily_from_clip() {
             .and_then(|v| v["worker_pid"].as_i64())
             .is_some_and(|p| p != worker)
     });
-    let id = c.run_to_exit(&pod, &config, "after", &image, &["sh", "-c", &cmd]);
-    assert_eq!(
-        cri_log(&logs.join("after.log")),
-        md5_of_unpacked(&files),
-        "{}",
-        node.log()
-    );
+    let id = md5_run(&mut c, "after");
     let st =
         c.rt.block_on(r.container_status(cri::ContainerStatusRequest {
             container_id: long.clone(),
@@ -555,13 +554,7 @@ fn the_cri_starts_containers_lazily_from_clip() {
     // refused.
     run(&mut node.clipctl(&["daemon", "upgrade", "--binary", env!("CARGO_BIN_EXE_clipd")]));
     assert_eq!(sock_ino(), bound, "the snapshotter socket was bound again");
-    let upgraded = c.run_to_exit(&pod, &config, "upgraded", &image, &["sh", "-c", &cmd]);
-    assert_eq!(
-        cri_log(&logs.join("upgraded.log")),
-        md5_of_unpacked(&files),
-        "{}",
-        node.log()
-    );
+    let upgraded = md5_run(&mut c, "upgraded");
     c.remove_container(&upgraded);
     c.rt.block_on(r.stop_container(cri::StopContainerRequest {
         container_id: long.clone(),
