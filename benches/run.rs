@@ -27,6 +27,7 @@
 //!   cache on a local bootstrap (as nydus-snapshotter does after a pull),
 //!   then the same overlay and `runc run` as the floor. Skipped, with a
 //!   note, when `/opt/nydus/bin` (or `$NYDUS_BIN`) has no nydus-image:
+//!   `apt-get install cmake` (its zlib build needs it), then
 //!   `cargo install nydus-rs --version 2.2.0 --locked --root /opt/nydus`.
 //!
 //! Printed: seconds (median), cold ÷ floor and warm ÷ warm floor, and the
@@ -478,7 +479,7 @@ fn bench(img: &Image, root: &Path) {
             })
         }
         None => {
-            eprintln!("nydus skipped: no nydus-image in /opt/nydus/bin or $NYDUS_BIN (cargo install nydus-rs --version 2.2.0 --locked --root /opt/nydus)");
+            eprintln!("nydus skipped: no nydus-image in /opt/nydus/bin or $NYDUS_BIN (with cmake installed: cargo install nydus-rs --version 2.2.0 --locked --root /opt/nydus)");
             None
         }
     };
