@@ -183,6 +183,13 @@ impl Registry {
         }
     }
 
+    /// [`Registry::bytes_served`] after a pause for the registry to log
+    /// the responses it has just sent.
+    pub fn settled_bytes(&self) -> u64 {
+        std::thread::sleep(Duration::from_millis(300));
+        self.bytes_served()
+    }
+
     /// Bytes the registry wrote in blob responses (whole or ranges).
     pub fn blob_bytes_served(&self) -> u64 {
         self.bytes_served_matching("/blobs/")

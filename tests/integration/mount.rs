@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::harness::{self, clipctl, registry, unpacked, Registry};
+use crate::harness::{self, clipctl, registry, unpacked};
 use crate::proxy::{Fault, FaultProxy};
 use crate::tree;
 
@@ -192,16 +192,11 @@ fn max_span(index: &Path) -> u64 {
     max
 }
 
-fn settle(reg: &Registry) -> u64 {
-    std::thread::sleep(Duration::from_millis(300));
-    reg.bytes_served()
-}
-
 #[test]
 fn reading_a_small_file_fetches_at_most_two_spans_once() {
     let reg = registry();
     let m = Mounted::new(&format!("{}/clip/debian:latest", reg.host()));
-    let before = settle(&reg);
+    let before = reg.settled_bytes();
     let span = max_span(&m.index);
     // 16 readers of one file at once, cold: one fetch per span.
     let path = m.dir.join("usr/lib/os-release");
@@ -215,7 +210,7 @@ fn reading_a_small_file_fetches_at_most_two_spans_once() {
     assert!(contents.iter().all(|c| c == &contents[0]));
     assert!(String::from_utf8_lossy(&contents[0]).contains("bookworm"));
     reg.bytes_served_at_least(before + 1);
-    let fetched = settle(&reg) - before;
+    let fetched = reg.settled_bytes() - before;
     assert!(
         fetched > 0 && fetched <= 2 * span,
         "fetched {fetched} bytes, a span is at most {span}"
@@ -223,7 +218,7 @@ fn reading_a_small_file_fetches_at_most_two_spans_once() {
     // Read again: served from cache, nothing fetched.
     let again = std::fs::read(m.dir.join("etc/os-release")).unwrap();
     assert_eq!(again, contents[0]);
-    assert_eq!(settle(&reg) - before, fetched);
+    assert_eq!(reg.settled_bytes() - before, fetched);
 }
 
 #[test]
