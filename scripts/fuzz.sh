@@ -15,6 +15,8 @@ trap 'rm -rf "$seed"' EXIT
 mkdir -p "$seed/t/dir/$(printf 'n%.0s' $(seq 1 120))"
 echo data > "$seed/t/dir/file"; ln -s file "$seed/t/dir/link"; ln "$seed/t/dir/file" "$seed/t/dir/hard"
 truncate -s 100K "$seed/t/sparse"; echo x >> "$seed/t/sparse"
+# Files the walker learns facts from: a Python source and an ELF object.
+printf 'import os\nfrom . import sub\n' > "$seed/t/dir/m.py"; cp /bin/true "$seed/t/dir/true"
 tar --format=gnu --sparse -C "$seed/t" -cf "$S/tar_walker/gnu.tar" .
 tar --format=posix -C "$seed/t" -cf "$S/tar_walker/pax.tar" .
 gzip -n -c "$S/tar_walker/gnu.tar" | { printf '\0'; cat; } > "$S/layer/gzip"

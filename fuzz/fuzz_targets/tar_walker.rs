@@ -1,4 +1,5 @@
-//! The streaming tar walker and the overlay merge on arbitrary archives.
+//! The streaming tar walker (learning files' facts for guessed starts on
+//! the way) and the overlay merge on arbitrary archives.
 //! Every block's header checksum is recomputed first, so that mutations
 //! reach the parsing behind it rather than stopping at the checksum.
 #![no_main]
@@ -12,7 +13,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         }
     }
     let data = &data[..];
-    let mut w = clip_index::tar::Walker::new(data);
+    let mut w = clip_index::tar::Walker::new(data).with_facts();
     let mut entries = Vec::new();
     while let Ok(Some(e)) = w.next_entry() {
         // Offsets the walker reports lie inside the stream.
@@ -24,6 +25,10 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
             assert!(e.offset + e.size <= data.len() as u64);
         }
         entries.push(e);
+    }
+    // Facts are keyed by where a file's bytes start.
+    for (offset, _) in w.take_facts() {
+        assert!(entries.iter().any(|e| e.offset == offset));
     }
     let mut t = clip_index::tree::TreeBuilder::new();
     // Two layers of the same entries: whiteouts, symlinked parents and

@@ -169,16 +169,33 @@ pub fn index_layer<R: Read>(
     compression: Compression,
     spacing: u64,
 ) -> Result<(Vec<tar::Entry>, LayerMap), LayerError> {
+    index_layer_facts(input, compression, spacing, false).map(|(e, m, _)| (e, m))
+}
+
+type Facts = Vec<(u64, clip_guess::Fact)>;
+
+/// [`index_layer`], and with `facts` what its files say about the start
+/// of a process (`clip_guess`).
+fn index_layer_facts<R: Read>(
+    input: R,
+    compression: Compression,
+    spacing: u64,
+    facts: bool,
+) -> Result<(Vec<tar::Entry>, LayerMap, Facts), LayerError> {
     let mut reader = IndexingReader::new(input, gz_compression(compression), spacing)?;
     let mut entries = Vec::new();
-    {
+    let found = {
         let mut walker = tar::Walker::new(&mut reader);
+        if facts {
+            walker = walker.with_facts();
+        }
         while let Some(e) = walker.next_entry()? {
             entries.push(e);
         }
-    }
+        walker.take_facts()
+    };
     // Reads (and checks) whatever follows the end of the archive.
-    Ok((entries, reader.finish()?))
+    Ok((entries, reader.finish()?, found))
 }
 
 fn index_one(
@@ -186,13 +203,14 @@ fn index_one(
     desc: &Descriptor,
     compression: Compression,
     opts: &Options,
-) -> Result<(Vec<tar::Entry>, LayerMap), LayerError> {
+    facts: bool,
+) -> Result<(Vec<tar::Entry>, LayerMap, Facts), LayerError> {
     let blob = source.open_blob(desc)?;
     let input = Counting {
         inner: blob,
         counter: opts.progress.clone(),
     };
-    let (entries, map) = index_layer(input, compression, opts.spacing)?;
+    let (entries, map, found) = index_layer_facts(input, compression, opts.spacing, facts)?;
     if map.compressed_size != desc.size {
         return Err(LayerError::Size {
             expected: desc.size,
@@ -203,7 +221,7 @@ fn index_one(
     if actual != desc.digest {
         return Err(LayerError::Digest { actual });
     }
-    Ok((entries, map))
+    Ok((entries, map, found))
 }
 
 /// The config's `rootfs.diff_ids`.
@@ -225,13 +243,34 @@ pub fn build(
     image: &ResolvedImage,
     opts: &Options,
 ) -> Result<(IndexFile, Stats)> {
+    build_inner(source, reference, image, opts, false).map(|(f, s, _)| (f, s))
+}
+
+/// [`build`], and what the image's files say about the start of a process
+/// (`clip_guess`), learnt from the same read of each layer.
+pub fn build_with_hints(
+    source: &dyn ImageSource,
+    reference: &str,
+    image: &ResolvedImage,
+    opts: &Options,
+) -> Result<(IndexFile, Stats, clip_guess::Hints)> {
+    build_inner(source, reference, image, opts, true)
+}
+
+fn build_inner(
+    source: &dyn ImageSource,
+    reference: &str,
+    image: &ResolvedImage,
+    opts: &Options,
+    facts: bool,
+) -> Result<(IndexFile, Stats, clip_guess::Hints)> {
     let started = Instant::now();
-    let result = build_image(source, reference, image, opts);
+    let result = build_image(source, reference, image, opts, facts);
     defs::INDEX_BUILDS
         .with(&[("result", if result.is_ok() { "ok" } else { "error" })])
         .inc();
     defs::INDEX_BUILD_SECONDS.get().observe_duration(started.elapsed());
-    if let Ok((_, stats)) = &result {
+    if let Ok((_, stats, _)) = &result {
         defs::INDEX_BUILD_BYTES
             .with(&[("kind", "compressed")])
             .inc_by(stats.compressed_bytes);
@@ -247,7 +286,8 @@ fn build_image(
     reference: &str,
     image: &ResolvedImage,
     opts: &Options,
-) -> Result<(IndexFile, Stats)> {
+    facts: bool,
+) -> Result<(IndexFile, Stats, clip_guess::Hints)> {
     let started = Instant::now();
     let mut compressions = Vec::with_capacity(image.layers.len());
     for (index, l) in image.layers.iter().enumerate() {
@@ -275,7 +315,7 @@ fn build_image(
                 if i >= n {
                     break;
                 }
-                let r = index_one(source, &image.layers[i], compressions[i], opts);
+                let r = index_one(source, &image.layers[i], compressions[i], opts, facts);
                 let failed = r.is_err();
                 *results[i].lock().expect("not poisoned") = Some(r);
                 if failed {
@@ -288,6 +328,7 @@ fn build_image(
     let mut tree = tree::TreeBuilder::new();
     let mut windows = WindowWriter::default();
     let mut layers = Vec::with_capacity(n);
+    let mut hints = clip_guess::Hints::new();
     let mut stats = Stats {
         layers: n,
         ..Stats::default()
@@ -299,7 +340,7 @@ fn build_image(
             digest: desc.digest.clone(),
             source: Box::new(source),
         };
-        let (entries, map) = match slot.into_inner().expect("not poisoned") {
+        let (entries, map, found) = match slot.into_inner().expect("not poisoned") {
             Some(r) => r.map_err(layer_err)?,
             None => continue, // not started because another layer failed; that error is reported
         };
@@ -315,6 +356,7 @@ fn build_image(
                 actual,
             });
         }
+        hints.extend(i as u32, found);
         tree.apply_layer(i as u32, &entries).map_err(|source| Error::Tree {
             index: i,
             digest: desc.digest.clone(),
@@ -355,6 +397,15 @@ fn build_image(
     }
     stats.skipped = tree.skipped;
     let nodes = tree.finish();
+    // Facts of files a later layer replaced or removed are of no use.
+    let live: std::collections::HashSet<(u32, u64)> = nodes
+        .iter()
+        .filter_map(|n| match n.data {
+            clip_format::Data::Contiguous { layer, offset } => Some((layer, offset)),
+            _ => None,
+        })
+        .collect();
+    hints.files.retain(|k, _| live.contains(k));
     for node in &nodes {
         match node.kind {
             Kind::File => stats.files += 1,
@@ -377,11 +428,12 @@ fn build_image(
         nodes,
     };
     index.validate(windows.len())?;
+    hints.prune_names(&index);
     tracing::info!(
         layers = n,
         files = stats.files,
         seconds = started.elapsed().as_secs_f64(),
         "indexed image"
     );
-    Ok((IndexFile::new(index, windows), stats))
+    Ok((IndexFile::new(index, windows), stats, hints))
 }

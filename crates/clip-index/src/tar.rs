@@ -86,11 +86,31 @@ pub struct Walker<R: BufRead> {
     r: R,
     pos: u64,
     done: bool,
+    /// Facts learnt from files' bytes as they pass, by where each file's
+    /// bytes start; None when not asked for.
+    facts: Option<Vec<(u64, clip_guess::Fact)>>,
 }
 
 impl<R: BufRead> Walker<R> {
     pub fn new(r: R) -> Self {
-        Self { r, pos: 0, done: false }
+        Self {
+            r,
+            pos: 0,
+            done: false,
+            facts: None,
+        }
+    }
+
+    /// Also learns what files say about the start of a process (see
+    /// `clip_guess`), from the bytes the walk reads anyway.
+    pub fn with_facts(mut self) -> Self {
+        self.facts = Some(Vec::new());
+        self
+    }
+
+    /// The facts learnt so far.
+    pub fn take_facts(&mut self) -> Vec<(u64, clip_guess::Fact)> {
+        self.facts.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     pub fn into_inner(self) -> R {
@@ -137,6 +157,24 @@ impl<R: BufRead> Walker<R> {
             n -= k as u64;
         }
         Ok(())
+    }
+
+    /// Skips a file's `n` bytes of data, showing them to a probe while it
+    /// wants them.
+    fn skip_probing(&mut self, mut n: u64, mut probe: clip_guess::Probe) -> Result<Option<clip_guess::Fact>> {
+        while n > 0 && probe.wants_more() {
+            let avail = self.r.fill_buf()?;
+            if avail.is_empty() {
+                return Err(TarError::Truncated(self.pos));
+            }
+            let k = (avail.len() as u64).min(n) as usize;
+            probe.feed(&avail[..k]);
+            self.r.consume(k);
+            self.pos += k as u64;
+            n -= k as u64;
+        }
+        self.skip(n)?;
+        Ok(probe.finish())
     }
 
     fn padding(size: u64) -> u64 {
@@ -318,7 +356,21 @@ impl<R: BufRead> Walker<R> {
                 self.skip(rest + Self::padding(stored))?;
             } else {
                 entry.offset = self.pos;
-                self.skip(stored + Self::padding(stored))?;
+                let probe = match (&self.facts, has_data) {
+                    (Some(_), true) => clip_guess::Probe::for_file(&entry.path, stored),
+                    _ => None,
+                };
+                match probe {
+                    Some(p) => {
+                        if let Some(f) = self.skip_probing(stored, p)? {
+                            if let Some(facts) = &mut self.facts {
+                                facts.push((entry.offset, f));
+                            }
+                        }
+                        self.skip(Self::padding(stored))?;
+                    }
+                    None => self.skip(stored + Self::padding(stored))?,
+                }
             }
             return Ok(Some(entry));
         }
