@@ -46,6 +46,7 @@ fn with_daemon(image: &str) -> Result<(), Box<dyn Error>> {
         id: "embed-example".into(),
         fuse_overlayfs: false,
         record: false,
+        command: None,
     };
     let Reply::Prepared(p) = clip_api::Client::connect(&run, true)?.call(&prepare, |_| {})? else {
         return Err("clipd answered something else".into());

@@ -57,6 +57,8 @@ pub fn mount(a: MountArgs) -> Result<()> {
             id: id.clone(),
             fuse_overlayfs: a.fuse_overlayfs,
             record: false,
+            // The image's own Entrypoint and Cmd.
+            command: Some(Default::default()),
         },
         (None, Some(dir)) => Request::Mount {
             spec,

@@ -455,6 +455,12 @@ pub fn run(mut a: Args, record: bool) -> Result<i32> {
         id: id.clone(),
         fuse_overlayfs: a.fuse_overlayfs,
         record,
+        command: Some(clip_api::Command {
+            cmd: a.cmd.clone(),
+            entrypoint: a.entrypoint.clone(),
+            env: env.clone(),
+            workdir: a.workdir.clone(),
+        }),
     };
     let Reply::Prepared(p) = crate::client::call(&req)? else {
         bail!("clipd answered something else");

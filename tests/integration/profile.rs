@@ -67,12 +67,7 @@ fn wait_for_replay(tmp: &std::path::Path, proxy: &FaultProxy) {
 
 /// Where the profile next to the node's one index is.
 fn profile_path(tmp: &std::path::Path) -> std::path::PathBuf {
-    std::fs::read_dir(tmp.join("base/index"))
-        .unwrap()
-        .flatten()
-        .find(|e| e.path().extension().is_some_and(|x| x == "profile"))
-        .expect("a profile next to the index")
-        .path()
+    beside_the_index(tmp, "profile")
 }
 
 /// The profile recorded next to the node's one index.
@@ -346,4 +341,63 @@ fn a_fresh_mount_pushes_the_profiles_reads_into_the_page_cache_and_shrugs_off_bo
         read < sizes as f64 / 10.0,
         "the container still read {read} bytes through FUSE"
     );
+}
+
+#[test]
+fn without_a_profile_a_fresh_mount_fetches_the_guessed_start_and_the_container_reads_the_cache() {
+    let reg = registry();
+    let proxy = FaultProxy::start(reg.port);
+    let tmp = tempfile::tempdir().unwrap();
+    let _daemon = DaemonGuard::new(tmp.path());
+    let image = format!("{}/clip/debian:latest", proxy.host());
+    // Indexed, never run: no profile, only what indexing learnt.
+    ok(tmp.path(), &["index", "--image", &image]);
+    let index = beside_the_index(tmp.path(), "clip");
+    assert!(std::fs::metadata(index.with_extension("hints")).unwrap().len() > 0);
+    assert!(!index.with_extension("profile").exists());
+    ok(tmp.path(), &["daemon", "stop"]);
+    proxy.log.lock().unwrap().clear();
+    proxy.always(Some(Fault::Stall(Duration::from_millis(150))));
+
+    // The image's Cmd is /bin/bash: the mount fetches bash, the loader,
+    // and the libraries bash needs, side by side, before anyone reads.
+    ok(tmp.path(), &["mount", "--image", &image, "--cid", "warmup"]);
+    // The walk queues each read as it finds it, and logs when it is done:
+    // only then can an empty queue mean the replay is over.
+    wait_for_log(
+        tmp.path(),
+        "no profile: replaying a guessed start",
+        60,
+        "the mount did not guess its start",
+    );
+    wait_for_replay(tmp.path(), &proxy);
+    let replay = proxy.log.lock().unwrap().clone();
+    assert!(
+        concurrency(&replay) >= 2,
+        "the guessed spans were fetched one at a time: {replay:?}"
+    );
+
+    // bash's start then reads nothing the guess did not fetch.
+    proxy.always(None);
+    let out = ok(tmp.path(), &["run", "--rm", &image, "/bin/bash", "-c", "echo guessed"]);
+    assert_eq!(out, "guessed\n");
+    let after = proxy.log.lock().unwrap().len();
+    assert_eq!(
+        after,
+        replay.len(),
+        "bash's start went to the registry ({} reads past a guessed prefix): {:?}",
+        metric(tmp.path(), "clip_prefix_misses_total"),
+        &proxy.log.lock().unwrap()[replay.len()..]
+    );
+    ok(tmp.path(), &["umount", "--cid", "warmup"]);
+}
+
+/// The file with extension `ext` next to the node's one index.
+fn beside_the_index(tmp: &std::path::Path, ext: &str) -> std::path::PathBuf {
+    std::fs::read_dir(tmp.join("base/index"))
+        .unwrap()
+        .flatten()
+        .find(|e| e.path().extension().is_some_and(|x| x == ext))
+        .unwrap_or_else(|| panic!("no .{ext} next to the index"))
+        .path()
 }

@@ -73,6 +73,19 @@ pub struct ImageSpec {
     pub checkpoint_mib: Option<u64>,
 }
 
+/// A container's command, as given on top of the image's config (Docker's
+/// rules combine them).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command {
+    /// Replaces the image's Cmd when not empty.
+    pub cmd: Vec<String>,
+    /// Replaces the image's Entrypoint (and its Cmd); "" clears it.
+    pub entrypoint: Option<String>,
+    /// `KEY=value`, on top of the image's Env.
+    pub env: Vec<String>,
+    pub workdir: Option<String>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
@@ -113,6 +126,10 @@ pub enum Request {
         /// `clipctl record`), whatever the daemon's recording window.
         #[serde(default)]
         record: bool,
+        /// How the container's process differs from the image's default;
+        /// a fresh mount with no profile guesses what it reads first.
+        #[serde(default)]
+        command: Option<Command>,
     },
     /// Removes a container's rootfs, and its image mount once unused.
     Release {

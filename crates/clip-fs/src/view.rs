@@ -280,6 +280,36 @@ impl ImageView {
         n
     }
 
+    /// Queues the units that hold `reads` (layer bytes, in the order they
+    /// are expected), each as far as the reads go into it: a guessed
+    /// start, replayed like a profile.
+    pub fn replay_reads(&self, reads: &[LayerRead]) -> usize {
+        let mut order: Vec<Reach> = Vec::new();
+        let mut at: std::collections::HashMap<UnitRef, usize> = std::collections::HashMap::new();
+        for &(layer, pos, len) in reads {
+            let Some(l) = self.layers.get(layer as usize).map(|l| &l.layout) else {
+                continue;
+            };
+            let end = pos.saturating_add(len).min(l.uncompressed_size);
+            if end <= pos {
+                continue;
+            }
+            for u in l.unit_at(pos)..=l.unit_at(end - 1) {
+                let unit = &l.units[u];
+                let reach = end.min(unit.out + unit.len).saturating_sub(unit.out);
+                let key = (layer, u as u32);
+                match at.get(&key) {
+                    Some(&i) => order[i].1 = order[i].1.max(reach),
+                    None => {
+                        at.insert(key, order.len());
+                        order.push((key, reach));
+                    }
+                }
+            }
+        }
+        self.replay(&order)
+    }
+
     /// Reads `len` bytes of layer `layer` at `pos` (recording the units).
     fn read_layer(&self, layer: u32, l: &LayerRef, pos: u64, len: u64, out: &mut Vec<u8>) -> Result<(), ReadError> {
         let end = pos.saturating_add(len).min(l.layout.uncompressed_size);

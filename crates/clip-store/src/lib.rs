@@ -370,6 +370,7 @@ impl LayerStore {
         if self.mem.contains(&unit.id, 0) || self.disk.as_ref().is_some_and(|d| d.held(&unit.id).is_some()) {
             // A replay inflated less of this unit than is read now.
             self.metrics.prefix_misses.inc();
+            tracing::debug!(layer = %layer.layout.short, unit = u, off, n, "a read past a replayed prefix");
         }
         // A failure just seen is the answer, with nothing fetched ahead.
         if let Some(e) = self.remembered_failure(&unit.id) {

@@ -65,6 +65,7 @@ pub fn handle(d: &Daemon, req: Request, send: &mut dyn FnMut(Reply)) -> Result<R
                 reference,
                 key: None,
                 creds: spec.map(|s| s.creds).unwrap_or_default(),
+                command: None,
             })?;
             Ok(Reply::Mounted { dir })
         }
@@ -99,7 +100,13 @@ pub fn handle(d: &Daemon, req: Request, send: &mut dyn FnMut(Reply)) -> Result<R
             id,
             fuse_overlayfs,
             record,
-        } => prepare(d, spec.as_ref(), index.as_deref(), &id, fuse_overlayfs, record, send),
+            command,
+        } => {
+            clip_rootfs::validate_id(&id)?;
+            image_mount(d, spec.as_ref(), index.as_deref(), command, send, |m| {
+                prepare_on(d, m, &id, fuse_overlayfs, record)
+            })
+        }
         Request::Release { id } => {
             release(d, &id)?;
             Ok(Reply::Ok)
@@ -313,19 +320,6 @@ pub(crate) fn mount_key(index: &clip_format::IndexFile) -> Result<String> {
     Ok(format!("{hex}-{src}"))
 }
 
-fn prepare(
-    d: &Daemon,
-    spec: Option<&ImageSpec>,
-    index: Option<&Path>,
-    id: &str,
-    fuse_overlayfs: bool,
-    record: bool,
-    send: &mut dyn FnMut(Reply),
-) -> Result<Reply> {
-    clip_rootfs::validate_id(id)?;
-    image_mount(d, spec, index, send, |m| prepare_on(d, m, id, fuse_overlayfs, record))
-}
-
 /// An image's shared mount, made if it is not there.
 pub(crate) struct ImageMount {
     pub dir: PathBuf,
@@ -341,6 +335,7 @@ pub(crate) fn image_mount<T>(
     d: &Daemon,
     spec: Option<&ImageSpec>,
     index: Option<&Path>,
+    command: Option<clip_api::Command>,
     send: &mut dyn FnMut(Reply),
     then: impl FnOnce(&ImageMount) -> Result<T>,
 ) -> Result<T> {
@@ -369,6 +364,7 @@ pub(crate) fn image_mount<T>(
             reference: reference.clone(),
             key: Some(key.clone()),
             creds: spec.map(|s| s.creds.clone()).unwrap_or_default(),
+            command,
         })?;
     }
     then(&ImageMount {
@@ -506,7 +502,7 @@ fn images(d: &Daemon) -> Vec<clip_api::ImageInfo> {
 /// Deletes a stored index and what sits beside it (profile, origin).
 fn delete_index(d: &Daemon, path: &Path) -> Result<()> {
     std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
-    for ext in ["profile", "origin"] {
+    for ext in ["profile", "origin", "hints"] {
         let _ = std::fs::remove_file(path.with_extension(ext));
     }
     d.images.forget(path);

@@ -21,6 +21,11 @@ pub struct MountRecord {
     pub key: Option<String>,
     #[serde(default)]
     pub creds: std::collections::BTreeMap<String, clip_api::Credential>,
+    /// The first container's command, for a guessed start when the image
+    /// has no profile; None for a mount with no container (not handed
+    /// over: only a fresh mount uses it).
+    #[serde(skip)]
+    pub command: Option<clip_api::Command>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -134,6 +139,7 @@ mod tests {
             reference: "r/x:y".into(),
             key: None,
             creds: Default::default(),
+            command: None,
         };
         send(
             a.as_raw_fd(),

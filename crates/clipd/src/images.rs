@@ -291,7 +291,7 @@ impl Images {
             opts.spacing = mib << 20;
         }
         let (done, finished) = std::sync::mpsc::channel::<()>();
-        let (file, stats) = std::thread::scope(|s| {
+        let (file, stats, mut hints) = std::thread::scope(|s| {
             s.spawn(move || loop {
                 progress(counter.load(Ordering::Relaxed), total);
                 // Ends the moment the build does (the sender drops).
@@ -300,13 +300,15 @@ impl Images {
                     break;
                 }
             });
-            let r = clip_index::build(source.as_ref(), &reference.canonical(), &resolved, &opts);
+            let r = clip_index::build_with_hints(source.as_ref(), &reference.canonical(), &resolved, &opts);
             drop(done);
             r
         })?;
         let bytes = file.encode()?;
         write_atomic(&path, &bytes)?;
         write_atomic(&path.with_extension("origin"), origin.as_bytes())?;
+        hints.manifest_digest = file.index.image.manifest_digest.clone();
+        write_atomic(&crate::guesses::path_for(&path), &hints.encode())?;
         let index = Arc::new(file);
         // Mounts of a replaced index keep the one they loaded.
         lock(&self.loaded).insert(path.clone(), index.clone());

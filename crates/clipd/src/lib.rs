@@ -7,6 +7,7 @@
 //! (FUSE sessions, the layer store, registry clients, indexing, the API,
 //! metrics). See README.md, "The node service".
 
+mod guesses;
 mod handlers;
 mod handover;
 mod images;
@@ -47,6 +48,12 @@ pub struct Options {
     /// recorded into its image's prefetch profile (0: never).
     #[arg(long, env = "CLIP_RECORD_SECS", default_value_t = 30)]
     pub record_secs: u64,
+    /// When a fresh mount has no profile, fetch what its container is
+    /// guessed to read first, from what indexing learnt of the image's
+    /// files (libraries each program needs, modules each Python source
+    /// imports). `false` leaves such a start to demand reads.
+    #[arg(long, env = "CLIP_GUESS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub guess: bool,
     /// Seconds an image stays mounted after its last container is
     /// removed, so that the next container of it starts with the kernel's
     /// caches warm, as a containerd snapshot stays unpacked (0: unmount at

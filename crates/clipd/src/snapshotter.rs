@@ -41,7 +41,7 @@ impl ClipImages {
 
     fn mount(&self, image: &str, manifest: &str) -> Result<(PathBuf, String)> {
         let s = spec(image, manifest);
-        crate::handlers::image_mount(&self.d, Some(&s), None, &mut |_| {}, |m| {
+        crate::handlers::image_mount(&self.d, Some(&s), None, Some(Default::default()), &mut |_| {}, |m| {
             lock(&self.d.pinned).insert(m.key.clone());
             // Asked for a container's mounts (Prepare, Mounts): it is about
             // to start.

@@ -262,6 +262,7 @@ fn pass_through(cmd: &mut std::process::Command, opts: &Options) {
     }
     cmd.arg("--tag-ttl").arg(opts.tag_ttl.to_string());
     cmd.arg("--record-secs").arg(opts.record_secs.to_string());
+    cmd.arg("--guess").arg(opts.guess.to_string());
     cmd.arg("--image-linger").arg(opts.image_linger.to_string());
     cmd.arg("--fuse-threads").arg(opts.fuse_threads.to_string());
     if let Some(s) = &opts.snapshotter_socket {

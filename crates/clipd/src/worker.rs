@@ -391,6 +391,15 @@ impl Daemon {
             if let Some(p) = &profile {
                 let n = view.replay(&p.replay_list());
                 tracing::info!(dir = %record.dir.display(), units = n, "replaying the prefetch profile");
+            } else if let (true, Some(command)) = (self.opts.guess, record.command.clone()) {
+                // Off the mount's path: the container starts meanwhile.
+                let (view, index) = (view.clone(), record.index.clone());
+                if let Err(e) = std::thread::Builder::new()
+                    .name("clipd-guess".into())
+                    .spawn(move || crate::guesses::replay(&view, &index, &command))
+                {
+                    tracing::warn!(error = %e, "no guessed start for this mount");
+                }
             }
         }
         let served = clip_fs::serve_fd(view.clone(), fd, initialized, self.opts.fuse_threads)?;
