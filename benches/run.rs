@@ -95,6 +95,8 @@ struct Image {
 /// A clip node: its own clipd, index store and span cache.
 struct Node {
     dir: PathBuf,
+    /// Whether a start without a profile fetches its guessed reads.
+    guess: bool,
 }
 
 impl Node {
@@ -110,7 +112,8 @@ impl Node {
             // Every node indexes for itself (benches/published.rs measures
             // published indexes).
             .env("CLIP_PUBLISHED_INDEX", "0")
-            .env("CLIP_TAG_TTL", "3600");
+            .env("CLIP_TAG_TTL", "3600")
+            .env("CLIP_GUESS", self.guess.to_string());
         c
     }
 
@@ -448,14 +451,21 @@ fn bench(img: &Image, root: &Path) {
     let work = tempfile::tempdir_in(root).unwrap();
     let (read_bytes, read_files) = bytes_of_files_read(work.path(), &rootfs, &resolved.config, &img.cmd);
 
-    // Nodes: one without a profile, one with a recorded profile.
+    // Nodes: two without a profile (one guessing its start from the
+    // image, one left to demand reads), one with a recorded profile.
     let plain = Node {
         dir: work.path().join("plain"),
+        guess: true,
+    };
+    let unguessed = Node {
+        dir: work.path().join("unguessed"),
+        guess: false,
     };
     let profiled = Node {
         dir: work.path().join("profiled"),
+        guess: true,
     };
-    for n in [&plain, &profiled] {
+    for n in [&plain, &unguessed, &profiled] {
         n.ok(&["index", "--image", &image]);
     }
     let mut rec = vec!["record", "--runtime", "runc", image.as_str()];
@@ -484,8 +494,8 @@ fn bench(img: &Image, root: &Path) {
         }
     };
 
-    let mut t = [(); 7].map(|_| Vec::new());
-    let mut fetched = [Vec::new(), Vec::new()];
+    let mut t = [(); 8].map(|_| Vec::new());
+    let mut fetched = [Vec::new(), Vec::new(), Vec::new()];
     for round in 0..img.rounds {
         drop_caches();
         t[0].push(floor_run(
@@ -503,18 +513,19 @@ fn bench(img: &Image, root: &Path) {
             &img.cmd,
             &format!("fw{round}"),
         ));
-        for (i, n) in [&plain, &profiled].into_iter().enumerate() {
+        // The profiled node last: its warm run follows its cold one.
+        for (i, n) in [&unguessed, &plain, &profiled].into_iter().enumerate() {
             n.cold();
             let before = reg.blob_bytes_served();
-            t[2 + i].push(n.run(&image, &img.cmd, &format!("c{i}-{round}")));
+            t[[7, 2, 3][i]].push(n.run(&image, &img.cmd, &format!("c{i}-{round}")));
             std::thread::sleep(Duration::from_millis(500));
-            fetched[i].push(reg.blob_bytes_served() - before);
-            if i == 0 {
-                // The node without a profile is done for this round:
+            fetched[[2, 0, 1][i]].push(reg.blob_bytes_served() - before);
+            if i != 2 {
+                // A node without a profile is done for this round:
                 // stopped, it writes its span cache now (untimed), not in
                 // the runs that follow (clipd writes once its store has
                 // been quiet for 2 s).
-                plain.ok(&["daemon", "stop"]);
+                n.ok(&["daemon", "stop"]);
             }
         }
         settle();
@@ -544,13 +555,14 @@ fn bench(img: &Image, root: &Path) {
             &format!("ft{round}"),
         ));
     }
-    for n in [&plain, &profiled] {
+    for n in [&plain, &unguessed, &profiled] {
         let _ = n.cmd(&["daemon", "stop"]).output();
     }
     let nydus_t = (!t[6].is_empty()).then(|| median(t[6].clone()));
-    let [floor, warm_floor, cold, cold_p, warm, cached, _] = t.map(|v| if v.is_empty() { 0.0 } else { median(v) });
+    let [floor, warm_floor, cold, cold_p, warm, cached, _, cold_u] =
+        t.map(|v| if v.is_empty() { 0.0 } else { median(v) });
     let min = |v: &Vec<u64>| *v.iter().min().unwrap();
-    let (fb, fbp) = (min(&fetched[0]), min(&fetched[1]));
+    let (fb, fbp, fbu) = (min(&fetched[0]), min(&fetched[1]), min(&fetched[2]));
     println!(
         "## `{}`: {} layers, {:.2} GB compressed; `{}` (median of {}, runc everywhere)",
         img.name,
@@ -564,7 +576,8 @@ fn bench(img: &Image, root: &Path) {
     println!("|---|---:|");
     println!("| floor (fresh overlay over the pristine unpacked image, cold) | {floor:.2} |");
     println!("| warm floor (the same, page cache warm) | {warm_floor:.2} |");
-    println!("| clip cold, no profile | {cold:.2} |");
+    println!("| clip cold, no profile (start guessed from the image) | {cold:.2} |");
+    println!("| clip cold, no profile, no guess (demand reads only) | {cold_u:.2} |");
     println!("| clip cold, profile | {cold_p:.2} |");
     println!("| clip warm (spans cached, new container) | {warm:.2} |");
     println!("| clip cached (spans on disk, fresh clipd and mount, page cache dropped) | {cached:.2} |");
@@ -577,6 +590,7 @@ fn bench(img: &Image, root: &Path) {
     println!("|---|---:|---|");
     println!("| cold, profile ÷ floor | **{:.2}** | ≤ 1.2 |", cold_p / floor);
     println!("| cold, no profile ÷ floor | **{:.2}** | ≤ 1.6 |", cold / floor);
+    println!("| cold, no profile, no guess ÷ floor | {:.2} | |", cold_u / floor);
     println!("| warm ÷ warm floor | **{:.2}** | ≤ 1.05 |", warm / warm_floor);
     println!("| cached (fresh mount) ÷ floor | {:.2} | |", cached / floor);
     if let Some(n) = nydus_t {
@@ -592,6 +606,10 @@ fn bench(img: &Image, root: &Path) {
     println!(
         "| bytes fetched, no profile ÷ bytes of files read | {:.2} ({fb}) | |",
         fb as f64 / read_bytes as f64
+    );
+    println!(
+        "| bytes fetched, no profile, no guess ÷ bytes of files read | {:.2} ({fbu}) | |",
+        fbu as f64 / read_bytes as f64
     );
     println!(
         "| fixed cost: `clipctl run IMAGE true` ÷ bare `runc run` (fresh overlay) | {:.2} ({:.3} s ÷ {:.3} s) | |",

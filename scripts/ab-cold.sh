@@ -12,6 +12,9 @@
 # profile, then stops clipd, drops the page cache and times a start on a
 # fresh clipd and mount (the benchmark's "cached" path).
 #
+# AB_NODE=NAME uses (and keeps) its own node, target/tmp/ab-IMG/NAME:
+# its index, hints and profile (if any) are made by the new build once.
+#
 # Each BIN_DIR holds clipctl, clipd and clip-runtime (copies of
 # target/release after building each version). Uses the registry storage
 # that `cargo bench --bench run` builds (target/tmp/clip-bench-IMG); run that
@@ -36,7 +39,7 @@ if [ "$img" = py ]; then
 else
   cmd=(python3 -c 'import torch')
 fi
-node=$work/$([ "$mode" = plain ] && echo plain || echo profile)
+node=$work/${AB_NODE:-$([ "$mode" = plain ] && echo plain || echo profile)}
 export CLIP_BASE_DIR=$node/base CLIP_CACHE_DIR=$node/cache CLIP_RUN_DIR=$node/run
 export CLIP_RECORD_SECS=0 CLIP_PUBLISHED_INDEX=0 CLIP_TAG_TTL=3600
 # The index (and profile) are made once, by the new build; both builds read
