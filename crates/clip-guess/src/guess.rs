@@ -564,10 +564,9 @@ fn walk(index: &Index, hints: &Hints, process: &Process, out: &mut Vec<Read>) {
             let n = w.index.node(i)?;
             let dir = w.index.dir_path(n.parent)?;
             let name = &w.index.node(n.parent)?.entries.iter().find(|e| e.ino == i)?.name;
-            Some(format!(
-                "/{}/{}",
-                String::from_utf8_lossy(&dir),
-                String::from_utf8_lossy(name)
+            Some(join(
+                &format!("/{}", String::from_utf8_lossy(&dir)),
+                &String::from_utf8_lossy(name),
             ))
         })
         .unwrap_or(exe.clone());
@@ -624,7 +623,8 @@ mod tests {
     use clip_format::{DirEntry, Image, Node, ROOT_INO};
 
     /// A one-layer image of `files`: (path, size or symlink target); each
-    /// file's bytes start at 1 MiB times its place in the list.
+    /// file's bytes start at 256 MiB times its place in the list (one
+    /// past it).
     struct Fake {
         index: Index,
         at: std::collections::HashMap<String, u64>,
