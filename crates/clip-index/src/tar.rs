@@ -362,12 +362,13 @@ impl<R: BufRead> Walker<R> {
                 };
                 match probe {
                     Some(p) => {
-                        if let Some(f) = self.skip_probing(stored, p)? {
-                            if let Some(facts) = &mut self.facts {
-                                facts.push((entry.offset, f));
-                            }
-                        }
+                        let fact = self.skip_probing(stored, p)?;
+                        // Kept only with its entry: a stream cut in the
+                        // padding returns neither.
                         self.skip(Self::padding(stored))?;
+                        if let (Some(f), Some(facts)) = (fact, &mut self.facts) {
+                            facts.push((entry.offset, f));
+                        }
                     }
                     None => self.skip(stored + Self::padding(stored))?,
                 }
@@ -956,5 +957,22 @@ mod tests {
         assert!(parse_pax(b"99 path=x\n", &mut Pending::default()).is_err());
         assert!(parse_pax(b"5 a\n", &mut Pending::default()).is_err());
         assert!(parse_pax(b"x path=x\n", &mut Pending::default()).is_err());
+    }
+
+    #[test]
+    fn facts_come_with_their_entries_only() {
+        let src = b"import os\n".to_vec();
+        let a = archive(&[(header(b"m.py", b'0', src.len() as u64, b""), src.clone())]);
+        let mut w = Walker::new(&a[..]).with_facts();
+        let e = w.next_entry().unwrap().unwrap();
+        assert_eq!(w.next_entry().unwrap(), None);
+        let facts = w.take_facts();
+        assert_eq!(facts.len(), 1);
+        assert_eq!(facts[0].0, e.offset);
+        // Cut in the file's padding: an error, and no fact for it.
+        let cut = &a[..BLOCK + src.len() + 3];
+        let mut w = Walker::new(cut).with_facts();
+        assert!(w.next_entry().is_err());
+        assert!(w.take_facts().is_empty());
     }
 }
