@@ -24,13 +24,7 @@ const MAX_IMPORTS: usize = 1024;
 const MAX_LINE: usize = 16 << 10;
 
 fn is_dotted(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 256
-        && s.split('.').all(|p| {
-            let mut c = p.chars();
-            c.next().is_some_and(|f| f.is_ascii_alphabetic() || f == '_')
-                && c.all(|x| x.is_ascii_alphanumeric() || x == '_')
-        })
+    s.len() <= 256 && crate::is_module_name(s.as_bytes())
 }
 
 /// Logical lines of `src` (continuations joined), with string-only lines
