@@ -41,7 +41,7 @@ pub fn replay(view: &ImageView, index: &Path, c: &clip_api::Command) -> usize {
         &c.env,
         c.workdir.as_deref(),
     );
-    // All at once (the walk takes milliseconds): a unit several reads
+    // All at once (the walk takes tens of milliseconds): a unit several reads
     // fall in is queued once, as far as the furthest of them.
     let reads = clip_guess::guess(&file.index, &hints, &process);
     let bytes: u64 = reads.iter().map(|r| r.2).sum();
