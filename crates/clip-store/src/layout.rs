@@ -11,7 +11,7 @@
 //! of its own and poisons nobody else's.
 
 use std::ops::Range;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
 
 use clip_format::{Compression, IndexFile};
@@ -59,6 +59,9 @@ pub struct LayerLayout {
     /// The source answered a range request with the whole blob: read this
     /// layer as one stream from now on.
     pub(crate) range_ignored: AtomicBool,
+    /// The span of the layer's last demand miss (`usize::MAX`: none yet),
+    /// to tell a reader going backwards.
+    pub(crate) last_miss: AtomicUsize,
 }
 
 impl std::fmt::Debug for LayerLayout {
@@ -172,6 +175,7 @@ impl LayerLayout {
             layer,
             key: key.finalize().into(),
             range_ignored: AtomicBool::new(false),
+            last_miss: AtomicUsize::new(usize::MAX),
         }))
     }
 

@@ -460,6 +460,33 @@ fn past_the_bound_of_miss_runs_a_miss_queues_its_readahead() {
 }
 
 #[test]
+fn a_miss_just_below_the_last_one_reads_ahead_backwards() {
+    // No workers: what is queued stays queued, and can be counted.
+    let s = setup_ahead(0, 8 << 20, 2);
+    let l = &s.layer.layout;
+    assert!(l.spans.len() > 8, "the sample has spans on both sides");
+    let unit_of = |k: usize| l.spans[k].units.start;
+    let (out, _) = s.unit_range(unit_of(6));
+    s.expect(out, 10);
+    wait_until("the forward readahead", || {
+        s.store.cached(l, unit_of(7)) && s.store.cached(l, unit_of(8))
+    });
+    assert_eq!(s.store.queued(), 0, "forward, in the miss's own request");
+    // The next miss is below: spans 4 and 3 are queued, not 6 and 7.
+    let (out, _) = s.unit_range(unit_of(5));
+    s.expect(out, 10);
+    assert_eq!(s.store.queued(), 2, "the two spans below the miss");
+    assert_eq!(s.fake.reads.load(Ordering::SeqCst), 2, "the two misses alone");
+    // Far from the last miss, a miss reads forward again.
+    let (out, _) = s.unit_range(unit_of(0));
+    s.expect(out, 10);
+    wait_until("the forward readahead", || {
+        s.store.cached(l, unit_of(1)) && s.store.cached(l, unit_of(2))
+    });
+    assert_eq!(s.store.queued(), 2, "nothing more queued");
+}
+
+#[test]
 fn while_a_replay_is_queued_a_miss_queues_its_readahead_behind_it() {
     // No workers: what is queued stays queued.
     let s = setup_ahead(0, 8 << 20, 2);
