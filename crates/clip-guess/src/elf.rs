@@ -1,11 +1,11 @@
 //! What the dynamic loader reads of an ELF object, learnt from the object
 //! as it streams past the indexer once: its interpreter, the libraries it
 //! needs and where it looks for them, and the byte ranges the loader
-//! touches to relocate it (symbols, strings, hash tables, relocations,
-//! the writable data). The stream is read once and in order, so a table
-//! is kept only if its place is known before it passes: the headers at
-//! the start say where the dynamic section and the section headers are,
-//! and the dynamic section where its strings are.
+//! touches to relocate it (symbols, strings, hash tables, relocations, and
+//! the writable pages they write). The stream is read once and in order,
+//! so a table is kept only if its place is known before it passes: the
+//! headers at the start say where the dynamic section and the section
+//! headers are, and the dynamic section where its strings are.
 
 use serde::{Deserialize, Serialize};
 
@@ -39,6 +39,12 @@ const TABLE_CAP: u64 = 1 << 20;
 const STRTAB_CAP: u64 = 16 << 20;
 /// The largest single range a guess takes from one section.
 const RANGE_CAP: u64 = 64 << 20;
+/// A writable section up to this size is taken whole; past it, only the
+/// pages relocation writes.
+const WHOLE_WRITABLE: u64 = 256 << 10;
+/// Relocated pages this close are read as one range.
+const MERGE_GAP: u64 = 64 << 10;
+const PAGE: u64 = 4096;
 /// The most names kept per extension module.
 const MAX_NAMES: usize = 4096;
 
@@ -70,6 +76,14 @@ struct Segment {
     offset: u64,
     vaddr: u64,
     filesz: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Section {
+    kind: u32,
+    flags: u64,
+    offset: u64,
+    size: u64,
 }
 
 /// A range of the file kept as it passes.
@@ -331,6 +345,74 @@ impl ElfProbe {
         (!s.is_empty()).then(|| String::from_utf8_lossy(s).into_owned())
     }
 
+    /// The section headers, if they were kept.
+    fn sections(&self) -> Vec<Section> {
+        let Some(sh) = self.bytes(self.shoff, self.shnum * 64) else {
+            return Vec::new();
+        };
+        sh.chunks_exact(64)
+            .map(|s| Section {
+                kind: u32_at(s, 4).unwrap_or(0),
+                flags: u64_at(s, 8).unwrap_or(0),
+                offset: u64_at(s, 24).unwrap_or(0),
+                size: u64_at(s, 32).unwrap_or(0),
+            })
+            .collect()
+    }
+
+    /// The file's pages that dynamic relocation writes, as sorted,
+    /// merged `(offset, len)` ranges; None unless every relocation table
+    /// was kept (they sit in the first segment, which the head holds).
+    fn relocated(&self, sections: &[Section]) -> Option<Vec<(u64, u64)>> {
+        let mut pages = Vec::new();
+        let mut mark = |vaddr: u64| {
+            if let Some(o) = self.file_offset(vaddr) {
+                pages.push(o / PAGE);
+            }
+        };
+        for s in sections.iter().filter(|s| s.flags & SHF_ALLOC != 0 && s.size > 0) {
+            let entry = match s.kind {
+                4 => 24, // RELA: offset, info, addend
+                9 => 16, // REL: offset, info
+                19 => 8, // RELR: addresses and bitmaps
+                _ => continue,
+            };
+            let table = self.bytes(s.offset, s.size)?;
+            if s.kind == 19 {
+                // An even entry is an address; an odd one a bitmap of the
+                // 63 words after the last address covered.
+                let mut base = 0u64;
+                for e in table.chunks_exact(8).filter_map(|e| u64_at(e, 0)) {
+                    if e & 1 == 0 {
+                        mark(e);
+                        base = e.wrapping_add(8);
+                    } else {
+                        for i in (0..63).filter(|i| e >> (i + 1) & 1 == 1) {
+                            mark(base.wrapping_add(i * 8));
+                        }
+                        base = base.wrapping_add(63 * 8);
+                    }
+                }
+            } else {
+                for e in table.chunks_exact(entry) {
+                    mark(u64_at(e, 0).unwrap_or(0));
+                }
+            }
+        }
+        pages.sort_unstable();
+        pages.dedup();
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for p in pages {
+            let (o, end) = (p * PAGE, (p + 1) * PAGE);
+            match out.last_mut() {
+                // Pages close together are read as one range.
+                Some((lo, ll)) if o <= *lo + *ll + MERGE_GAP => *ll = end - *lo,
+                _ => out.push((o, PAGE)),
+            }
+        }
+        Some(out)
+    }
+
     /// What the loader needs of the object; None if it is not one.
     pub fn finish(self) -> Option<ElfFact> {
         if self.dead || !self.parsed {
@@ -362,23 +444,33 @@ impl ElfProbe {
         // What relocation touches, by section type when the section headers
         // were kept; else the writable segments and the dynamic section.
         let mut ranges = vec![(0, self.size.min(4096))];
-        let sections = self.bytes(self.shoff, self.shnum * 64);
-        if let (Some(sh), true) = (sections, self.shnum > 0) {
-            for s in sh.chunks_exact(64) {
-                let (kind, flags, offset, size) = (
-                    u32_at(s, 4).unwrap_or(0),
-                    u64_at(s, 8).unwrap_or(0),
-                    u64_at(s, 24).unwrap_or(0),
-                    u64_at(s, 32).unwrap_or(0),
-                );
+        let sections = self.sections();
+        if !sections.is_empty() {
+            let relocated = self.relocated(&sections);
+            for s in &sections {
                 let loader = matches!(
-                    kind,
+                    s.kind,
                     3 // dynamic strings (the only allocated string table)
                     | 4 | 5 | 6 | 9 | 11 | 14 | 15 | 16 | 19 // rela, hash, dynamic, rel, dynsym, init/fini/preinit arrays, relr
                     | 0x6fff_fff6 | 0x6fff_fffd | 0x6fff_fffe | 0x6fff_ffff // gnu hash, verdef, verneed, versym
-                ) || (kind == 1 && flags & SHF_WRITE != 0); // .got, .data, .data.rel.ro
-                if loader && flags & SHF_ALLOC != 0 && size > 0 && offset < self.size {
-                    ranges.push((offset, size.min(RANGE_CAP).min(self.size - offset)));
+                ) || (s.kind == 1 && s.flags & SHF_WRITE != 0); // .got, .data, .data.rel.ro
+                if !loader || s.flags & SHF_ALLOC == 0 || s.size == 0 || s.offset >= self.size {
+                    continue;
+                }
+                let len = s.size.min(RANGE_CAP).min(self.size - s.offset);
+                match &relocated {
+                    // A large writable section (CUDA libraries keep
+                    // kernels of 100 MB in `.data`): only the pages that
+                    // relocation writes are read at load.
+                    Some(pages) if s.kind == 1 && len > WHOLE_WRITABLE => {
+                        let end = s.offset + len;
+                        let from = pages.partition_point(|&(o, l)| o + l <= s.offset);
+                        for &(o, l) in pages[from..].iter().take_while(|&&(o, _)| o < end) {
+                            let a = o.max(s.offset);
+                            ranges.push((a, (o + l).min(end) - a));
+                        }
+                    }
+                    _ => ranges.push((s.offset, len)),
                 }
             }
         } else {
@@ -515,6 +607,88 @@ mod tests {
             // section stand for what relocation reads.
             assert_eq!(f.ranges, [(0, 4096), (8192, 80), (8192, 4096)]);
         }
+    }
+
+    /// An object with section headers, a relocation table of `kind` in
+    /// its first segment, and a 512 KiB `.data` of which relocation
+    /// writes the pages at file offsets 0x1000, 0x41000 and 0x80000.
+    fn relocated(kind: u32) -> Vec<u8> {
+        let (data_off, data_va, data_len) = (0x1000u64, 0x20_1000u64, 0x8_0000u64);
+        let shoff = data_off + data_len;
+        let mut b = vec![0u8; (shoff + 3 * 64) as usize];
+        b[..4].copy_from_slice(b"\x7fELF");
+        b[4] = 2;
+        b[5] = 1;
+        b[32..40].copy_from_slice(&64u64.to_le_bytes()); // phoff
+        b[40..48].copy_from_slice(&shoff.to_le_bytes());
+        b[54..56].copy_from_slice(&56u16.to_le_bytes());
+        b[56..58].copy_from_slice(&2u16.to_le_bytes());
+        b[58..60].copy_from_slice(&64u16.to_le_bytes());
+        b[60..62].copy_from_slice(&3u16.to_le_bytes());
+        for (i, (flags, off, va, len)) in [(4u32, 0u64, 0u64, 0x1000u64), (6, data_off, data_va, data_len)]
+            .into_iter()
+            .enumerate()
+        {
+            let o = 64 + i * 56;
+            b[o..o + 4].copy_from_slice(&PT_LOAD.to_le_bytes());
+            b[o + 4..o + 8].copy_from_slice(&flags.to_le_bytes());
+            b[o + 8..o + 16].copy_from_slice(&off.to_le_bytes());
+            b[o + 16..o + 24].copy_from_slice(&va.to_le_bytes());
+            b[o + 32..o + 40].copy_from_slice(&len.to_le_bytes());
+        }
+        let targets = [data_va + 8, data_va + 0x4_0008, data_va + 0x7_f010];
+        let table: Vec<u8> = match kind {
+            // RELR: addresses, and after the second a bitmap of two words
+            // that stay in its page.
+            19 => [targets[0], targets[1], (1 << 1) | (1 << 63) | 1, targets[2]]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+            _ => targets
+                .iter()
+                .flat_map(|&t| [t, 8 /* R_X86_64_RELATIVE */, 0].into_iter().flat_map(u64::to_le_bytes))
+                .collect(),
+        };
+        b[0x200..0x200 + table.len()].copy_from_slice(&table);
+        let sh = |b: &mut Vec<u8>, i: u64, kind: u32, flags: u64, off: u64, size: u64| {
+            let o = (shoff + i * 64) as usize;
+            b[o + 4..o + 8].copy_from_slice(&kind.to_le_bytes());
+            b[o + 8..o + 16].copy_from_slice(&flags.to_le_bytes());
+            b[o + 24..o + 32].copy_from_slice(&off.to_le_bytes());
+            b[o + 32..o + 40].copy_from_slice(&size.to_le_bytes());
+        };
+        sh(&mut b, 1, kind, SHF_ALLOC, 0x200, table.len() as u64);
+        sh(&mut b, 2, 1, SHF_ALLOC | SHF_WRITE, data_off, data_len);
+        b
+    }
+
+    #[test]
+    fn a_large_writable_section_only_where_relocation_writes() {
+        for kind in [4, 19] {
+            let b = relocated(kind);
+            let table = if kind == 19 { 32 } else { 72 };
+            for chunk in [b.len(), 4096, 1000, 61] {
+                let f = probe(&b, chunk, false).expect("an ELF object");
+                assert_eq!(
+                    f.ranges,
+                    [
+                        (0, 4096),
+                        (0x200, table),
+                        (0x1000, 4096),
+                        (0x4_1000, 4096),
+                        (0x8_0000, 4096)
+                    ],
+                    "table type {kind}, chunks of {chunk}"
+                );
+            }
+        }
+        // A table that lies outside the file is not read: the section is
+        // taken whole, as without relocations known.
+        let mut b = relocated(4);
+        let o = (0x8_1000 + 64 + 24) as usize;
+        b[o..o + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        let f = probe(&b, 4096, false).expect("an ELF object");
+        assert!(f.ranges.contains(&(0x1000, 0x8_0000)), "{:?}", f.ranges);
     }
 
     #[test]
