@@ -76,6 +76,7 @@ struct Segment {
     offset: u64,
     vaddr: u64,
     filesz: u64,
+    memsz: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -248,12 +249,13 @@ impl ElfProbe {
         for i in 0..phnum as u64 {
             let o = phoff.saturating_add(i * 56);
             let Ok(o) = usize::try_from(o) else { break };
-            let (Some(kind), Some(flags), Some(offset), Some(vaddr), Some(filesz)) = (
+            let (Some(kind), Some(flags), Some(offset), Some(vaddr), Some(filesz), Some(memsz)) = (
                 u32_at(h, o),
                 u32_at(h, o + 4),
                 u64_at(h, o + 8),
                 u64_at(h, o + 16),
                 u64_at(h, o + 32),
+                u64_at(h, o + 40),
             ) else {
                 break;
             };
@@ -263,6 +265,7 @@ impl ElfProbe {
                 offset,
                 vaddr,
                 filesz,
+                memsz,
             });
         }
         // The first segment holds the dynamic symbols and strings in the
@@ -480,6 +483,14 @@ impl ElfProbe {
                 }
             }
         }
+        // The loader zeroes the rest of a writable segment's last page in
+        // the file, where its `.bss` starts (the end of a CUDA library).
+        for s in &self.segments {
+            let end = s.offset.saturating_add(s.filesz);
+            if s.kind == PT_LOAD && s.flags & 2 != 0 && s.memsz > s.filesz && end % PAGE != 0 && end <= self.size {
+                ranges.push((end - end % PAGE, end % PAGE));
+            }
+        }
         ranges.sort_unstable();
         ranges.dedup();
         fact.ranges = ranges;
@@ -625,9 +636,14 @@ mod tests {
         b[56..58].copy_from_slice(&2u16.to_le_bytes());
         b[58..60].copy_from_slice(&64u16.to_le_bytes());
         b[60..62].copy_from_slice(&3u16.to_le_bytes());
-        for (i, (flags, off, va, len)) in [(4u32, 0u64, 0u64, 0x1000u64), (6, data_off, data_va, data_len)]
-            .into_iter()
-            .enumerate()
+        // The data segment's file bytes end 16 bytes short of a page,
+        // where its `.bss` starts.
+        for (i, (flags, off, va, len, mem)) in [
+            (4u32, 0u64, 0u64, 0x1000u64, 0x1000u64),
+            (6, data_off, data_va, data_len - 16, data_len + 0x2000),
+        ]
+        .into_iter()
+        .enumerate()
         {
             let o = 64 + i * 56;
             b[o..o + 4].copy_from_slice(&PT_LOAD.to_le_bytes());
@@ -635,6 +651,7 @@ mod tests {
             b[o + 8..o + 16].copy_from_slice(&off.to_le_bytes());
             b[o + 16..o + 24].copy_from_slice(&va.to_le_bytes());
             b[o + 32..o + 40].copy_from_slice(&len.to_le_bytes());
+            b[o + 40..o + 48].copy_from_slice(&mem.to_le_bytes());
         }
         let targets = [data_va + 8, data_va + 0x4_0008, data_va + 0x7_f010];
         let table: Vec<u8> = match kind {
@@ -663,7 +680,7 @@ mod tests {
     }
 
     #[test]
-    fn a_large_writable_section_only_where_relocation_writes() {
+    fn a_large_writable_section_only_where_relocation_writes_and_where_bss_starts() {
         for kind in [4, 19] {
             let b = relocated(kind);
             let table = if kind == 19 { 32 } else { 72 };
@@ -676,6 +693,7 @@ mod tests {
                         (0x200, table),
                         (0x1000, 4096),
                         (0x4_1000, 4096),
+                        (0x8_0000, 0xff0),
                         (0x8_0000, 4096)
                     ],
                     "table type {kind}, chunks of {chunk}"
