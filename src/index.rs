@@ -23,9 +23,10 @@ pub struct Args {
     /// Layers indexed at once (default: one per core).
     #[arg(long)]
     jobs: Option<usize>,
-    /// Publish the index (and the prefetch profile, if one is recorded)
-    /// in the image's repository, attached to its manifest, so that other
-    /// nodes fetch it instead of indexing. Needs push access.
+    /// Publish the index (with the prefetch profile, if one is recorded, and
+    /// the hints for a guessed start) in the image's repository, attached to
+    /// its manifest, so that other nodes fetch it instead of indexing. Needs
+    /// push access.
     #[arg(long)]
     push: bool,
     /// Print a machine-readable summary on stdout.

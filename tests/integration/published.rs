@@ -95,6 +95,7 @@ fn a_published_index_is_used_by_other_nodes_and_a_bad_one_is_refused() {
     // API, so the artifact is listed under the referrers tag.
     let (out, _) = ok(a, &["index", "--image", &direct("debian"), "--push"]);
     assert!(out.contains("published: artifact sha256:"), "{out}");
+    assert!(out.contains("(index, hints)"), "{out}");
     assert!(out.contains("referrers tag scheme"), "{out}");
     let tag = debian.replacen(':', "-", 1);
     let listed = curl(&[
@@ -104,6 +105,11 @@ fn a_published_index_is_used_by_other_nodes_and_a_bad_one_is_refused() {
     ]);
     let listed: serde_json::Value = serde_json::from_slice(&listed).unwrap();
     assert_eq!(listed["manifests"][0]["artifactType"], "application/vnd.clip.index");
+    let hints_a = std::fs::read(stored_index(a).with_extension("hints")).unwrap();
+    assert_eq!(
+        listed["manifests"][0]["annotations"]["dev.clip.hints.size"],
+        hints_a.len().to_string()
+    );
 
     // Node B, empty: runs the image with the published index, reading
     // only ranges of the layers.
@@ -117,6 +123,9 @@ fn a_published_index_is_used_by_other_nodes_and_a_bad_one_is_refused() {
     assert!(n > 0, "no layer reads: {log:?} {layers:?}");
     let (info, _) = ok(b, &["inspect", stored_index(b).to_str().unwrap()]);
     assert!(info.contains("origin:      registry (artifact sha256:"), "{info}");
+    // The publisher's hints came along, for a guessed start here too.
+    let hints_b = std::fs::read(stored_index(b).with_extension("hints")).unwrap();
+    assert!(hints_b == hints_a, "node B has node A's hints");
 
     // An artifact copied from another image: node A publishes busybox's,
     // then its referrers list is put under Debian's tag.

@@ -260,12 +260,23 @@ fn publish(d: &Daemon, spec: &ImageSpec, ready: &Ready, need_profile: bool) -> R
             spec.image
         ),
     };
-    let (artifact, via) = crate::published::publish(reg, &ready.index, &bytes, profile.as_deref())
+    // The hints of an index built here; an adopted one has them if its
+    // publisher did.
+    let hints = std::fs::read(crate::guesses::path_for(&ready.index_path)).ok();
+    let (artifact, via) = crate::published::publish(reg, &ready.index, &bytes, profile.as_deref(), hints.as_deref())
         .with_context(|| format!("publishing the index of {}", ready.reference.canonical()))?;
     tracing::info!(image = %ready.reference.canonical(), %artifact, %via, "index published");
+    let with: Vec<&str> = [(profile.is_some(), "profile"), (hints.is_some(), "hints")]
+        .into_iter()
+        .filter_map(|(has, what)| has.then_some(what))
+        .collect();
     Ok(format!(
         "artifact {artifact}{}, listed through {via}",
-        if profile.is_some() { " (index and profile)" } else { "" }
+        if with.is_empty() {
+            String::new()
+        } else {
+            format!(" (index, {})", with.join(", "))
+        }
     ))
 }
 

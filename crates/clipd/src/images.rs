@@ -322,7 +322,7 @@ impl Images {
     }
 
     /// Stores an index found in the registry (and its profile, unless this
-    /// node has recorded one).
+    /// node has recorded one, and its hints).
     fn adopt(&self, reference: ImageRef, path: PathBuf, found: crate::published::Found) -> Result<Ready> {
         write_atomic(&path, &found.bytes)?;
         let digest = &found.index.index.image.manifest_digest;
@@ -335,6 +335,15 @@ impl Images {
                     }
                 }
                 _ => tracing::warn!(artifact = %found.artifact, "ignoring a published profile for another image"),
+            }
+        }
+        if let Some(h) = &found.hints {
+            match clip_guess::Hints::decode(h) {
+                Ok(hints) if hints.manifest_digest == *digest => {
+                    write_atomic(&crate::guesses::path_for(&path), h)?;
+                }
+                Ok(_) => tracing::warn!(artifact = %found.artifact, "ignoring published hints for another image"),
+                Err(e) => tracing::warn!(artifact = %found.artifact, error = %e, "ignoring unreadable published hints"),
             }
         }
         let origin = format!("registry (artifact {}, found through {})", found.artifact, found.via);

@@ -4,8 +4,9 @@
 //! the layers.
 //!
 //! The artifact is an image manifest with artifact type [`ARTIFACT_TYPE`],
-//! the empty config, the `.clip` file as its first layer and the profile,
-//! if any, as its second; its `subject` is the image's platform manifest
+//! the empty config, the `.clip` file as its first layer, then the
+//! profile and the hints for a guessed start (`clip-guess`), each if the
+//! publishing node has them; its `subject` is the image's platform manifest
 //! (a multi-platform image gets one per platform). The referrers entry
 //! repeats the blobs' digests in annotations, so a node needs one
 //! referrers lookup and one blob GET.
@@ -25,14 +26,18 @@ use clip_registry::{Descriptor, RegistrySource, ResolvedImage};
 
 pub const ARTIFACT_TYPE: &str = "application/vnd.clip.index";
 const PROFILE_MEDIA_TYPE: &str = "application/vnd.clip.profile.v1+json";
+const HINTS_MEDIA_TYPE: &str = "application/vnd.clip.hints.v1";
 const FORMAT: &str = "dev.clip.format.version";
 const INDEX_DIGEST: &str = "dev.clip.index.digest";
 const INDEX_SIZE: &str = "dev.clip.index.size";
 const PROFILE_DIGEST: &str = "dev.clip.profile.digest";
 const PROFILE_SIZE: &str = "dev.clip.profile.size";
+const HINTS_DIGEST: &str = "dev.clip.hints.digest";
+const HINTS_SIZE: &str = "dev.clip.hints.size";
 /// Bounds on what a node downloads: far above real images.
 const MAX_INDEX: u64 = 1 << 30;
 const MAX_PROFILE: u64 = 16 << 20;
+const MAX_HINTS: u64 = 256 << 20;
 
 fn index_media_type() -> String {
     format!("application/vnd.clip.index.v{}", clip_format::VERSION)
@@ -43,14 +48,21 @@ pub struct Found {
     pub index: IndexFile,
     pub bytes: Vec<u8>,
     pub profile: Option<Vec<u8>>,
+    pub hints: Option<Vec<u8>>,
     pub artifact: String,
     pub via: Via,
 }
 
-/// Publishes `bytes` (the encoded `index`) and `profile` as a referrer of
-/// the image manifest the index describes, replacing older clip artifacts
-/// in the referrers tag. Returns the artifact's digest.
-pub fn publish(src: &RegistrySource, index: &IndexFile, bytes: &[u8], profile: Option<&[u8]>) -> Result<(String, Via)> {
+/// Publishes `bytes` (the encoded `index`), `profile` and `hints` as a
+/// referrer of the image manifest the index describes, replacing older
+/// clip artifacts in the referrers tag. Returns the artifact's digest.
+pub fn publish(
+    src: &RegistrySource,
+    index: &IndexFile,
+    bytes: &[u8],
+    profile: Option<&[u8]>,
+    hints: Option<&[u8]>,
+) -> Result<(String, Via)> {
     let image = &index.index.image;
     let subject = src
         .manifest_if_any(&image.manifest_digest, &[&image.manifest_media_type])?
@@ -72,16 +84,26 @@ pub fn publish(src: &RegistrySource, index: &IndexFile, bytes: &[u8], profile: O
             rfc3339(std::time::SystemTime::now()),
         ),
     ]);
-    if let Some(p) = profile {
-        let d = src.push_blob(p)?;
+    for (blob, media_type, title, digest, size) in [
+        (
+            profile,
+            PROFILE_MEDIA_TYPE,
+            "index.profile",
+            PROFILE_DIGEST,
+            PROFILE_SIZE,
+        ),
+        (hints, HINTS_MEDIA_TYPE, "index.hints", HINTS_DIGEST, HINTS_SIZE),
+    ] {
+        let Some(b) = blob else { continue };
+        let d = src.push_blob(b)?;
         layers.push(serde_json::json!({
-            "mediaType": PROFILE_MEDIA_TYPE,
+            "mediaType": media_type,
             "digest": d,
-            "size": p.len(),
-            "annotations": {"org.opencontainers.image.title": "index.profile"},
+            "size": b.len(),
+            "annotations": {"org.opencontainers.image.title": title},
         }));
-        annotations.insert(PROFILE_DIGEST.into(), d);
-        annotations.insert(PROFILE_SIZE.into(), p.len().to_string());
+        annotations.insert(digest.into(), d);
+        annotations.insert(size.into(), b.len().to_string());
     }
     let manifest = serde_json::json!({
         "schemaVersion": 2,
@@ -174,37 +196,47 @@ pub fn find(src: &RegistrySource, image: &ResolvedImage) -> Result<Option<Found>
             clip_format::VERSION
         );
     }
-    let (index_desc, profile_desc) = match blob_of(&r.annotations, INDEX_DIGEST, INDEX_SIZE, index_media_type()) {
-        Some(d) => (
-            d,
-            blob_of(&r.annotations, PROFILE_DIGEST, PROFILE_SIZE, PROFILE_MEDIA_TYPE.into()),
-        ),
-        // Listed without the shortcut: read the artifact's manifest.
-        None => from_manifest(src, &r.digest)?,
-    };
+    let (index_desc, profile_desc, hints_desc) =
+        match blob_of(&r.annotations, INDEX_DIGEST, INDEX_SIZE, index_media_type()) {
+            Some(d) => (
+                d,
+                blob_of(&r.annotations, PROFILE_DIGEST, PROFILE_SIZE, PROFILE_MEDIA_TYPE.into()),
+                blob_of(&r.annotations, HINTS_DIGEST, HINTS_SIZE, HINTS_MEDIA_TYPE.into()),
+            ),
+            // Listed without the shortcut: read the artifact's manifest.
+            None => from_manifest(src, &r.digest)?,
+        };
     let bytes = src
         .small_blob_checked(&index_desc, MAX_INDEX)
         .with_context(|| format!("artifact {}", r.digest))?;
     let index = IndexFile::decode(&bytes).with_context(|| format!("the index of artifact {}", r.digest))?;
     binds(&index, image).with_context(|| format!("artifact {} is for another image", r.digest))?;
-    // A profile that cannot be read costs speed, not correctness.
-    let profile = profile_desc.and_then(|d| match src.small_blob_checked(&d, MAX_PROFILE) {
-        Ok(p) => Some(p),
-        Err(e) => {
-            tracing::warn!(artifact = %r.digest, error = %crate::images::chain(&e), "ignoring the published profile");
-            None
-        }
-    });
+    // A profile or hints that cannot be read cost speed, not correctness.
+    let optional = |d: Option<Descriptor>, max, what| {
+        d.and_then(|d| match src.small_blob_checked(&d, max) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                tracing::warn!(artifact = %r.digest, error = %crate::images::chain(&e), "ignoring the published {what}");
+                None
+            }
+        })
+    };
+    let profile = optional(profile_desc, MAX_PROFILE, "profile");
+    let hints = optional(hints_desc, MAX_HINTS, "hints");
     Ok(Some(Found {
         index,
         bytes,
         profile,
+        hints,
         artifact: r.digest.clone(),
         via,
     }))
 }
 
-fn from_manifest(src: &RegistrySource, digest: &str) -> Result<(Descriptor, Option<Descriptor>)> {
+type Blobs = (Descriptor, Option<Descriptor>, Option<Descriptor>);
+
+/// The index, profile and hints an artifact's manifest lists.
+fn from_manifest(src: &RegistrySource, digest: &str) -> Result<Blobs> {
     let doc = src
         .manifest_if_any(digest, &["application/vnd.oci.image.manifest.v1+json"])?
         .with_context(|| format!("artifact {digest} is listed but missing"))?;
@@ -228,7 +260,7 @@ fn from_manifest(src: &RegistrySource, digest: &str) -> Result<(Descriptor, Opti
         })
     };
     let index = pick(&index_media_type()).with_context(|| format!("artifact {digest} has no clip index"))?;
-    Ok((index, pick(PROFILE_MEDIA_TYPE)))
+    Ok((index, pick(PROFILE_MEDIA_TYPE), pick(HINTS_MEDIA_TYPE)))
 }
 
 #[cfg(test)]
