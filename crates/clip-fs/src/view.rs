@@ -110,6 +110,32 @@ type ReadStart = (u32, u64);
 /// A name looked up in a directory: (the directory's inode, the name).
 type LookedUp = (u64, Vec<u8>);
 
+/// Adds the layer's bytes `pos..end` (`end > pos`) to `order`: the units
+/// they fall in, in first-access order (`places`: each unit's place in
+/// it), each with the furthest byte read into it; at most `max` units.
+fn add_reaches(
+    places: &mut HashMap<UnitRef, usize>,
+    order: &mut Vec<Reach>,
+    (layer, l): (u32, &LayerLayout),
+    pos: u64,
+    end: u64,
+    max: usize,
+) {
+    for u in l.unit_at(pos)..=l.unit_at(end - 1) {
+        let unit = &l.units[u];
+        let reach = end.min(unit.out + unit.len).saturating_sub(unit.out);
+        let key = (layer, u as u32);
+        match places.get(&key) {
+            Some(&i) => order[i].1 = order[i].1.max(reach),
+            None if order.len() < max => {
+                places.insert(key, order.len());
+                order.push((key, reach));
+            }
+            None => {}
+        }
+    }
+}
+
 /// A recorder's list, taken, with what it had seen forgotten.
 fn drain<S: Default, T>(m: &Mutex<(S, Vec<T>)>) -> Vec<T> {
     let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
@@ -145,22 +171,9 @@ impl Recorder {
 
     /// Notes a read of the layer's bytes `pos..end`.
     fn note(&self, layer: u32, l: &LayerLayout, pos: u64, end: u64) {
-        let (first, last) = (l.unit_at(pos), l.unit_at(end - 1));
         let mut g = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         let (places, order) = &mut *g;
-        for u in first..=last {
-            let unit = &l.units[u];
-            let reach = end.min(unit.out + unit.len).saturating_sub(unit.out);
-            let key = (layer, u as u32);
-            match places.get(&key) {
-                Some(&i) => order[i].1 = order[i].1.max(reach),
-                None if order.len() < MAX_RECORDED => {
-                    places.insert(key, order.len());
-                    order.push((key, reach));
-                }
-                None => {}
-            }
-        }
+        add_reaches(places, order, (layer, l), pos, end, MAX_RECORDED);
         drop(g);
         let mut g = self.reads.lock().unwrap_or_else(|p| p.into_inner());
         let (starts, order) = &mut *g;
@@ -284,27 +297,14 @@ impl ImageView {
     /// are expected), each as far as the reads go into it: a guessed
     /// start, replayed like a profile.
     pub fn replay_reads(&self, reads: &[LayerRead]) -> usize {
-        let mut order: Vec<Reach> = Vec::new();
-        let mut at: std::collections::HashMap<UnitRef, usize> = std::collections::HashMap::new();
+        let (mut places, mut order) = (HashMap::new(), Vec::new());
         for &(layer, pos, len) in reads {
             let Some(l) = self.layers.get(layer as usize).map(|l| &l.layout) else {
                 continue;
             };
             let end = pos.saturating_add(len).min(l.uncompressed_size);
-            if end <= pos {
-                continue;
-            }
-            for u in l.unit_at(pos)..=l.unit_at(end - 1) {
-                let unit = &l.units[u];
-                let reach = end.min(unit.out + unit.len).saturating_sub(unit.out);
-                let key = (layer, u as u32);
-                match at.get(&key) {
-                    Some(&i) => order[i].1 = order[i].1.max(reach),
-                    None => {
-                        at.insert(key, order.len());
-                        order.push((key, reach));
-                    }
-                }
+            if end > pos {
+                add_reaches(&mut places, &mut order, (layer, l), pos, end, usize::MAX);
             }
         }
         self.replay(&order)
