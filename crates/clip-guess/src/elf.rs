@@ -45,6 +45,12 @@ const WHOLE_WRITABLE: u64 = 256 << 10;
 /// Relocated pages this close are read as one range.
 const MERGE_GAP: u64 = 64 << 10;
 const PAGE: u64 = 4096;
+/// The most relocated pages noted per object (8 MiB of page numbers; a
+/// large library writes tens of thousands).
+const MAX_PAGES: usize = 1 << 20;
+/// The most relocation entries read per object (`libtorch_cpu.so` has
+/// 285,000).
+const MAX_ENTRIES: usize = 1 << 22;
 /// The most names kept per extension module.
 const MAX_NAMES: usize = 4096;
 
@@ -366,11 +372,17 @@ impl ElfProbe {
     /// The file's pages that dynamic relocation writes, as sorted,
     /// merged `(offset, len)` ranges; None unless every relocation table
     /// was kept (they sit in the first segment, which the head holds).
+    /// Hostile tables that name too many pages, or hold too many entries
+    /// between them, give None too.
     fn relocated(&self, sections: &[Section]) -> Option<Vec<(u64, u64)>> {
         let mut pages = Vec::new();
-        let mut mark = |vaddr: u64| {
-            if let Some(o) = self.file_offset(vaddr) {
-                pages.push(o / PAGE);
+        let mut entries = 0usize;
+        let mark = |pages: &mut Vec<u64>, vaddr: u64| {
+            // Neighbouring entries mostly write the same page.
+            if let Some(p) = self.file_offset(vaddr).map(|o| o / PAGE) {
+                if pages.last() != Some(&p) {
+                    pages.push(p);
+                }
             }
         };
         for s in sections.iter().filter(|s| s.flags & SHF_ALLOC != 0 && s.size > 0) {
@@ -381,25 +393,35 @@ impl ElfProbe {
                 _ => continue,
             };
             let table = self.bytes(s.offset, s.size)?;
+            entries += table.len() / entry;
+            if entries > MAX_ENTRIES {
+                return None;
+            }
             if s.kind == 19 {
                 // An even entry is an address; an odd one a bitmap of the
                 // 63 words after the last address covered.
                 let mut base = 0u64;
                 for e in table.chunks_exact(8).filter_map(|e| u64_at(e, 0)) {
+                    if pages.len() > MAX_PAGES {
+                        return None;
+                    }
                     if e & 1 == 0 {
-                        mark(e);
+                        mark(&mut pages, e);
                         base = e.wrapping_add(8);
                     } else {
                         for i in (0..63).filter(|i| e >> (i + 1) & 1 == 1) {
-                            mark(base.wrapping_add(i * 8));
+                            mark(&mut pages, base.wrapping_add(i * 8));
                         }
                         base = base.wrapping_add(63 * 8);
                     }
                 }
             } else {
                 for e in table.chunks_exact(entry) {
-                    mark(u64_at(e, 0).unwrap_or(0));
+                    mark(&mut pages, u64_at(e, 0).unwrap_or(0));
                 }
+            }
+            if pages.len() > MAX_PAGES {
+                return None;
             }
         }
         pages.sort_unstable();
@@ -707,6 +729,38 @@ mod tests {
         b[o..o + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
         let f = probe(&b, 4096, false).expect("an ELF object");
         assert!(f.ranges.contains(&(0x1000, 0x8_0000)), "{:?}", f.ranges);
+    }
+
+    #[test]
+    fn hostile_relocation_tables_are_not_followed() {
+        // RELR tables in the head of an object whose one segment maps
+        // everything: too many pages, or too many entries between them.
+        let relr = |entries: Vec<u64>| {
+            let table: Vec<u8> = entries.iter().flat_map(|e| e.to_le_bytes()).collect();
+            let mut p = ElfProbe::new(table.len() as u64, false);
+            p.segments.push(Segment {
+                kind: PT_LOAD,
+                flags: 6,
+                offset: 0,
+                vaddr: 0,
+                filesz: 1 << 50,
+                memsz: 1 << 50,
+            });
+            let size = table.len() as u64;
+            p.head = table;
+            (p, size)
+        };
+        let section = |size| Section {
+            kind: 19,
+            flags: SHF_ALLOC,
+            offset: 0,
+            size,
+        };
+        let (p, size) = relr((0..=MAX_PAGES as u64).map(|i| i * PAGE).collect());
+        assert_eq!(p.relocated(&[section(size)]), None, "a page each");
+        let (p, size) = relr(vec![PAGE; MAX_ENTRIES / 4 + 1]);
+        assert!(p.relocated(&[section(size)]).is_some(), "one page, many times");
+        assert_eq!(p.relocated(&[section(size); 4]), None, "the same table four times");
     }
 
     #[test]
