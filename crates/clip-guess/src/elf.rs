@@ -590,27 +590,40 @@ mod tests {
         assert_eq!(probe(&exe, 4093, false), Some(whole));
     }
 
-    /// An object laid out as `patchelf` leaves one: the dynamic section
-    /// and its strings moved to the end, past the first segment.
-    fn patched(needed: &str, runpath: &str) -> Vec<u8> {
-        let mut b = vec![0u8; 3 * 4096];
+    /// A little-endian ELF64 header at the start of `b`: `phnum` program
+    /// headers right after it, `shnum` section headers at `shoff`.
+    fn header(b: &mut [u8], phnum: u16, shoff: u64, shnum: u16) {
         b[..4].copy_from_slice(b"\x7fELF");
         b[4] = 2;
         b[5] = 1;
         b[32..40].copy_from_slice(&64u64.to_le_bytes()); // phoff
+        b[40..48].copy_from_slice(&shoff.to_le_bytes());
         b[54..56].copy_from_slice(&56u16.to_le_bytes());
-        b[56..58].copy_from_slice(&3u16.to_le_bytes());
-        let ph = |b: &mut Vec<u8>, i: usize, kind: u32, flags: u32, off: u64, vaddr: u64, sz: u64| {
-            let o = 64 + i * 56;
-            b[o..o + 4].copy_from_slice(&kind.to_le_bytes());
-            b[o + 4..o + 8].copy_from_slice(&flags.to_le_bytes());
-            b[o + 8..o + 16].copy_from_slice(&off.to_le_bytes());
-            b[o + 16..o + 24].copy_from_slice(&vaddr.to_le_bytes());
-            b[o + 32..o + 40].copy_from_slice(&sz.to_le_bytes());
-        };
-        ph(&mut b, 0, PT_LOAD, 4, 0, 0, 4096);
-        ph(&mut b, 1, PT_LOAD, 6, 8192, 0x10000, 4096);
-        ph(&mut b, 2, PT_DYNAMIC, 6, 8192, 0x10000, 80);
+        b[56..58].copy_from_slice(&phnum.to_le_bytes());
+        b[58..60].copy_from_slice(&64u16.to_le_bytes());
+        b[60..62].copy_from_slice(&shnum.to_le_bytes());
+    }
+
+    /// Program header `i`: kind, flags, offset, address, file and memory
+    /// sizes.
+    fn phdr(b: &mut [u8], i: usize, (kind, flags, off, vaddr, filesz, memsz): (u32, u32, u64, u64, u64, u64)) {
+        let o = 64 + i * 56;
+        b[o..o + 4].copy_from_slice(&kind.to_le_bytes());
+        b[o + 4..o + 8].copy_from_slice(&flags.to_le_bytes());
+        b[o + 8..o + 16].copy_from_slice(&off.to_le_bytes());
+        b[o + 16..o + 24].copy_from_slice(&vaddr.to_le_bytes());
+        b[o + 32..o + 40].copy_from_slice(&filesz.to_le_bytes());
+        b[o + 40..o + 48].copy_from_slice(&memsz.to_le_bytes());
+    }
+
+    /// An object laid out as `patchelf` leaves one: the dynamic section
+    /// and its strings moved to the end, past the first segment.
+    fn patched(needed: &str, runpath: &str) -> Vec<u8> {
+        let mut b = vec![0u8; 3 * 4096];
+        header(&mut b, 3, 0, 0);
+        phdr(&mut b, 0, (PT_LOAD, 4, 0, 0, 4096, 4096));
+        phdr(&mut b, 1, (PT_LOAD, 6, 8192, 0x10000, 4096, 4096));
+        phdr(&mut b, 2, (PT_DYNAMIC, 6, 8192, 0x10000, 80, 80));
         let strings = format!("\0{needed}\0{runpath}\0");
         let dynamic: [(i64, u64); 5] = [
             (DT_NEEDED, 1),
@@ -649,32 +662,15 @@ mod tests {
         let (data_off, data_va, data_len) = (0x1000u64, 0x20_1000u64, 0x8_0000u64);
         let shoff = data_off + data_len;
         let mut b = vec![0u8; (shoff + 3 * 64) as usize];
-        b[..4].copy_from_slice(b"\x7fELF");
-        b[4] = 2;
-        b[5] = 1;
-        b[32..40].copy_from_slice(&64u64.to_le_bytes()); // phoff
-        b[40..48].copy_from_slice(&shoff.to_le_bytes());
-        b[54..56].copy_from_slice(&56u16.to_le_bytes());
-        b[56..58].copy_from_slice(&2u16.to_le_bytes());
-        b[58..60].copy_from_slice(&64u16.to_le_bytes());
-        b[60..62].copy_from_slice(&3u16.to_le_bytes());
+        header(&mut b, 2, shoff, 3);
+        phdr(&mut b, 0, (PT_LOAD, 4, 0, 0, 0x1000, 0x1000));
         // The data segment's file bytes end 16 bytes short of a page,
         // where its `.bss` starts.
-        for (i, (flags, off, va, len, mem)) in [
-            (4u32, 0u64, 0u64, 0x1000u64, 0x1000u64),
-            (6, data_off, data_va, data_len - 16, data_len + 0x2000),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let o = 64 + i * 56;
-            b[o..o + 4].copy_from_slice(&PT_LOAD.to_le_bytes());
-            b[o + 4..o + 8].copy_from_slice(&flags.to_le_bytes());
-            b[o + 8..o + 16].copy_from_slice(&off.to_le_bytes());
-            b[o + 16..o + 24].copy_from_slice(&va.to_le_bytes());
-            b[o + 32..o + 40].copy_from_slice(&len.to_le_bytes());
-            b[o + 40..o + 48].copy_from_slice(&mem.to_le_bytes());
-        }
+        phdr(
+            &mut b,
+            1,
+            (PT_LOAD, 6, data_off, data_va, data_len - 16, data_len + 0x2000),
+        );
         let targets = [data_va + 8, data_va + 0x4_0008, data_va + 0x7_f010];
         let table: Vec<u8> = match kind {
             // RELR: addresses, and after the second a bitmap of two words
