@@ -98,7 +98,7 @@ fn main() {
     println!();
     println!("| path | seconds |");
     println!("|---|---:|");
-    println!("| index published in the registry (one lookup, one blob GET, then lazy reads) | {w:.2} |");
+    println!("| index published in the registry (one lookup, a GET per blob, then lazy reads) | {w:.2} |");
     println!("| indexed locally (every layer read) | {wo:.2} |");
     println!("| ratio | {:.3} |", w / wo);
 }

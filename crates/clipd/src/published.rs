@@ -9,7 +9,7 @@
 //! publishing node has them; its `subject` is the image's platform manifest
 //! (a multi-platform image gets one per platform). The referrers entry
 //! repeats the blobs' digests in annotations, so a node needs one
-//! referrers lookup and one blob GET.
+//! referrers lookup and one GET per blob.
 //!
 //! Trust: the index is used only when it binds to the manifest being
 //! run (manifest, config and layer digests and sizes), after its blob
