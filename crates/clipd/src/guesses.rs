@@ -16,14 +16,15 @@ pub fn path_for(index: &Path) -> PathBuf {
 /// manifest.
 pub fn load(index: &Path, manifest_digest: &str) -> Option<clip_guess::Hints> {
     let bytes = std::fs::read(path_for(index)).ok()?;
-    match clip_guess::Hints::decode(&bytes) {
-        Ok(h) if h.manifest_digest == manifest_digest => Some(h),
-        Ok(_) => None,
-        Err(e) => {
-            tracing::warn!(index = %index.display(), error = %e, "ignoring unreadable hints");
-            None
-        }
-    }
+    decode_for(&bytes, manifest_digest).unwrap_or_else(|e| {
+        tracing::warn!(index = %index.display(), error = %e, "ignoring unreadable hints");
+        None
+    })
+}
+
+/// `bytes` as hints, if they were learnt from this very manifest.
+pub fn decode_for(bytes: &[u8], manifest_digest: &str) -> Result<Option<clip_guess::Hints>, clip_guess::Error> {
+    Ok(Some(clip_guess::Hints::decode(bytes)?).filter(|h| h.manifest_digest == manifest_digest))
 }
 
 /// Queues on `view` what the command `c` (on top of the image's config) is

@@ -338,11 +338,9 @@ impl Images {
             }
         }
         if let Some(h) = &found.hints {
-            match clip_guess::Hints::decode(h) {
-                Ok(hints) if hints.manifest_digest == *digest => {
-                    write_atomic(&crate::guesses::path_for(&path), h)?;
-                }
-                Ok(_) => tracing::warn!(artifact = %found.artifact, "ignoring published hints for another image"),
+            match crate::guesses::decode_for(h, digest) {
+                Ok(Some(_)) => write_atomic(&crate::guesses::path_for(&path), h)?,
+                Ok(None) => tracing::warn!(artifact = %found.artifact, "ignoring published hints for another image"),
                 Err(e) => tracing::warn!(artifact = %found.artifact, error = %e, "ignoring unreadable published hints"),
             }
         }
