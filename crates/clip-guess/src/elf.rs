@@ -66,13 +66,13 @@ const SHF_WRITE: u64 = 1;
 const SHF_ALLOC: u64 = 2;
 
 fn u16_at(b: &[u8], o: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(b.get(o..o + 2)?.try_into().ok()?))
+    Some(u16::from_le_bytes(b.get(o..o.checked_add(2)?)?.try_into().ok()?))
 }
 fn u32_at(b: &[u8], o: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(o..o + 4)?.try_into().ok()?))
+    Some(u32::from_le_bytes(b.get(o..o.checked_add(4)?)?.try_into().ok()?))
 }
 fn u64_at(b: &[u8], o: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(b.get(o..o + 8)?.try_into().ok()?))
+    Some(u64::from_le_bytes(b.get(o..o.checked_add(8)?)?.try_into().ok()?))
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -180,11 +180,14 @@ impl ElfProbe {
             .is_some_and(|c| c.data.len() as u64 == c.len);
         if dynamic_done && !self.captures.iter().any(|c| c.what == Table::Strings) {
             if let Some((off, len)) = self.strtab() {
-                if off >= start && (off + len > self.keep) {
+                // Header values are untrusted: a table past the file's end
+                // is not caught.
+                let len = len.min(STRTAB_CAP);
+                if off >= start && off.saturating_add(len) > self.keep && off.saturating_add(len) <= self.size {
                     self.captures.push(Capture {
                         what: Table::Strings,
                         offset: off,
-                        len: len.min(STRTAB_CAP),
+                        len,
                         data: Vec::new(),
                     });
                     // `patchelf` puts the strings right after the dynamic
@@ -293,7 +296,7 @@ impl ElfProbe {
             }
         };
         if let Some(d) = self.segments.iter().find(|s| s.kind == PT_DYNAMIC) {
-            if d.offset + d.filesz > self.keep {
+            if d.offset.saturating_add(d.filesz) > self.keep {
                 add(Table::Dynamic, d.offset, d.filesz, self.pos);
             }
         }
@@ -334,7 +337,7 @@ impl ElfProbe {
         self.segments
             .iter()
             .find(|s| s.kind == PT_LOAD && vaddr >= s.vaddr && vaddr < s.vaddr.saturating_add(s.filesz))
-            .map(|s| vaddr - s.vaddr + s.offset)
+            .and_then(|s| (vaddr - s.vaddr).checked_add(s.offset))
     }
 
     fn strtab(&self) -> Option<(u64, u64)> {
@@ -349,7 +352,7 @@ impl ElfProbe {
             return None;
         }
         let rest = strtab.1 - at;
-        let b = self.bytes(strtab.0 + at, rest.min(4096))?;
+        let b = self.bytes(strtab.0.checked_add(at)?, rest.min(4096))?;
         let s = &b[..b.iter().position(|&c| c == 0)?];
         (!s.is_empty()).then(|| String::from_utf8_lossy(s).into_owned())
     }
@@ -378,8 +381,9 @@ impl ElfProbe {
         let mut pages = Vec::new();
         let mut entries = 0usize;
         let mark = |pages: &mut Vec<u64>, vaddr: u64| {
-            // Neighbouring entries mostly write the same page.
-            if let Some(p) = self.file_offset(vaddr).map(|o| o / PAGE) {
+            // Neighbouring entries mostly write the same page; a page
+            // past the file's end is no page of it.
+            if let Some(p) = self.file_offset(vaddr).filter(|&o| o < self.size).map(|o| o / PAGE) {
                 if pages.last() != Some(&p) {
                     pages.push(p);
                 }
@@ -733,7 +737,8 @@ mod tests {
         // everything: too many pages, or too many entries between them.
         let relr = |entries: Vec<u64>| {
             let table: Vec<u8> = entries.iter().flat_map(|e| e.to_le_bytes()).collect();
-            let mut p = ElfProbe::new(table.len() as u64, false);
+            // A file as large as the pages it names.
+            let mut p = ElfProbe::new(1 << 40, false);
             p.segments.push(Segment {
                 kind: PT_LOAD,
                 flags: 6,
@@ -757,6 +762,18 @@ mod tests {
         let (p, size) = relr(vec![PAGE; MAX_ENTRIES / 4 + 1]);
         assert!(p.relocated(&[section(size)]).is_some(), "one page, many times");
         assert_eq!(p.relocated(&[section(size); 4]), None, "the same table four times");
+    }
+
+    #[test]
+    fn header_values_near_the_end_of_the_address_space() {
+        // Found by the fuzz target: offsets and sizes whose sums overflow.
+        let mut b = patched("libx.so", "");
+        phdr(&mut b, 2, (PT_DYNAMIC, 6, u64::MAX - 10, 0x10000, 100, 100));
+        phdr(&mut b, 1, (PT_LOAD, 6, u64::MAX - 10, 0x10000, 4096, 4096));
+        for chunk in [b.len(), 61] {
+            let f = probe(&b, chunk, true).expect("an ELF object");
+            assert!(f.ranges.iter().all(|&(o, l)| o + l <= b.len() as u64), "{:?}", f.ranges);
+        }
     }
 
     #[test]
